@@ -1,0 +1,374 @@
+//! Config files in envoyproxy/ratelimit's YAML format: one domain per file,
+//! loaded from a directory, validated into an [`engine::RuleSet`].
+//!
+//! Depends on `engine` only; knows nothing about the server or storage.
+//!
+//! [`engine::RuleSet`]: crate::engine::RuleSet
+
+mod schema;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_saphyr::Location;
+
+use crate::engine::{DomainRules, Level, Limit, Node, RuleLimit, RuleSet, Unit};
+use schema::{DescriptorYaml, FileYaml};
+
+/// The config used when no config directory exists: typical LLM-gateway limits.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.yaml");
+
+/// Where in a file something went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// 1-based line.
+    pub line: u64,
+    /// 1-based column.
+    pub column: u64,
+}
+
+impl From<Location> for Position {
+    fn from(l: Location) -> Self {
+        Position {
+            line: l.line(),
+            column: l.column(),
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// A config error. Every variant names the file; most name line and field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The directory or a file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML or does not fit the schema.
+    #[error("{}:{}: {message}", path.display(), pos.map_or_else(|| "?".to_string(), |p| p.to_string()))]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// Where, when known.
+        pos: Option<Position>,
+        /// What the parser said.
+        message: String,
+    },
+    /// A field has a value upstream rejects.
+    #[error("{}:{pos}: field `{field}`: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        pos: Position,
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two files define the same domain.
+    #[error("{}:{pos}: field `domain`: domain '{domain}' is already defined in {}", path.display(), other.display())]
+    DuplicateDomain {
+        /// The second file.
+        path: PathBuf,
+        /// Where in it.
+        pos: Position,
+        /// The domain.
+        domain: String,
+        /// The first file.
+        other: PathBuf,
+    },
+}
+
+/// A loaded config: the rules plus the files they came from.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// The rules.
+    pub rules: RuleSet,
+    /// domain -> file it came from.
+    pub sources: BTreeMap<String, PathBuf>,
+}
+
+/// Parses one file's text into a domain name and its rules.
+///
+/// # Errors
+/// [`Error::Syntax`] or [`Error::Invalid`], naming `path`, line and field.
+pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRules), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::Syntax {
+            path: path.to_owned(),
+            pos: None,
+            message: "file is empty: expected a `domain` and `descriptors`".into(),
+        });
+    }
+    let opts = serde_saphyr::options! { with_snippet: false };
+    let file: FileYaml = serde_saphyr::from_str_with_options(text, opts).map_err(|e| {
+        let pos = e.location().map(Position::from);
+        Error::Syntax {
+            path: path.to_owned(),
+            pos,
+            message: describe(&e.to_string(), pos, text),
+        }
+    })?;
+    let invalid = |loc: Location, field: &'static str, message: String| Error::Invalid {
+        path: path.to_owned(),
+        pos: loc.into(),
+        field,
+        message,
+    };
+    let domain_pos: Position = file.domain.referenced.into();
+    if file.domain.value.is_empty() {
+        return Err(invalid(
+            file.domain.referenced,
+            "domain",
+            "config file cannot have empty domain".into(),
+        ));
+    }
+    let mut root = Level::default();
+    load_level(
+        &mut root,
+        file.descriptors.unwrap_or_default(),
+        "",
+        &invalid,
+    )?;
+    Ok((file.domain.value, domain_pos, DomainRules { root }))
+}
+
+/// The parser's message without the "at line X, column Y" that the position
+/// already gives, plus the offending line so the field is named even when the
+/// parser's message does not ("invalid u32").
+fn describe(msg: &str, pos: Option<Position>, text: &str) -> String {
+    let msg = msg.trim();
+    let msg = match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    let line = pos
+        .and_then(|p| {
+            text.lines()
+                .nth(usize::try_from(p.line).ok()?.checked_sub(1)?)
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
+    match line {
+        Some(l) if !msg.contains("unknown field") => format!("{msg} (in `{l}`)"),
+        _ => msg.to_string(),
+    }
+}
+
+fn load_level(
+    level: &mut Level,
+    descriptors: Vec<DescriptorYaml>,
+    parent: &str,
+    invalid: &impl Fn(Location, &'static str, String) -> Error,
+) -> Result<(), Error> {
+    for d in descriptors {
+        let key_loc = d.key.referenced;
+        let key = d.key.value;
+        if key.is_empty() {
+            return Err(invalid(key_loc, "key", "descriptor has empty key".into()));
+        }
+        let value = d.value.as_ref().map(|v| v.value.as_str());
+        let composite = Level::composite_key(&key, value);
+        let path = format!("{parent}{composite}");
+        let limit = match d.rate_limit {
+            None => None,
+            Some(rl) => {
+                let rl_loc = rl.referenced;
+                let rl = rl.value;
+                let unit = match &rl.unit {
+                    None => None,
+                    Some(u) => match Unit::parse(&u.value) {
+                        Some(unit) => Some((unit, u.referenced)),
+                        None if rl.unlimited && u.value.is_empty() => None,
+                        None => {
+                            return Err(invalid(
+                                u.referenced,
+                                "unit",
+                                format!(
+                                    "invalid rate limit unit '{}' (expected second, minute, hour, day, week, month or year)",
+                                    u.value
+                                ),
+                            ))
+                        }
+                    },
+                };
+                let name: Option<Arc<str>> = rl.name.filter(|n| !n.is_empty()).map(Arc::from);
+                let mut replaces = Vec::new();
+                if let Some(r) = rl.replaces {
+                    if r.value.is_empty() {
+                        return Err(invalid(
+                            r.referenced,
+                            "replaces",
+                            "replaces must not be empty".into(),
+                        ));
+                    }
+                    for item in r.value {
+                        if item.name.value.is_empty() {
+                            return Err(invalid(
+                                item.name.referenced,
+                                "replaces.name",
+                                "should not have an empty replaces entry".into(),
+                            ));
+                        }
+                        if name.as_deref() == Some(item.name.value.as_str()) {
+                            return Err(invalid(
+                                item.name.referenced,
+                                "replaces.name",
+                                "replaces should not contain name of same descriptor".into(),
+                            ));
+                        }
+                        replaces.push(Arc::from(item.name.value));
+                    }
+                }
+                if rl.unlimited {
+                    if let Some((_, loc)) = unit {
+                        return Err(invalid(
+                            loc,
+                            "unit",
+                            "should not specify rate limit unit when unlimited".into(),
+                        ));
+                    }
+                    Some(RuleLimit::Unlimited)
+                } else {
+                    let Some((unit, _)) = unit else {
+                        return Err(invalid(
+                            rl_loc,
+                            "unit",
+                            format!("rate limit for '{path}' needs a unit (or unlimited: true)"),
+                        ));
+                    };
+                    Some(RuleLimit::Limited {
+                        limit: Arc::new(Limit {
+                            requests_per_unit: rl.requests_per_unit,
+                            unit,
+                            name,
+                        }),
+                        shadow_mode: d.shadow_mode,
+                        replaces,
+                    })
+                }
+            }
+        };
+        let share_pattern = match (&d.value, d.share_threshold) {
+            (Some(v), true) if v.value.contains('*') => Some(Arc::from(v.value.as_str())),
+            (_, true) => {
+                return Err(invalid(
+                    key_loc,
+                    "share_threshold",
+                    format!("share_threshold on '{path}' needs a value containing '*'"),
+                ))
+            }
+            _ => None,
+        };
+        let mut node = Node {
+            limit,
+            children: Level::default(),
+            share_pattern,
+        };
+        load_level(
+            &mut node.children,
+            d.descriptors.unwrap_or_default(),
+            &format!("{path}."),
+            invalid,
+        )?;
+        level.insert(&key, value, node).map_err(|_| {
+            invalid(
+                key_loc,
+                "key",
+                format!("duplicate descriptor composite key '{path}'"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Parses the embedded default config.
+///
+/// # Errors
+/// Never in a released build (a test checks the embedded file); typed for safety.
+pub fn embedded_default() -> Result<Config, Error> {
+    let path = PathBuf::from("<embedded default>");
+    let (domain, _, rules) = parse_file(&path, EMBEDDED_DEFAULT)?;
+    Ok(Config {
+        rules: RuleSet::new(HashMap::from([(domain.clone(), rules)])),
+        sources: BTreeMap::from([(domain, path)]),
+    })
+}
+
+/// The config files of a directory: every `*.yaml` / `*.yml` that is not a
+/// dotfile, sorted by name, with their contents.
+///
+/// # Errors
+/// [`Error::Read`] if the directory or a file cannot be read.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
+    let read_err = |path: &Path, source| Error::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
+        let entry = entry.map_err(|e| read_err(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if !is_yaml || name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
+        files.push((path, text));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Validates a set of files (as read by [`read_dir`]) into one config.
+///
+/// # Errors
+/// The first file's error, or [`Error::DuplicateDomain`].
+pub fn from_files(files: &[(PathBuf, String)]) -> Result<Config, Error> {
+    let mut domains = HashMap::new();
+    let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (path, text) in files {
+        let (domain, pos, rules) = parse_file(path, text)?;
+        if let Some(other) = sources.get(&domain) {
+            return Err(Error::DuplicateDomain {
+                path: path.clone(),
+                pos,
+                domain,
+                other: other.clone(),
+            });
+        }
+        sources.insert(domain.clone(), path.clone());
+        domains.insert(domain, rules);
+    }
+    Ok(Config {
+        rules: RuleSet::new(domains),
+        sources,
+    })
+}
+
+/// Reads and validates every config file in `dir`.
+///
+/// # Errors
+/// See [`read_dir`] and [`from_files`].
+pub fn load_dir(dir: &Path) -> Result<Config, Error> {
+    from_files(&read_dir(dir)?)
+}
+
+#[cfg(test)]
+mod tests;

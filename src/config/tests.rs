@@ -1,0 +1,105 @@
+use super::*;
+
+fn err(yaml: &str) -> String {
+    parse_file(Path::new("rules.yaml"), yaml)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn embedded_default_parses() {
+    let cfg = embedded_default().unwrap();
+    assert!(cfg.rules.domains().contains_key("llm-gateway"));
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let cases = [
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limt: {}\n",
+            "rules.yaml:4:5: unknown field `rate_limt`",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: fortnight\n      requests_per_unit: 1\n",
+            "rules.yaml:5:13: field `unit`: invalid rate limit unit 'fortnight'",
+        ),
+        ("domain: \"\"\n", "rules.yaml:1:9: field `domain`: config file cannot have empty domain"),
+        (
+            "domain: d\ndescriptors:\n  - key: \"\"\n",
+            "rules.yaml:3:10: field `key`: descriptor has empty key",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n  - key: a\n",
+            "rules.yaml:4:10: field `key`: duplicate descriptor composite key 'a'",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a_b\n  - key: a\n    value: b\n",
+            "rules.yaml:4:10: field `key`: duplicate descriptor composite key 'a_b'",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unlimited: true\n      unit: second\n",
+            "rules.yaml:6:13: field `unit`: should not specify rate limit unit when unlimited",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      name: x\n      replaces: [{name: x}]\n",
+            "field `replaces.name`: replaces should not contain name of same descriptor",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      replaces: []\n",
+            "field `replaces`: replaces must not be empty",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      requests_per_unit: 5\n",
+            "rules.yaml:5:7: field `unit`: rate limit for 'a' needs a unit",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n",
+            "rules.yaml:6:26: invalid u32 (in `requests_per_unit: -1`)",
+        ),
+        ("descriptors: []\n", "missing field `domain`"),
+        ("domain: [\n", "rules.yaml:"),
+    ];
+    for (yaml, want) in cases {
+        let got = err(yaml);
+        assert!(
+            got.contains(want),
+            "for\n{yaml}\nwant `{want}`\ngot  `{got}`"
+        );
+    }
+}
+
+#[test]
+fn empty_file_is_an_error() {
+    assert_eq!(
+        err("\n"),
+        "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
+    );
+}
+
+#[test]
+fn accepts_every_upstream_key() {
+    let yaml = r#"
+domain: full
+descriptors:
+  - key: a
+    value: "x*"
+    share_threshold: true
+    shadow_mode: true
+    detailed_metric: true
+    value_to_metric: true
+    quota_mode: true
+    metadata:
+      team: blue
+      nested: {a: [1, 2]}
+    rate_limit:
+      unit: SeCoNd
+      requests_per_unit: 4294967295
+      name: n1
+      replaces:
+        - name: n2
+    descriptors:
+      - key: b
+        rate_limit: {unlimited: true}
+"#;
+    parse_file(Path::new("full.yaml"), yaml).unwrap();
+}

@@ -1,0 +1,315 @@
+//! The pure decision engine: request descriptors + rules + `now` in, counter
+//! operations out; counter values in, a [`Decision`] out.
+//!
+//! **Invariant:** nothing here does I/O, reads a clock, or knows about tokio,
+//! tonic, prost or sled. The engine cannot fail: bad input is rejected at the
+//! edge (the server) before a [`Request`] exists.
+//!
+//! A decision is two pure steps around one storage call:
+//! 1. [`RuleSet::plan`] matches each descriptor and yields a [`Slot`] per
+//!    descriptor, the counted ones carrying a [`CounterKey`] and hits;
+//! 2. the caller adds the hits in a counter store;
+//! 3. [`decide`] turns the counter values into statuses.
+
+mod rules;
+mod window;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+pub use rules::{wildcard_match, DomainRules, DuplicateKey, Level, Limit, Match, Node, RuleLimit};
+pub use window::{Unit, Window};
+
+/// One `key=value` descriptor entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Entry key.
+    pub key: String,
+    /// Entry value.
+    pub value: String,
+}
+
+impl Entry {
+    /// Builds an entry.
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Entry {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+}
+
+/// A limit supplied in the request (`descriptor.limit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitOverride {
+    /// Requests per unit.
+    pub requests_per_unit: u32,
+    /// Window unit (already validated at the edge).
+    pub unit: Unit,
+}
+
+/// One request descriptor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Entries, in order.
+    pub entries: Vec<Entry>,
+    /// Optional request-supplied limit.
+    pub limit: Option<LimitOverride>,
+    /// Per-descriptor hits; when `Some` (0 included) it replaces the request's.
+    pub hits_addend: Option<u64>,
+}
+
+/// A decision request, already validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    /// The domain (never empty once validated).
+    pub domain: String,
+    /// Descriptors (never empty once validated).
+    pub descriptors: Vec<Descriptor>,
+    /// Request-level hits; 0 means 1.
+    pub hits_addend: u32,
+}
+
+impl Descriptor {
+    /// Hits for this descriptor: its own `hits_addend` if set, else
+    /// `max(1, request hits_addend)` (upstream `GetHitsAddends`).
+    pub fn hits(&self, request_hits: u32) -> u64 {
+        self.hits_addend
+            .unwrap_or_else(|| u64::from(request_hits.max(1)))
+    }
+}
+
+/// An opaque counter identity: domain, entries (values or shared patterns),
+/// window length and window start, length-prefixed so no two differ only by
+/// where a separator falls.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey(pub Vec<u8>);
+
+impl CounterKey {
+    fn build<'a>(
+        domain: &str,
+        parts: impl Iterator<Item = (&'a str, &'a str)>,
+        window: Window,
+    ) -> CounterKey {
+        fn put(buf: &mut Vec<u8>, s: &str) {
+            // Lengths are bounded by the request limits, far below u32::MAX.
+            buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            buf.extend_from_slice(s.as_bytes());
+        }
+        let mut buf = Vec::with_capacity(64);
+        put(&mut buf, domain);
+        for (k, v) in parts {
+            put(&mut buf, k);
+            put(&mut buf, v);
+        }
+        buf.extend_from_slice(&(window.end - window.start).to_be_bytes());
+        buf.extend_from_slice(&window.start.to_be_bytes());
+        CounterKey(buf)
+    }
+}
+
+/// A counted limit for one descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counted {
+    /// The counter to add to.
+    pub key: CounterKey,
+    /// Hits to add (0 = check only).
+    pub hits: u64,
+    /// The limit to compare against.
+    pub limit: Arc<Limit>,
+    /// The window the counter belongs to; the counter expires at its end.
+    pub window: Window,
+    /// Report, but never deny.
+    pub shadow_mode: bool,
+}
+
+/// What the engine decided for one descriptor before counting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Unknown domain, no matching rule, an allowlisted rule, or a replaced limit.
+    NoLimit,
+    /// An `unlimited` rule.
+    Unlimited,
+    /// A limit to count.
+    Counted(Counted),
+}
+
+/// Response code, as on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// Under the limit.
+    Ok,
+    /// Over the limit.
+    OverLimit,
+}
+
+/// The answer for one descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// OK or OVER_LIMIT.
+    pub code: Code,
+    /// The limit that applied; `None` when none did.
+    pub limit: Option<Arc<Limit>>,
+    /// Hits left in the window (`u32::MAX` for unlimited).
+    pub remaining: u32,
+    /// Seconds until the window resets, set whenever `limit` is.
+    pub reset_in: Option<u64>,
+}
+
+/// The answer for a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// OVER_LIMIT if any descriptor is.
+    pub overall: Code,
+    /// One status per request descriptor, in request order.
+    pub statuses: Vec<Status>,
+}
+
+/// All domains' rules: one immutable snapshot of the config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    domains: HashMap<String, DomainRules>,
+}
+
+impl RuleSet {
+    /// A rule set from domains.
+    pub fn new(domains: HashMap<String, DomainRules>) -> Self {
+        RuleSet { domains }
+    }
+
+    /// The domains, by name.
+    pub fn domains(&self) -> &HashMap<String, DomainRules> {
+        &self.domains
+    }
+
+    /// Step 1: matches every descriptor at `now` (Unix seconds).
+    pub fn plan(&self, req: &Request, now: u64) -> Vec<Slot> {
+        let Some(rules) = self.domains.get(&req.domain) else {
+            return vec![Slot::NoLimit; req.descriptors.len()];
+        };
+        // (limit, shadow, share patterns) per descriptor, before `replaces`.
+        let mut found: Vec<Option<(Arc<Limit>, bool, Vec<Option<&str>>)>> =
+            Vec::with_capacity(req.descriptors.len());
+        let mut unlimited = vec![false; req.descriptors.len()];
+        let mut replaced: HashSet<&str> = HashSet::new();
+        for (i, d) in req.descriptors.iter().enumerate() {
+            if let Some(o) = d.limit {
+                // Upstream: an override applies for a known domain whether or
+                // not a rule matches, never in shadow mode.
+                let limit = Arc::new(Limit {
+                    requests_per_unit: o.requests_per_unit,
+                    unit: o.unit,
+                    name: None,
+                });
+                found.push(Some((limit, false, Vec::new())));
+                continue;
+            }
+            match rules.lookup(&d.entries) {
+                None => found.push(None),
+                Some(Match {
+                    limit: RuleLimit::Unlimited,
+                    ..
+                }) => {
+                    unlimited[i] = true;
+                    found.push(None);
+                }
+                Some(Match {
+                    limit:
+                        RuleLimit::Limited {
+                            limit,
+                            shadow_mode,
+                            replaces,
+                        },
+                    share_patterns,
+                }) => {
+                    replaced.extend(replaces.iter().map(|r| &**r));
+                    found.push(Some((limit.clone(), *shadow_mode, share_patterns)));
+                }
+            }
+        }
+        found
+            .into_iter()
+            .zip(&req.descriptors)
+            .zip(unlimited)
+            .map(|((f, d), unlimited)| {
+                if unlimited {
+                    return Slot::Unlimited;
+                }
+                let Some((limit, shadow_mode, shares)) = f else {
+                    return Slot::NoLimit;
+                };
+                if limit.name.as_deref().is_some_and(|n| replaced.contains(n)) {
+                    return Slot::NoLimit;
+                }
+                let window = Window::containing(limit.unit, now);
+                let parts = d.entries.iter().enumerate().map(|(i, e)| {
+                    let v = shares.get(i).copied().flatten().unwrap_or(&e.value);
+                    (e.key.as_str(), v)
+                });
+                Slot::Counted(Counted {
+                    key: CounterKey::build(&req.domain, parts, window),
+                    hits: d.hits(req.hits_addend),
+                    limit,
+                    window,
+                    shadow_mode,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Step 3: turns counter values into a decision. `values[i]` is the counter
+/// value after adding the hits of the `i`-th [`Slot::Counted`] in `slots`.
+///
+/// # Panics
+/// If `values` has fewer entries than `slots` has counted slots (a caller bug).
+pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
+    let mut values = values.iter().copied();
+    let statuses: Vec<Status> = slots
+        .iter()
+        .map(|slot| match slot {
+            Slot::NoLimit => Status {
+                code: Code::Ok,
+                limit: None,
+                remaining: 0,
+                reset_in: None,
+            },
+            Slot::Unlimited => Status {
+                code: Code::Ok,
+                limit: None,
+                remaining: u32::MAX,
+                reset_in: None,
+            },
+            Slot::Counted(c) => {
+                let after = values
+                    .next()
+                    .expect("one counter value per counted slot (caller contract)");
+                let max = u64::from(c.limit.requests_per_unit);
+                let (mut code, remaining) = if max == 0 || after > max {
+                    (Code::OverLimit, 0)
+                } else {
+                    // after <= max <= u32::MAX
+                    (Code::Ok, (max - after) as u32)
+                };
+                if c.shadow_mode {
+                    code = Code::Ok;
+                }
+                Status {
+                    code,
+                    limit: Some(c.limit.clone()),
+                    remaining,
+                    reset_in: Some(c.window.until_end(now)),
+                }
+            }
+        })
+        .collect();
+    let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) {
+        Code::OverLimit
+    } else {
+        Code::Ok
+    };
+    Decision { overall, statuses }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,58 @@
+//! Generated protobuf and gRPC code. Nothing here is written by hand.
+//!
+//! The module tree mirrors the proto packages because the generated code
+//! refers to other packages by relative `super::` paths.
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// Envoy's packages (our own wire-compatible subset).
+pub mod envoy {
+    /// `envoy.service.*`
+    pub mod service {
+        /// `envoy.service.ratelimit.*`
+        pub mod ratelimit {
+            /// `envoy.service.ratelimit.v3`: the RLS request, response and service.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+    /// `envoy.extensions.*`
+    pub mod extensions {
+        /// `envoy.extensions.common.*`
+        pub mod common {
+            /// `envoy.extensions.common.ratelimit.*`
+            pub mod ratelimit {
+                /// `envoy.extensions.common.ratelimit.v3`: `RateLimitDescriptor`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    /// `envoy.config.*`
+    pub mod config {
+        /// `envoy.config.core.*`
+        pub mod core {
+            /// `envoy.config.core.v3`: `HeaderValue`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.type.*`
+    pub mod r#type {
+        /// `envoy.type.v3`: `RateLimitUnit`.
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+}
+
+pub use envoy::config::core::v3 as core;
+pub use envoy::extensions::common::ratelimit::v3 as common;
+pub use envoy::r#type::v3 as types;
+pub use envoy::service::ratelimit::v3 as rls;
+
+/// The encoded FileDescriptorSet of every proto sluice serves, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
