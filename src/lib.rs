@@ -16,5 +16,9 @@
 
 pub mod config;
 pub mod engine;
+pub mod limiter;
 
 pub mod proto;
+pub mod server;
+pub mod storage;
+pub mod telemetry;

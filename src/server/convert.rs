@@ -1,0 +1,164 @@
+//! proto <-> engine conversion at the API boundary, with request bounds.
+//! Only this module and `rls.rs` see prost types.
+
+use prost_types::Duration;
+
+use crate::engine::{self, Code, Decision, Descriptor, Entry, LimitOverride, Unit};
+use crate::proto::common::RateLimitDescriptor;
+use crate::proto::rls::rate_limit_response::{self as resp, DescriptorStatus};
+use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+
+/// Bounds on request size; a request past any of them is INVALID_ARGUMENT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most descriptors in one request (default 64).
+    pub max_descriptors: usize,
+    /// Most entries in one descriptor (default 32).
+    pub max_entries: usize,
+    /// Longest entry key or value, in bytes (default 1024).
+    pub max_key_value_len: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_descriptors: 64,
+            max_entries: 32,
+            max_key_value_len: 1024,
+        }
+    }
+}
+
+/// Why a request was rejected; the message says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRequest(pub String);
+
+/// Validates a wire request into an engine request (consuming it, so no
+/// string is copied).
+///
+/// # Errors
+/// [`InvalidRequest`] naming the offending field.
+pub fn request_from_proto(
+    req: RateLimitRequest,
+    limits: &RequestLimits,
+) -> Result<engine::Request, InvalidRequest> {
+    let bad = |m: String| Err(InvalidRequest(m));
+    if req.domain.is_empty() {
+        return bad("rate limit domain must not be empty".into());
+    }
+    if req.descriptors.is_empty() {
+        return bad("rate limit descriptor list must not be empty".into());
+    }
+    if req.domain.len() > limits.max_key_value_len {
+        return bad(format!(
+            "domain is {} bytes long (max {})",
+            req.domain.len(),
+            limits.max_key_value_len
+        ));
+    }
+    if req.descriptors.len() > limits.max_descriptors {
+        return bad(format!(
+            "too many descriptors: {} (max {})",
+            req.descriptors.len(),
+            limits.max_descriptors
+        ));
+    }
+    let mut descriptors = Vec::with_capacity(req.descriptors.len());
+    for (i, d) in req.descriptors.into_iter().enumerate() {
+        descriptors.push(descriptor_from_proto(i, d, limits)?);
+    }
+    Ok(engine::Request {
+        domain: req.domain,
+        descriptors,
+        hits_addend: req.hits_addend,
+    })
+}
+
+fn descriptor_from_proto(
+    i: usize,
+    d: RateLimitDescriptor,
+    limits: &RequestLimits,
+) -> Result<Descriptor, InvalidRequest> {
+    if d.entries.len() > limits.max_entries {
+        return Err(InvalidRequest(format!(
+            "descriptors[{i}]: too many entries: {} (max {})",
+            d.entries.len(),
+            limits.max_entries
+        )));
+    }
+    let mut entries = Vec::with_capacity(d.entries.len());
+    for (j, e) in d.entries.into_iter().enumerate() {
+        if e.key.is_empty() {
+            return Err(InvalidRequest(format!(
+                "descriptors[{i}].entries[{j}].key must not be empty"
+            )));
+        }
+        for (field, s) in [("key", &e.key), ("value", &e.value)] {
+            if s.len() > limits.max_key_value_len {
+                return Err(InvalidRequest(format!(
+                    "descriptors[{i}].entries[{j}].{field} is {} bytes long (max {})",
+                    s.len(),
+                    limits.max_key_value_len
+                )));
+            }
+        }
+        entries.push(Entry {
+            key: e.key,
+            value: e.value,
+        });
+    }
+    let limit = match d.limit {
+        None => None,
+        Some(o) => {
+            let Some(unit) = Unit::from_wire(o.unit) else {
+                return Err(InvalidRequest(format!(
+                    "descriptors[{i}].limit.unit: unknown rate limit unit {} (expected SECOND=1, MINUTE=2, HOUR=3, DAY=4, MONTH=5, YEAR=6 or WEEK=7)",
+                    o.unit
+                )));
+            };
+            Some(LimitOverride {
+                requests_per_unit: o.requests_per_unit,
+                unit,
+            })
+        }
+    };
+    Ok(Descriptor {
+        entries,
+        limit,
+        hits_addend: d.hits_addend,
+    })
+}
+
+fn code(c: Code) -> i32 {
+    match c {
+        Code::Ok => resp::Code::Ok as i32,
+        Code::OverLimit => resp::Code::OverLimit as i32,
+    }
+}
+
+/// Builds the wire response for a decision.
+pub fn response_to_proto(d: Decision) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: code(d.overall),
+        statuses: d
+            .statuses
+            .into_iter()
+            .map(|s| DescriptorStatus {
+                code: code(s.code),
+                current_limit: s.limit.map(|l| resp::RateLimit {
+                    name: l.name.as_deref().unwrap_or_default().to_owned(),
+                    requests_per_unit: l.requests_per_unit,
+                    unit: l.unit.wire(),
+                }),
+                limit_remaining: s.remaining,
+                duration_until_reset: s.reset_in.map(|secs| Duration {
+                    seconds: i64::try_from(secs).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+                quota: None,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

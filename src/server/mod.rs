@@ -1,0 +1,77 @@
+//! gRPC wiring: the RLS service, health, reflection and graceful shutdown.
+//!
+//! **API boundary:** only `server` (and the generated `proto`) know tonic and
+//! prost types; everything inward speaks engine types.
+
+pub mod convert;
+pub mod rls;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+pub use convert::RequestLimits;
+
+use crate::limiter::RateLimiter;
+use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
+use crate::storage::CounterStore;
+
+/// The full RLS service name, as health checks and reflection know it.
+pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// Health service names reported SERVING while up: "" (the whole server),
+/// "ratelimit" (what envoyproxy/ratelimit deployments probe) and the RLS name.
+pub const HEALTH_NAMES: [&str; 3] = ["", "ratelimit", RLS_SERVICE];
+
+/// Serves RLS, health and reflection on `listener` until `shutdown`
+/// completes, then reports NOT_SERVING, stops accepting and waits for
+/// in-flight calls to finish. The caller closes the store afterwards.
+///
+/// # Errors
+/// A transport error from tonic.
+pub async fn serve<S: CounterStore>(
+    listener: TcpListener,
+    limiter: Arc<RateLimiter<S>>,
+    limits: RequestLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in HEALTH_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor sets are valid (checked by tests)");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor sets are valid (checked by tests)");
+    let rls = RateLimitServiceServer::new(rls::RlsService::new(limiter, limits));
+
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight calls");
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(rls)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain)
+        .await
+}

@@ -1,0 +1,59 @@
+//! `envoy.service.ratelimit.v3.RateLimitService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::field;
+
+use super::convert::{request_from_proto, response_to_proto, RequestLimits};
+use super::status::from_storage;
+use crate::engine::Code;
+use crate::limiter::RateLimiter;
+use crate::proto::rls::rate_limit_service_server::RateLimitService;
+use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+use crate::storage::{unix_now, CounterStore};
+
+/// The RLS gRPC service.
+#[derive(Debug)]
+pub struct RlsService<S> {
+    limiter: Arc<RateLimiter<S>>,
+    limits: RequestLimits,
+}
+
+impl<S> RlsService<S> {
+    /// A service over `limiter` with request bounds `limits`.
+    pub fn new(limiter: Arc<RateLimiter<S>>, limits: RequestLimits) -> Self {
+        RlsService { limiter, limits }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: CounterStore> RateLimitService for RlsService<S> {
+    #[tracing::instrument(name = "should_rate_limit", skip_all, fields(domain = field::Empty, descriptors = field::Empty, code = field::Empty))]
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let span = tracing::Span::current();
+        let req = request.into_inner();
+        span.record("descriptors", req.descriptors.len());
+        let req = request_from_proto(req, &self.limits).inspect_err(|e| {
+            tracing::debug!(error = %e, "invalid request");
+        })?;
+        span.record("domain", req.domain.as_str());
+        let decision = self
+            .limiter
+            .should_rate_limit(&req, unix_now())
+            .await
+            .map_err(from_storage)?;
+        span.record(
+            "code",
+            match decision.overall {
+                Code::Ok => "OK",
+                Code::OverLimit => "OVER_LIMIT",
+            },
+        );
+        tracing::debug!("decided");
+        Ok(Response::new(response_to_proto(decision)))
+    }
+}

@@ -1,0 +1,25 @@
+//! The one place where library errors become `tonic::Status`.
+
+use tonic::Status;
+
+use super::convert::InvalidRequest;
+use crate::storage;
+
+impl From<InvalidRequest> for Status {
+    fn from(e: InvalidRequest) -> Self {
+        Status::invalid_argument(e.0)
+    }
+}
+
+/// Maps a storage failure. Transient errors become UNAVAILABLE: Envoy treats
+/// an error (not UNKNOWN-then-allow) per its `failure_mode_deny`, so the
+/// operator's choice applies. Details are logged here, never sent.
+pub fn from_storage(e: storage::Error) -> Status {
+    if e.is_transient() {
+        tracing::warn!(error = %e, "decision failed: storage unavailable");
+        Status::unavailable("rate limit storage unavailable")
+    } else {
+        tracing::error!(error = %e, "decision failed");
+        Status::internal("internal error")
+    }
+}

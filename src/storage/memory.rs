@@ -1,0 +1,278 @@
+//! Sharded in-memory counters: the hot path of every decision.
+//!
+//! A key hashes to one of [`SHARDS`] shards, each behind its own
+//! `std::sync::Mutex` (never held across an `.await`, so a std mutex is the
+//! right tool, as mini-redis explains). Each shard also keeps an expiry index,
+//! so [`MemoryCounters::purge_expired`] touches only expired keys, and, when
+//! persistence is on, a list of keys changed since the last drain.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{CounterOp, CounterStore, Error};
+
+/// Number of shards; a power of two well above the core count.
+pub const SHARDS: usize = 64;
+
+type Key = Arc<[u8]>;
+
+#[derive(Debug)]
+struct Counter {
+    value: u64,
+    expires_at: u64,
+    dirty: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<Key, Counter, foldhash::fast::RandomState>,
+    expiry: BTreeMap<u64, Vec<Key>>,
+    dirty: Vec<Key>,
+}
+
+impl Shard {
+    fn insert_new(&mut self, key: &[u8], value: u64, expires_at: u64, dirty: bool) -> &mut Counter {
+        let key: Key = Arc::from(key);
+        self.expiry.entry(expires_at).or_default().push(key.clone());
+        if dirty {
+            self.dirty.push(key.clone());
+        }
+        self.map.entry(key).or_insert(Counter {
+            value,
+            expires_at,
+            dirty,
+        })
+    }
+}
+
+/// A counter changed since the last drain, to be persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// Counter key.
+    pub key: Arc<[u8]>,
+    /// Value at drain time.
+    pub value: u64,
+    /// Expiry (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// Sharded in-memory counters.
+#[derive(Debug)]
+pub struct MemoryCounters {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: foldhash::fast::FixedState,
+    track_dirty: bool,
+}
+
+impl Default for MemoryCounters {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl MemoryCounters {
+    /// Empty counters. With `track_dirty`, changed keys are remembered for
+    /// [`MemoryCounters::drain_changed`].
+    pub fn new(track_dirty: bool) -> Self {
+        MemoryCounters {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: foldhash::fast::FixedState::default(),
+            track_dirty,
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(key) as usize) & (SHARDS - 1);
+        // A poisoned shard means a panic while holding it; the counters in
+        // it are still consistent (every update is a single assignment).
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds hits to each counter, returning the values after the add.
+    pub fn add_now(&self, ops: &[CounterOp<'_>]) -> Vec<u64> {
+        ops.iter().map(|op| self.add_one(op)).collect()
+    }
+
+    fn add_one(&self, op: &CounterOp<'_>) -> u64 {
+        let mut shard = self.shard(op.key);
+        let shard = &mut *shard;
+        match shard.map.get_mut(op.key) {
+            Some(c) => {
+                if op.hits > 0 {
+                    c.value = c.value.saturating_add(op.hits);
+                    if self.track_dirty && !c.dirty {
+                        c.dirty = true;
+                        if let Some((k, _)) = shard.map.get_key_value(op.key) {
+                            shard.dirty.push(k.clone());
+                        }
+                    }
+                }
+                shard.map.get(op.key).map_or(0, |c| c.value)
+            }
+            None if op.hits == 0 => 0,
+            None => {
+                shard
+                    .insert_new(op.key, op.hits, op.expires_at, self.track_dirty)
+                    .value
+            }
+        }
+    }
+
+    /// The current value of a counter (0 if absent).
+    pub fn get(&self, key: &[u8]) -> u64 {
+        self.shard(key).map.get(key).map_or(0, |c| c.value)
+    }
+
+    /// Number of live counters.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).map.len())
+            .sum()
+    }
+
+    /// True when there are no counters.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Loads a counter read back from disk (not marked changed).
+    pub fn restore(&self, key: &[u8], value: u64, expires_at: u64) {
+        let mut shard = self.shard(key);
+        if !shard.map.contains_key(key) {
+            shard.insert_new(key, value, expires_at, false);
+        }
+    }
+
+    /// Removes every counter whose window ended at or before `now`; returns
+    /// how many were removed.
+    pub fn purge_expired(&self, now: u64) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let shard = &mut *shard;
+            let live = shard.expiry.split_off(&now.saturating_add(1));
+            let expired = std::mem::replace(&mut shard.expiry, live);
+            for key in expired.into_values().flatten() {
+                if shard.map.remove(&key).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Takes every counter changed since the last drain, with its current
+    /// value, and marks it clean.
+    pub fn drain_changed(&self) -> Vec<Changed> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let shard = &mut *shard;
+            for key in std::mem::take(&mut shard.dirty) {
+                if let Some(c) = shard.map.get_mut(&key) {
+                    c.dirty = false;
+                    out.push(Changed {
+                        value: c.value,
+                        expires_at: c.expires_at,
+                        key,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Marks counters changed again (after a failed write).
+    pub fn mark_changed(&self, keys: impl IntoIterator<Item = Arc<[u8]>>) {
+        for key in keys {
+            let mut shard = self.shard(&key);
+            let shard = &mut *shard;
+            if let Some(c) = shard.map.get_mut(&key) {
+                if !c.dirty {
+                    c.dirty = true;
+                    shard.dirty.push(key);
+                }
+            }
+        }
+    }
+}
+
+impl CounterStore for MemoryCounters {
+    fn add(
+        &self,
+        ops: &[CounterOp<'_>],
+    ) -> impl std::future::Future<Output = Result<Vec<u64>, Error>> + Send {
+        std::future::ready(Ok(self.add_now(ops)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(key: &[u8], hits: u64, exp: u64) -> CounterOp<'_> {
+        CounterOp {
+            key,
+            hits,
+            expires_at: exp,
+        }
+    }
+
+    #[test]
+    fn adds_saturate_and_peeks_do_not_create() {
+        let m = MemoryCounters::new(true);
+        assert_eq!(m.add_now(&[op(b"a", 0, 10)]), vec![0]);
+        assert!(m.is_empty());
+        assert_eq!(m.add_now(&[op(b"a", 2, 10), op(b"a", 3, 10)]), vec![2, 5]);
+        assert_eq!(m.add_now(&[op(b"a", u64::MAX, 10)]), vec![u64::MAX]);
+        assert_eq!(m.add_now(&[op(b"a", 0, 10)]), vec![u64::MAX]);
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn purge_removes_only_expired() {
+        let m = MemoryCounters::new(false);
+        m.add_now(&[op(b"a", 1, 10), op(b"b", 1, 20), op(b"c", 1, 11)]);
+        assert_eq!(m.purge_expired(9), 0);
+        assert_eq!(m.purge_expired(11), 2);
+        assert_eq!((m.get(b"a"), m.get(b"b"), m.get(b"c")), (0, 1, 0));
+        assert_eq!(m.purge_expired(100), 1);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn drain_returns_each_changed_key_once_with_latest_value() {
+        let m = MemoryCounters::new(true);
+        m.add_now(&[op(b"a", 1, 10), op(b"a", 1, 10), op(b"b", 1, 10)]);
+        let mut d = m.drain_changed();
+        d.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(d.len(), 2);
+        assert_eq!((&*d[0].key, d[0].value), (&b"a"[..], 2));
+        assert!(m.drain_changed().is_empty());
+        m.add_now(&[op(b"a", 0, 10)]);
+        assert!(m.drain_changed().is_empty(), "a peek changes nothing");
+        m.add_now(&[op(b"b", 4, 10)]);
+        assert_eq!(m.drain_changed()[0].value, 5);
+    }
+
+    #[test]
+    fn concurrent_adds_are_exact() {
+        let m = Arc::new(MemoryCounters::new(true));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.add_now(&[op(b"k", 1, 10)]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.get(b"k"), 8000);
+    }
+}

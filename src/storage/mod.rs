@@ -1,0 +1,82 @@
+//! Counter storage behind the [`CounterStore`] trait.
+//!
+//! - [`memory::MemoryCounters`]: sharded in-memory counters, the hot path.
+//!   No global lock: a key hashes to one of [`memory::SHARDS`] mutexes.
+//! - [`sled_store::SledCounters`]: the memory counters, persisted to sled by
+//!   a background writer that batches changed counters, with a group-commit
+//!   mode that makes every acknowledged hit durable.
+//! - [`keys`]: the on-disk key encoding (a compatibility contract).
+//!
+//! Storage knows nothing about rules or the wire; it adds hits to opaque keys.
+
+pub mod keys;
+pub mod memory;
+pub mod sled_store;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+/// One counter update: add `hits` to `key`, which expires at `expires_at`.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterOp<'a> {
+    /// The opaque counter key.
+    pub key: &'a [u8],
+    /// Hits to add; 0 reads the counter without creating it.
+    pub hits: u64,
+    /// Unix second at which the counter's window ends and it may be dropped.
+    pub expires_at: u64,
+}
+
+/// A store of windowed counters.
+pub trait CounterStore: Send + Sync + 'static {
+    /// Adds each op's hits (saturating at `u64::MAX`) and returns the values
+    /// after the add, in op order. Each counter is updated atomically; the
+    /// ops of one call are not one transaction (nor are they upstream).
+    ///
+    /// # Errors
+    /// [`Error`] when the store cannot make the update (durable mode only).
+    fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Vec<u64>, Error>> + Send;
+}
+
+/// A storage error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The data directory could not be opened.
+    #[error("cannot open data dir {}: {detail}", path.display())]
+    Open {
+        /// The data directory.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The stored data is not what sluice wrote: refuse it rather than reset.
+    #[error("data dir {} is corrupt or not a sluice data dir: {detail}", path.display())]
+    Corrupt {
+        /// The data directory.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// A read or write failed; retrying may work.
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// The store is shutting down.
+    #[error("storage is shutting down")]
+    Closed,
+}
+
+impl Error {
+    /// Whether retrying may succeed. The server maps transient errors to
+    /// UNAVAILABLE so Envoy's `failure_mode_deny` applies.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Io(_) | Error::Closed)
+    }
+}
+
+/// The current Unix time in seconds, from the system clock.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

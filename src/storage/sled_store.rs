@@ -1,0 +1,345 @@
+//! Counters persisted in sled.
+//!
+//! Decisions only touch [`MemoryCounters`]. A background writer drains the
+//! changed counters and writes them to the sled tree `counters` in one batch,
+//! then flushes (fsync):
+//! - [`Durability::Interval`]: every interval (default 100 ms). A crash loses
+//!   at most the hits of the last interval.
+//! - [`Durability::Sync`]: an `add` returns only once a flush that covers it
+//!   has completed. Group commit: one flush serves every request that arrived
+//!   while the previous flush ran.
+//!
+//! Expired counters are removed from memory and from sled once a second.
+//! On open, unexpired counters are restored; anything that does not decode
+//! is reported as corruption (never silently reset).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::memory::MemoryCounters;
+use super::{keys, unix_now, CounterOp, CounterStore, Error};
+
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"sluice-counters/1";
+
+/// How durable an acknowledged hit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Flush changed counters every interval; a crash loses at most one interval.
+    Interval(Duration),
+    /// Every acknowledged hit is on disk (group commit).
+    Sync,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Interval(Duration::from_millis(100))
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    mem: MemoryCounters,
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+    durability: Durability,
+    /// Epoch of the next flush; see [`SledCounters::wait_durable`].
+    epoch: AtomicU64,
+    /// (last completed epoch, whether it succeeded).
+    flushed: watch::Sender<(u64, bool)>,
+    wake: Notify,
+    stop: Notify,
+    stopped: AtomicBool,
+}
+
+/// Counters in memory, persisted to sled. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SledCounters {
+    shared: Arc<Shared>,
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// Statistics of a store, for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Counters in memory.
+    pub in_memory: usize,
+    /// Counters on disk.
+    pub on_disk: usize,
+}
+
+impl SledCounters {
+    /// Opens (or creates) the store in `dir`, restores unexpired counters and
+    /// starts the writer and purge tasks. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Open`] if the directory cannot be opened or is locked by another
+    /// process; [`Error::Corrupt`] if its contents are not sluice's.
+    pub fn open(dir: &Path, durability: Durability) -> Result<Self, Error> {
+        let path = dir.to_owned();
+        let open_err = |detail: String| Error::Open {
+            path: path.clone(),
+            detail,
+        };
+        if dir.exists() && !dir.is_dir() {
+            return Err(open_err("not a directory".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let config = sled::Config::new().path(dir.join("sled"));
+        // sled 0.34 may panic on some corrupt files instead of returning an error.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|_| Error::Corrupt {
+                path: path.clone(),
+                detail: "sled panicked while opening the database".into(),
+            })?
+            .map_err(|e| match e {
+                sled::Error::Corruption { .. } => Error::Corrupt {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                },
+                other => open_err(other.to_string()),
+            })?;
+        let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
+        let tree = db
+            .open_tree("counters")
+            .map_err(|e| open_err(e.to_string()))?;
+        match meta.get(FORMAT_KEY).map_err(|e| open_err(e.to_string()))? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(Error::Corrupt {
+                    path,
+                    detail: format!(
+                        "unknown format {:?} (this sluice writes {:?})",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
+                })
+            }
+            None if !tree.is_empty() => {
+                return Err(Error::Corrupt {
+                    path,
+                    detail: "counters present but no format marker".into(),
+                })
+            }
+            None => {
+                meta.insert(FORMAT_KEY, FORMAT)
+                    .map_err(|e| open_err(e.to_string()))?;
+                db.flush().map_err(|e| open_err(e.to_string()))?;
+            }
+        }
+
+        let mem = MemoryCounters::new(true);
+        let now = unix_now();
+        let mut expired = sled::Batch::default();
+        let mut restored = 0usize;
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| open_err(e.to_string()))?;
+            let corrupt = || Error::Corrupt {
+                path: path.clone(),
+                detail: format!("undecodable counter record ({} byte key)", k.len()),
+            };
+            let (exp, key) = keys::decode(&k).ok_or_else(corrupt)?;
+            let value = keys::decode_value(&v).ok_or_else(corrupt)?;
+            if exp > now {
+                mem.restore(key, value, exp);
+                restored += 1;
+            } else {
+                expired.remove(k);
+            }
+        }
+        tree.apply_batch(expired)
+            .map_err(|e| open_err(e.to_string()))?;
+        tracing::info!(path = %path.display(), restored, "counter store opened");
+
+        let (flushed, _) = watch::channel((0, true));
+        let shared = Arc::new(Shared {
+            mem,
+            db,
+            tree,
+            path,
+            durability,
+            epoch: AtomicU64::new(1),
+            flushed,
+            wake: Notify::new(),
+            stop: Notify::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let writer = tokio::spawn(writer_loop(shared.clone()));
+        let purger = tokio::spawn(purge_loop(shared.clone()));
+        Ok(SledCounters {
+            shared,
+            tasks: Arc::new(std::sync::Mutex::new(vec![writer, purger])),
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The in-memory counters (read access for tests and the admin path).
+    pub fn memory(&self) -> &MemoryCounters {
+        &self.shared.mem
+    }
+
+    /// Counts in memory and on disk.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            in_memory: self.shared.mem.len(),
+            on_disk: self.shared.tree.len(),
+        }
+    }
+
+    /// Writes every changed counter and flushes to disk now.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if sled fails.
+    pub async fn flush(&self) -> Result<(), Error> {
+        flush_once(&self.shared).await
+    }
+
+    /// Removes expired counters from memory and disk as of `now`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if sled fails.
+    pub fn purge(&self, now: u64) -> Result<usize, Error> {
+        purge_once(&self.shared, now)
+    }
+
+    /// Stops the background tasks and performs a final flush. Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the final flush fails.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.stop.notify_waiters();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        flush_once(&self.shared).await
+    }
+
+    /// Waits until a flush that started after this call's caller updated its
+    /// counters has completed.
+    async fn wait_durable(&self) -> Result<(), Error> {
+        let shared = &self.shared;
+        // Read after our increments: the flush numbered `target` bumps the
+        // epoch before draining, so it sees every change made before this read.
+        let target = shared.epoch.load(Ordering::SeqCst);
+        let mut rx = shared.flushed.subscribe();
+        shared.wake.notify_one();
+        let state = rx
+            .wait_for(|(e, _)| *e >= target)
+            .await
+            .map_err(|_| Error::Closed)?;
+        if state.1 {
+            Ok(())
+        } else {
+            Err(Error::Io("flush to disk failed".into()))
+        }
+    }
+}
+
+impl CounterStore for SledCounters {
+    async fn add(&self, ops: &[CounterOp<'_>]) -> Result<Vec<u64>, Error> {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let values = self.shared.mem.add_now(ops);
+        if self.shared.durability == Durability::Sync && ops.iter().any(|o| o.hits > 0) {
+            self.wait_durable().await?;
+        }
+        Ok(values)
+    }
+}
+
+async fn flush_once(shared: &Shared) -> Result<(), Error> {
+    let epoch = shared.epoch.fetch_add(1, Ordering::SeqCst);
+    let changed = shared.mem.drain_changed();
+    let result = if changed.is_empty() {
+        Ok(())
+    } else {
+        let mut batch = sled::Batch::default();
+        for c in &changed {
+            batch.insert(keys::encode(c.expires_at, &c.key), &c.value.to_be_bytes());
+        }
+        match shared.tree.apply_batch(batch) {
+            Ok(()) => shared.db.flush_async().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    };
+    let ok = result.is_ok();
+    if !ok {
+        shared.mem.mark_changed(changed.into_iter().map(|c| c.key));
+    }
+    shared.flushed.send_replace((epoch, ok));
+    result.map_err(|e| {
+        tracing::error!(path = %shared.path.display(), error = %e, "writing counters to disk failed");
+        Error::Io(e.to_string())
+    })
+}
+
+async fn writer_loop(shared: Arc<Shared>) {
+    loop {
+        match shared.durability {
+            Durability::Interval(every) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shared.stop.notified() => return,
+                }
+            }
+            Durability::Sync => {
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = shared.stop.notified() => return,
+                }
+            }
+        }
+        // Errors are logged in flush_once and the keys retried next time.
+        let _ = flush_once(&shared).await;
+    }
+}
+
+fn purge_once(shared: &Shared, now: u64) -> Result<usize, Error> {
+    let removed = shared.mem.purge_expired(now);
+    let mut batch = sled::Batch::default();
+    let mut on_disk = 0usize;
+    for item in shared
+        .tree
+        .range(..keys::expiry_bound(now.saturating_add(1)))
+    {
+        let (k, _) = item.map_err(|e| Error::Io(e.to_string()))?;
+        batch.remove(k);
+        on_disk += 1;
+    }
+    if on_disk > 0 {
+        shared
+            .tree
+            .apply_batch(batch)
+            .map_err(|e| Error::Io(e.to_string()))?;
+    }
+    tracing::trace!(removed, on_disk, "purged expired counters");
+    Ok(removed)
+}
+
+async fn purge_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.stop.notified() => return,
+        }
+        if let Err(e) = purge_once(&shared, unix_now()) {
+            tracing::error!(error = %e, "purging expired counters failed");
+        }
+    }
+}
