@@ -165,6 +165,9 @@ pub struct Decision {
     pub statuses: Vec<Status>,
 }
 
+/// A matched limit before `replaces` is applied: (limit, shadow mode, share patterns).
+type Found<'a> = (Arc<Limit>, bool, Vec<Option<&'a str>>);
+
 /// All domains' rules: one immutable snapshot of the config.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
@@ -187,9 +190,7 @@ impl RuleSet {
         let Some(rules) = self.domains.get(&req.domain) else {
             return vec![Slot::NoLimit; req.descriptors.len()];
         };
-        // (limit, shadow, share patterns) per descriptor, before `replaces`.
-        let mut found: Vec<Option<(Arc<Limit>, bool, Vec<Option<&str>>)>> =
-            Vec::with_capacity(req.descriptors.len());
+        let mut found: Vec<Option<Found<'_>>> = Vec::with_capacity(req.descriptors.len());
         let mut unlimited = vec![false; req.descriptors.len()];
         let mut replaced: HashSet<&str> = HashSet::new();
         for (i, d) in req.descriptors.iter().enumerate() {
