@@ -196,6 +196,25 @@ impl SledCounters {
         }
     }
 
+    /// The value of a counter as written to disk (not what is in memory).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if sled fails; [`Error::Corrupt`] if the value does not decode.
+    pub fn read_disk(&self, key: &[u8], expires_at: u64) -> Result<Option<u64>, Error> {
+        let raw = self
+            .shared
+            .tree
+            .get(keys::encode(expires_at, key))
+            .map_err(|e| Error::Io(e.to_string()))?;
+        raw.map(|v| {
+            keys::decode_value(&v).ok_or_else(|| Error::Corrupt {
+                path: self.shared.path.clone(),
+                detail: "undecodable counter value".into(),
+            })
+        })
+        .transpose()
+    }
+
     /// Writes every changed counter and flushes to disk now.
     ///
     /// # Errors
