@@ -242,7 +242,7 @@ fn load_level(
                             "should not specify rate limit unit when unlimited".into(),
                         ));
                     }
-                    Some(RuleLimit::Unlimited)
+                    Some(RuleLimit::Unlimited { replaces })
                 } else {
                     let Some((unit, _)) = unit else {
                         return Err(invalid(

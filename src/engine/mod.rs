@@ -208,9 +208,10 @@ impl RuleSet {
             match rules.lookup(&d.entries) {
                 None => found.push(None),
                 Some(Match {
-                    limit: RuleLimit::Unlimited,
+                    limit: RuleLimit::Unlimited { replaces },
                     ..
                 }) => {
+                    replaced.extend(replaces.iter().map(|r| &**r));
                     unlimited[i] = true;
                     found.push(None);
                 }

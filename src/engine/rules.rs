@@ -24,7 +24,10 @@ pub struct Limit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleLimit {
     /// `unlimited: true`: always OK, never counted.
-    Unlimited,
+    Unlimited {
+        /// Names of limits this one replaces (upstream honours them too).
+        replaces: Vec<Arc<str>>,
+    },
     /// A counted limit.
     Limited {
         /// The limit itself.
@@ -84,7 +87,9 @@ impl Level {
         if self.nodes.contains_key(&composite) {
             return Err(DuplicateKey(composite));
         }
-        if value.is_some_and(|v| v.contains('*')) {
+        // Upstream treats any composite key with a `*` as a pattern, so a
+        // key-only `path*` is one too.
+        if composite.contains('*') {
             self.wildcards.push(composite.clone());
         }
         self.nodes.insert(composite, node);
