@@ -1,0 +1,169 @@
+//! The real `grpcurl` against the real `sluice` binary: reflection, health
+//! and ShouldRateLimit as an operator would call them.
+
+mod proc;
+
+use proc::*;
+
+const RLS: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// A sluice serving the embedded default config.
+fn default_server(tmp: &tempfile::TempDir) -> Sluice {
+    SluiceCmd::serve(&tmp.path().join("none"), &tmp.path().join("data"))
+        .cwd(tmp.path())
+        .start()
+}
+
+/// JSON text without whitespace, so assertions ignore grpcurl's indentation.
+fn compact(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+fn call(s: &Sluice, method: &str, body: &str) -> Finished {
+    let addr = s.addr.to_string();
+    run_grpcurl(["-plaintext", "-d", body, addr.as_str(), method])
+}
+
+fn should_ok(s: &Sluice, body: &str) -> String {
+    let f = call(s, &format!("{RLS}/ShouldRateLimit"), body);
+    assert!(
+        f.success(),
+        "grpcurl ShouldRateLimit failed: {}",
+        f.output()
+    );
+    compact(&f.stdout)
+}
+
+#[test]
+fn grpcurl_is_available() {
+    let p = grpcurl();
+    let f = run_grpcurl(["-version"]);
+    assert!(
+        f.success(),
+        "{} -version failed: {}",
+        p.display(),
+        f.output()
+    );
+    assert!(f.output().contains("grpcurl"), "{}", f.output());
+}
+
+#[test]
+fn list_shows_rls_health_and_reflection() {
+    let tmp = tempdir();
+    let s = default_server(&tmp);
+    let addr = s.addr.to_string();
+    let f = run_grpcurl(["-plaintext", addr.as_str(), "list"]);
+    assert!(f.success(), "grpcurl list failed: {}", f.output());
+    let services: Vec<&str> = f.stdout.lines().map(str::trim).collect();
+    for want in [RLS, "grpc.health.v1.Health"] {
+        assert!(services.contains(&want), "{want} not listed: {services:?}");
+    }
+    assert!(
+        services
+            .iter()
+            .any(|s| s.starts_with("grpc.reflection.") && s.ends_with(".ServerReflection")),
+        "no reflection service listed: {services:?}"
+    );
+}
+
+#[test]
+fn describe_rls_service() {
+    let tmp = tempdir();
+    let s = default_server(&tmp);
+    let addr = s.addr.to_string();
+    let f = run_grpcurl(["-plaintext", addr.as_str(), "describe", RLS]);
+    assert!(f.success(), "grpcurl describe failed: {}", f.output());
+    assert!(f.stdout.contains("is a service"), "{}", f.stdout);
+    assert!(f.stdout.contains("ShouldRateLimit"), "{}", f.stdout);
+    assert!(
+        f.stdout
+            .contains(".envoy.service.ratelimit.v3.RateLimitRequest"),
+        "{}",
+        f.stdout
+    );
+
+    let f = run_grpcurl([
+        "-plaintext",
+        addr.as_str(),
+        "describe",
+        "envoy.service.ratelimit.v3.RateLimitResponse",
+    ]);
+    assert!(f.success(), "describe RateLimitResponse: {}", f.output());
+    assert!(f.stdout.contains("overall_code"), "{}", f.stdout);
+}
+
+#[test]
+fn should_rate_limit_by_reflection_on_default_config() {
+    let tmp = tempdir();
+    let s = default_server(&tmp);
+    let out = should_ok(
+        &s,
+        r#"{"domain":"llm-gateway","descriptors":[{"entries":[{"key":"remote_address","value":"10.0.0.1"}]}]}"#,
+    );
+    assert!(out.contains(r#""overallCode":"OK""#), "{out}");
+    assert!(out.contains(r#""limitRemaining":9"#), "{out}");
+    assert!(out.contains(r#""requestsPerUnit":10"#), "{out}");
+    assert!(out.contains(r#""unit":"SECOND""#), "{out}");
+}
+
+#[test]
+fn should_rate_limit_goes_over_limit() {
+    let tmp = tempdir();
+    let cfg = tmp.path().join("config");
+    write_atomic(
+        &cfg.join("tiny.yaml"),
+        &simple_config("tiny", "user", "hour", 2),
+    );
+    avoid_window_edge(3_600, 30);
+    let s = SluiceCmd::serve(&cfg, &tmp.path().join("data"))
+        .cwd(tmp.path())
+        .start();
+    let body = r#"{"domain":"tiny","descriptors":[{"entries":[{"key":"user","value":"u1"}]}]}"#;
+
+    let out = should_ok(&s, body);
+    assert!(out.contains(r#""overallCode":"OK""#), "1st: {out}");
+    assert!(out.contains(r#""limitRemaining":1"#), "1st: {out}");
+    let out = should_ok(&s, body);
+    assert!(out.contains(r#""overallCode":"OK""#), "2nd: {out}");
+    let out = should_ok(&s, body);
+    assert!(out.contains(r#""overallCode":"OVER_LIMIT""#), "3rd: {out}");
+    assert!(out.contains(r#""code":"OVER_LIMIT""#), "3rd: {out}");
+    assert!(out.contains(r#""unit":"HOUR""#), "3rd: {out}");
+}
+
+#[test]
+fn health_check_via_grpcurl() {
+    let tmp = tempdir();
+    let s = default_server(&tmp);
+    for body in [r#"{"service":"ratelimit"}"#, r#"{"service":""}"#] {
+        let f = call(&s, "grpc.health.v1.Health/Check", body);
+        assert!(f.success(), "health check {body}: {}", f.output());
+        assert!(
+            compact(&f.stdout).contains(r#""status":"SERVING""#),
+            "{body}: {}",
+            f.stdout
+        );
+    }
+}
+
+#[test]
+fn empty_domain_is_invalid_argument() {
+    let tmp = tempdir();
+    let mut s = default_server(&tmp);
+    let f = call(
+        &s,
+        &format!("{RLS}/ShouldRateLimit"),
+        r#"{"domain":"","descriptors":[{"entries":[{"key":"remote_address","value":"10.0.0.1"}]}]}"#,
+    );
+    assert!(!f.success(), "grpcurl should fail: {}", f.output());
+    let out = f.output();
+    assert!(out.contains("InvalidArgument"), "{out}");
+    assert!(out.contains("rate limit domain must not be empty"), "{out}");
+    // The server is still up and answers.
+    let out = should_ok(
+        &s,
+        r#"{"domain":"llm-gateway","descriptors":[{"entries":[{"key":"remote_address","value":"10.0.0.2"}]}]}"#,
+    );
+    assert!(out.contains(r#""overallCode":"OK""#), "{out}");
+    assert!(s.is_running());
+}
