@@ -380,9 +380,6 @@ fn garbage_sled_files_are_refused_naming_the_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a real data dir whose sled/db is overwritten with garbage (sled/conf intact) \
-            starts silently with zero counters (sled recovers an empty log; sluice then writes a \
-            fresh format marker) instead of refusing to start"]
 async fn corrupted_real_data_dir_is_refused_not_reset() {
     let tmp = tempdir();
     let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));

@@ -91,6 +91,11 @@ impl SledCounters {
             return Err(open_err("not a directory".into()));
         }
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        // sled may read a garbage file as an empty log; remember whether a
+        // database was there, so an existing one without our marker is refused.
+        let existed = ["db", "conf"]
+            .iter()
+            .any(|f| dir.join("sled").join(f).exists());
         let config = sled::Config::new().path(dir.join("sled"));
         // sled 0.34 may panic on some corrupt files instead of returning an error.
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
@@ -121,10 +126,10 @@ impl SledCounters {
                     ),
                 })
             }
-            None if !tree.is_empty() => {
+            None if !tree.is_empty() || existed => {
                 return Err(Error::Corrupt {
                     path,
-                    detail: "counters present but no format marker".into(),
+                    detail: "an existing database has no sluice format marker (damaged, or not written by sluice); refusing to start empty over it".into(),
                 })
             }
             None => {
