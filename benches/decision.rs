@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sluice::config;
-use sluice::engine::{self, Descriptor, Entry, Request, Slot};
-use sluice::limiter::RateLimiter;
+use sluice::engine::{self, Descriptor, Entry, Request};
+use sluice::limiter::{counter_ops, RateLimiter};
 use sluice::storage::memory::MemoryCounters;
-use sluice::storage::CounterOp;
 
 const YAML: &str = r#"
 domain: bench
@@ -56,17 +55,7 @@ fn bench(c: &mut Criterion) {
         let store = MemoryCounters::default();
         b.iter(|| {
             let slots = cfg.rules.plan(black_box(&one), now);
-            let ops: Vec<CounterOp<'_>> = slots
-                .iter()
-                .filter_map(|s| match s {
-                    Slot::Counted(c) => Some(CounterOp {
-                        key: &c.key.0,
-                        hits: c.hits,
-                        expires_at: c.window.end,
-                    }),
-                    _ => None,
-                })
-                .collect();
+            let ops = counter_ops(&slots);
             let values = store.add_now(&ops);
             black_box(engine::decide(&slots, &values, now))
         })

@@ -69,17 +69,7 @@ impl<S: CounterStore> RateLimiter<S> {
         now: u64,
     ) -> Result<Decision, storage::Error> {
         let slots = self.config.load().rules.plan(req, now);
-        let ops: Vec<CounterOp<'_>> = slots
-            .iter()
-            .filter_map(|s| match s {
-                Slot::Counted(c) => Some(CounterOp {
-                    key: &c.key.0,
-                    hits: c.hits,
-                    expires_at: c.window.end,
-                }),
-                _ => None,
-            })
-            .collect();
+        let ops = counter_ops(&slots);
         let values = if ops.is_empty() {
             Vec::new()
         } else {
@@ -87,6 +77,22 @@ impl<S: CounterStore> RateLimiter<S> {
         };
         Ok(engine::decide(&slots, &values, now))
     }
+}
+
+/// The counter updates of a plan: one per [`Slot::Counted`], in slot order,
+/// as [`engine::decide`] expects their values back.
+pub fn counter_ops(slots: &[Slot]) -> Vec<CounterOp<'_>> {
+    slots
+        .iter()
+        .filter_map(|s| match s {
+            Slot::Counted(c) => Some(CounterOp {
+                key: &c.key.0,
+                hits: c.hits,
+                expires_at: c.window.end,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Where the config comes from: a directory watched for changes, or the
