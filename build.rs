@@ -7,7 +7,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["envoy/service/ratelimit/v3/rls.proto"];
+    let protos = [
+        "envoy/service/ratelimit/v3/rls.proto",
+        "sluice/admin/v1/admin.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -48,10 +48,22 @@ pub mod envoy {
     }
 }
 
+/// sluice's own packages.
+pub mod sluice {
+    /// `sluice.admin.*`
+    pub mod admin {
+        /// `sluice.admin.v1`: usage plans, API keys and usage.
+        pub mod v1 {
+            tonic::include_proto!("sluice.admin.v1");
+        }
+    }
+}
+
 pub use envoy::config::core::v3 as core;
 pub use envoy::extensions::common::ratelimit::v3 as common;
 pub use envoy::r#type::v3 as types;
 pub use envoy::service::ratelimit::v3 as rls;
+pub use sluice::admin::v1 as admin;
 
 /// The encoded FileDescriptorSet of every proto sluice serves, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
