@@ -85,11 +85,7 @@ pub fn counter_ops(slots: &[Slot]) -> Vec<CounterOp<'_>> {
     slots
         .iter()
         .filter_map(|s| match s {
-            Slot::Counted(c) => Some(CounterOp {
-                key: &c.key.0,
-                hits: c.hits,
-                expires_at: c.window.end,
-            }),
+            Slot::Counted(c) => Some(CounterOp::new(&c.key.0, c.hits, c.window.end)),
             _ => None,
         })
         .collect()

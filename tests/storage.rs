@@ -7,11 +7,7 @@ use sluice::storage::sled_store::{Durability, SledCounters, Stats};
 use sluice::storage::{unix_now, CounterOp, CounterStore, Error};
 
 fn op(key: &[u8], hits: u64, expires_at: u64) -> CounterOp<'_> {
-    CounterOp {
-        key,
-        hits,
-        expires_at,
-    }
+    CounterOp::new(key, hits, expires_at)
 }
 
 const SLOW: Durability = Durability::Interval(Duration::from_secs(3600));

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{CounterOp, CounterStore, Error};
+use super::{Cond, CounterOp, CounterStore, Error};
 
 /// Number of shards; a power of two well above the core count.
 pub const SHARDS: usize = 64;
@@ -91,13 +91,36 @@ impl MemoryCounters {
 
     /// Adds hits to each counter, returning the values after the add.
     pub fn add_now(&self, ops: &[CounterOp<'_>]) -> Vec<u64> {
-        ops.iter().map(|op| self.add_one(op)).collect()
+        let mut prev_applied = true;
+        ops.iter()
+            .map(|op| {
+                let (value, applied) = self.add_one(op, prev_applied);
+                prev_applied = applied;
+                value
+            })
+            .collect()
     }
 
-    fn add_one(&self, op: &CounterOp<'_>) -> u64 {
+    /// One op; returns (value, whether the add was applied).
+    fn add_one(&self, op: &CounterOp<'_>, prev_applied: bool) -> (u64, bool) {
         let mut shard = self.shard(op.key);
         let shard = &mut *shard;
-        match shard.map.get_mut(op.key) {
+        let current = shard.map.get(op.key).map_or(0, |c| c.value);
+        match op.cond {
+            Cond::Always => {}
+            Cond::Cap(cap) => {
+                let after = current.saturating_add(op.hits);
+                if after > cap {
+                    return (after, false);
+                }
+            }
+            Cond::IfPrevApplied => {
+                if !prev_applied {
+                    return (current, false);
+                }
+            }
+        }
+        let value = match shard.map.get_mut(op.key) {
             Some(c) => {
                 if op.hits > 0 {
                     c.value = c.value.saturating_add(op.hits);
@@ -116,7 +139,8 @@ impl MemoryCounters {
                     .insert_new(op.key, op.hits, op.expires_at, self.track_dirty)
                     .value
             }
-        }
+        };
+        (value, true)
     }
 
     /// The current value of a counter (0 if absent).
@@ -213,11 +237,21 @@ mod tests {
     use super::*;
 
     fn op(key: &[u8], hits: u64, exp: u64) -> CounterOp<'_> {
-        CounterOp {
-            key,
-            hits,
-            expires_at: exp,
-        }
+        CounterOp::new(key, hits, exp)
+    }
+
+    #[test]
+    fn capped_adds_apply_only_within_the_cap_and_links_follow() {
+        let m = MemoryCounters::new(true);
+        let capped = |hits| op(b"q", hits, 10).when(Cond::Cap(5));
+        let linked = |hits| op(b"d", hits, 10).when(Cond::IfPrevApplied);
+        assert_eq!(m.add_now(&[capped(3), linked(3)]), vec![3, 3]);
+        assert_eq!(m.add_now(&[capped(3), linked(3)]), vec![6, 3], "refused: 6 > 5");
+        assert_eq!((m.get(b"q"), m.get(b"d")), (3, 3));
+        assert_eq!(m.add_now(&[capped(2), linked(2)]), vec![5, 5]);
+        assert_eq!(m.add_now(&[capped(0)]), vec![5], "a check at the cap passes");
+        assert_eq!(m.add_now(&[capped(1), linked(1)]), vec![6, 5]);
+        assert_eq!((m.get(b"q"), m.get(b"d")), (5, 5));
     }
 
     #[test]

@@ -25,12 +25,46 @@ pub struct CounterOp<'a> {
     pub hits: u64,
     /// Unix second at which the counter's window ends and it may be dropped.
     pub expires_at: u64,
+    /// When the add applies.
+    pub cond: Cond,
+}
+
+impl<'a> CounterOp<'a> {
+    /// An unconditional add.
+    pub fn new(key: &'a [u8], hits: u64, expires_at: u64) -> Self {
+        CounterOp {
+            key,
+            hits,
+            expires_at,
+            cond: Cond::Always,
+        }
+    }
+
+    /// The same op with condition `cond`.
+    pub fn when(self, cond: Cond) -> Self {
+        CounterOp { cond, ..self }
+    }
+}
+
+/// When a [`CounterOp`] is applied. The check and the add are one atomic
+/// step per counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cond {
+    /// Always add (upstream semantics: hits over the limit still count).
+    Always,
+    /// Add only if the value after the add is at most this cap; otherwise
+    /// add nothing and report the value the add would have produced.
+    Cap(u64),
+    /// Add only if the previous op of the same call was applied; otherwise
+    /// add nothing and report the current value.
+    IfPrevApplied,
 }
 
 /// A store of windowed counters.
 pub trait CounterStore: Send + Sync + 'static {
-    /// Adds each op's hits (saturating at `u64::MAX`) and returns the values
-    /// after the add, in op order. Each counter is updated atomically; the
+    /// Adds each op's hits (saturating at `u64::MAX`) where its [`Cond`]
+    /// allows, and returns the values after the add, in op order (for a
+    /// refused [`Cond::Cap`] op, the value the add would have produced). Each counter is updated atomically; the
     /// ops of one call are not one transaction (nor are they upstream).
     ///
     /// # Errors
