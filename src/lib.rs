@@ -7,6 +7,9 @@
 //! - [`config`]: envoyproxy/ratelimit YAML files -> [`engine::RuleSet`].
 //! - [`storage`]: counter stores behind the [`storage::CounterStore`] trait:
 //!   in-memory shards, persisted to sled by a background writer.
+//! - [`plans`]: usage plans and API keys: model and validation, calendar
+//!   periods, token buckets, the decision snapshot ([`plans::catalog`]) and
+//!   the sled-backed registry the admin API writes through.
 //! - [`limiter`]: the application service gluing engine, config snapshot and
 //!   storage; async, no tonic types. Tests and benches drive it.
 //! - [`server`]: tonic wiring: the RLS service, health, reflection, request
@@ -17,6 +20,7 @@
 pub mod config;
 pub mod engine;
 pub mod limiter;
+pub mod plans;
 
 pub mod proto;
 pub mod server;

@@ -25,23 +25,89 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
-use crate::engine::{self, Decision, Request, Slot};
-use crate::storage::{self, CounterOp, CounterStore};
+use crate::engine::{self, Code, Decision, Descriptor, Reason, Request, Slot, Status};
+use crate::plans::catalog::{Catalog, CompiledPlan, Resolved};
+use crate::plans::decide as pd;
+use crate::plans::model::ApiKey;
+use crate::plans::{bucket, period};
+use crate::storage::buckets::Buckets;
+use crate::storage::{self, Cond, CounterOp, CounterStore};
 
-/// Decides requests against the current config and a counter store.
+/// Default days of daily usage history kept per key.
+pub const DEFAULT_USAGE_RETENTION_DAYS: u32 = 90;
+
+/// Decides requests against the current config, the plan catalog and a
+/// counter store.
 #[derive(Debug)]
 pub struct RateLimiter<S> {
     config: ArcSwap<Config>,
     store: S,
+    catalog: Arc<ArcSwap<Catalog>>,
+    buckets: Buckets,
+    retention_days: u32,
+}
+
+/// One day of a key's usage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DayUsage {
+    /// The local date.
+    pub date: jiff::civil::Date,
+    /// Hits allowed that day.
+    pub used: u64,
+    /// Quota left at the end of that day (now, for today); `None` without a quota.
+    pub remaining: Option<u64>,
+}
+
+/// The live state of a key's quota.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaState {
+    /// The current period.
+    pub period: period::Span,
+    /// Hits counted in it.
+    pub used: u64,
+    /// The period's limit including grants.
+    pub limit: u64,
+    /// The grant stored for this period.
+    pub grant: i64,
+}
+
+/// The live state of a key's limits in a plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveUsage {
+    /// The quota, if the plan has one.
+    pub quota: Option<QuotaState>,
+    /// Tokens in the plan throttle's bucket and its capacity, if it has one.
+    pub throttle: Option<(f64, u32)>,
 }
 
 impl<S: CounterStore> RateLimiter<S> {
-    /// A limiter over `config` and `store`.
+    /// A limiter over `config` and `store`, with no plans.
     pub fn new(config: Config, store: S) -> Self {
         RateLimiter {
             config: ArcSwap::from_pointee(config),
             store,
+            catalog: Arc::default(),
+            buckets: Buckets::default(),
+            retention_days: DEFAULT_USAGE_RETENTION_DAYS,
         }
+    }
+
+    /// Decides plan-governed descriptors against `catalog` (the registry's
+    /// handle: admin writes swap a new snapshot in).
+    pub fn with_plans(mut self, catalog: Arc<ArcSwap<Catalog>>) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// Keeps daily usage for `days` days (default 90).
+    pub fn with_usage_retention(mut self, days: u32) -> Self {
+        self.retention_days = days;
+        self
+    }
+
+    /// The plan catalog in force.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.load_full()
     }
 
     /// Replaces the config; the next decision uses it.
@@ -68,6 +134,87 @@ impl<S: CounterStore> RateLimiter<S> {
         req: &Request,
         now: u64,
     ) -> Result<Decision, storage::Error> {
+        self.decide(
+            req,
+            i64::try_from(now)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000),
+        )
+        .await
+    }
+
+    /// Decides a validated request at `now_us` (Unix microseconds; token
+    /// buckets need sub-second time). Descriptors that a usage plan governs
+    /// (the domain is a plan stage and the descriptor carries the stage's key
+    /// entry) are decided against the key's plan; the rest against the
+    /// config rules.
+    ///
+    /// # Errors
+    /// The store's error, if it could not count (durable mode only).
+    pub async fn decide(&self, req: &Request, now_us: i64) -> Result<Decision, storage::Error> {
+        let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
+        if !self.catalog.load().governs(&req.domain) {
+            return self.decide_rules(req, now).await;
+        }
+        let cat = self.catalog.load_full();
+        let now_s = now_us.div_euclid(1_000_000);
+        let mut plan_statuses: Vec<Option<Status>> = Vec::with_capacity(req.descriptors.len());
+        let mut rest = Vec::new();
+        for d in &req.descriptors {
+            let status = match cat.resolve(&req.domain, &d.entries, now_s) {
+                Resolved::NotGoverned => {
+                    rest.push(d.clone());
+                    None
+                }
+                Resolved::Refused(why) => {
+                    tracing::debug!(?why, "API key refused");
+                    Some(Status {
+                        code: Code::OverLimit,
+                        limit: None,
+                        remaining: 0,
+                        reset_in: None,
+                        reason: Some(Reason::InvalidKey),
+                    })
+                }
+                Resolved::Governed { plan, stage, key } => Some(
+                    self.decide_plan(plan, stage, key, d, d.hits(req.hits_addend), now_us)
+                        .await?,
+                ),
+            };
+            plan_statuses.push(status);
+        }
+        let mut rules = if rest.is_empty() {
+            Vec::new()
+        } else {
+            let sub = Request {
+                domain: req.domain.clone(),
+                descriptors: rest,
+                hits_addend: req.hits_addend,
+            };
+            self.decide_rules(&sub, now).await?.statuses
+        }
+        .into_iter();
+        let statuses: Vec<Status> = plan_statuses
+            .into_iter()
+            .map(|s| {
+                s.or_else(|| rules.next()).unwrap_or(Status {
+                    code: Code::Ok,
+                    limit: None,
+                    remaining: 0,
+                    reset_in: None,
+                    reason: None,
+                })
+            })
+            .collect();
+        let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        Ok(Decision { overall, statuses })
+    }
+
+    async fn decide_rules(&self, req: &Request, now: u64) -> Result<Decision, storage::Error> {
         let slots = self.config.load().rules.plan(req, now);
         let ops = counter_ops(&slots);
         let values = if ops.is_empty() {
@@ -77,6 +224,233 @@ impl<S: CounterStore> RateLimiter<S> {
         };
         Ok(engine::decide(&slots, &values, now))
     }
+
+    /// One plan-governed descriptor: the throttle (per-method, else plan),
+    /// then the quota, which counts only calls it allows.
+    async fn decide_plan(
+        &self,
+        plan: &CompiledPlan,
+        stage: usize,
+        key: &ApiKey,
+        d: &Descriptor,
+        hits: u64,
+        now_us: i64,
+    ) -> Result<Status, storage::Error> {
+        let p = &plan.plan;
+        let now_s = now_us.div_euclid(1_000_000);
+        let mut throttled: Option<(
+            Vec<u8>,
+            &crate::plans::model::Throttle,
+            bucket::Outcome,
+            Option<&str>,
+        )> = None;
+        if let Some((t, method)) = pd::select_throttle(plan, stage, &d.entries) {
+            let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
+            let outcome = self
+                .buckets
+                .update(&bkey, |s| bucket::take(s, t, hits, now_us));
+            if !outcome.allowed {
+                return Ok(Status {
+                    code: Code::OverLimit,
+                    limit: Some(pd::throttle_limit(&p.name, t, method)),
+                    remaining: 0,
+                    reset_in: Some(outcome.reset_in.map_or(u64::from(u32::MAX), pd::ceil_secs)),
+                    reason: Some(Reason::Throttled),
+                });
+            }
+            throttled = Some((bkey, t, outcome, method));
+        }
+        let retention = i64::from(self.retention_days) * 86_400;
+        let mut quota_status = None;
+        match (&p.quota, &plan.calendar) {
+            (Some(q), Some(cal)) => {
+                let span = cal.containing(now_s);
+                let day = cal.day_containing(now_s);
+                let cat = self.catalog.load();
+                let effective = pd::effective_quota(q.limit, cat.grant(&p.id, &key.id, span.start));
+                let qkey = pd::quota_key(&p.id, &key.id, span.start);
+                let dkey = pd::daily_key(&p.id, &key.id, day.start);
+                let ops = [
+                    CounterOp::new(&qkey, hits, expiry(span.end)).when(Cond::Cap(effective)),
+                    CounterOp::new(&dkey, hits, expiry(day.end.saturating_add(retention)))
+                        .when(Cond::IfPrevApplied),
+                ];
+                let values = self.store.add(&ops).await?;
+                let used = values[0];
+                let limit = pd::quota_limit(&p.name, q, effective);
+                let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
+                if !pd::quota_allows(used, hits, effective) {
+                    if let Some((bkey, t, _, _)) = &throttled {
+                        if hits > 0 {
+                            self.buckets.update(bkey, |s| {
+                                let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
+                                (bucket::refund(s, t, hits, now_us), ())
+                            });
+                        }
+                    }
+                    return Ok(Status {
+                        code: Code::OverLimit,
+                        limit: Some(limit),
+                        remaining: 0,
+                        reset_in: Some(reset_in),
+                        reason: Some(Reason::QuotaExceeded),
+                    });
+                }
+                quota_status = Some(Status {
+                    code: Code::Ok,
+                    limit: Some(limit),
+                    remaining: u32::try_from(effective - used).unwrap_or(u32::MAX),
+                    reset_in: Some(reset_in),
+                    reason: None,
+                });
+            }
+            _ => {
+                let day_start = now_s - now_s.rem_euclid(86_400);
+                let dkey = pd::daily_key(&p.id, &key.id, day_start);
+                self.store
+                    .add(&[CounterOp::new(
+                        &dkey,
+                        hits,
+                        expiry(day_start + 86_400 + retention),
+                    )])
+                    .await?;
+            }
+        }
+        let throttle_status = throttled.map(|(_, t, o, method)| Status {
+            code: Code::Ok,
+            limit: Some(pd::throttle_limit(&p.name, t, method)),
+            remaining: u32::try_from(o.remaining).unwrap_or(u32::MAX),
+            reset_in: o.reset_in.map(pd::ceil_secs),
+            reason: None,
+        });
+        // Report the binding limit: the one with the least left.
+        Ok(match (throttle_status, quota_status) {
+            (Some(t), Some(q)) => {
+                if t.remaining <= q.remaining {
+                    t
+                } else {
+                    q
+                }
+            }
+            (Some(s), None) | (None, Some(s)) => s,
+            (None, None) => Status {
+                code: Code::Ok,
+                limit: None,
+                remaining: 0,
+                reset_in: None,
+                reason: None,
+            },
+        })
+    }
+
+    /// The live state of a key's quota in a plan at `now` (Unix seconds);
+    /// `None` if the plan has no quota.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn quota_state(
+        &self,
+        plan: &CompiledPlan,
+        key_id: &str,
+        now: i64,
+    ) -> Result<Option<QuotaState>, storage::Error> {
+        let (Some(q), Some(cal)) = (&plan.plan.quota, &plan.calendar) else {
+            return Ok(None);
+        };
+        let span = cal.containing(now);
+        let qkey = pd::quota_key(&plan.plan.id, key_id, span.start);
+        let used = self.store.add(&[CounterOp::new(&qkey, 0, 0)]).await?[0];
+        let grant = self.catalog.load().grant(&plan.plan.id, key_id, span.start);
+        Ok(Some(QuotaState {
+            period: span,
+            used,
+            limit: pd::effective_quota(q.limit, grant),
+            grant,
+        }))
+    }
+
+    /// A key's usage in a plan: per day for `dates` (local dates in the
+    /// quota's time zone, UTC without a quota), and its live state at
+    /// `now_us` (Unix microseconds).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn usage(
+        &self,
+        plan: &CompiledPlan,
+        key_id: &str,
+        dates: &[jiff::civil::Date],
+        now_us: i64,
+    ) -> Result<(Vec<DayUsage>, LiveUsage), storage::Error> {
+        let now = now_us.div_euclid(1_000_000);
+        let p = &plan.plan;
+        let utc;
+        let cal = match &plan.calendar {
+            Some(c) => c,
+            None => {
+                utc = period::Calendar::new(period::Period::Day, 0, "UTC")
+                    .expect("UTC with anchor 0 is a valid day calendar");
+                &utc
+            }
+        };
+        let day_used = |start: i64| {
+            let k = pd::daily_key(&p.id, key_id, start);
+            async move {
+                self.store
+                    .add(&[CounterOp::new(&k, 0, 0)])
+                    .await
+                    .map(|v| v[0])
+            }
+        };
+        let mut days = Vec::with_capacity(dates.len());
+        let mut cache: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+        for &date in dates {
+            let span = cal.day_span(date);
+            if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(span.start) {
+                e.insert(day_used(span.start).await?);
+            }
+            let used = cache[&span.start];
+            let remaining = match (&p.quota, &plan.calendar) {
+                (Some(q), Some(c)) if span.start <= now => {
+                    let period = c.containing(span.start);
+                    let grant = self.catalog.load().grant(&p.id, key_id, period.start);
+                    let limit = pd::effective_quota(q.limit, grant);
+                    let mut sum = 0u64;
+                    let mut day = c.day_containing(period.start);
+                    while day.start <= span.start && day.start < period.end {
+                        if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(day.start)
+                        {
+                            e.insert(day_used(day.start).await?);
+                        }
+                        sum = sum.saturating_add(cache[&day.start]);
+                        day = c.day_containing(day.end);
+                    }
+                    Some(limit.saturating_sub(sum))
+                }
+                _ => None,
+            };
+            days.push(DayUsage {
+                date,
+                used,
+                remaining,
+            });
+        }
+        let quota = self.quota_state(plan, key_id, now).await?;
+        let throttle = p.throttle.as_ref().map(|t| {
+            let s = self.buckets.get(&pd::bucket_key(&p.id, key_id, None));
+            (bucket::tokens_at(s, t, now_us), t.burst_limit)
+        });
+        Ok((days, LiveUsage { quota, throttle }))
+    }
+
+    /// Drops token buckets that are full again at `now_us`.
+    pub fn purge_buckets(&self, now_us: i64) -> usize {
+        self.buckets.purge_full(now_us)
+    }
+}
+
+fn expiry(unix: i64) -> u64 {
+    u64::try_from(unix).unwrap_or(0)
 }
 
 /// The counter updates of a plan: one per [`Slot::Counted`], in slot order,

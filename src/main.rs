@@ -1,7 +1,7 @@
 //! The `sluice` binary: parses the command line and runs the server.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use sluice::limiter::{watch_config, ConfigSource, RateLimiter};
+use sluice::plans::registry::Registry;
 use sluice::server::{self, RequestLimits};
 use sluice::storage::sled_store::{Durability, SledCounters};
 use sluice::telemetry::{self, LogFormat};
@@ -88,7 +89,96 @@ struct ServeArgs {
     /// Longest descriptor key or value (and domain), in bytes.
     #[arg(long, env = "SLUICE_MAX_KEY_VALUE_LEN", default_value_t = 1024)]
     max_key_value_len: usize,
+    /// Address of the admin API (usage plans and API keys), with its own
+    /// health and reflection.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8082")]
+    admin_listen: SocketAddr,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Days of daily usage history kept per key.
+    #[arg(long, env = "SLUICE_USAGE_RETENTION_DAYS", default_value_t = sluice::limiter::DEFAULT_USAGE_RETENTION_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=3660))]
+    usage_retention_days: u32,
 }
+
+/// Where the admin token comes from.
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The admin bearer token. Without it, the token file is used; `serve`
+    /// generates one there on first start.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token [default: <data-dir>/admin-token].
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn file(&self, data_dir: &Path) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join(ADMIN_TOKEN_FILE))
+    }
+
+    /// The token for a client: the flag, else the token file.
+    fn read(&self, data_dir: &Path) -> anyhow::Result<String> {
+        if let Some(t) = &self.admin_token {
+            return check_token(t.trim().to_owned(), "--admin-token");
+        }
+        let path = self.file(data_dir);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no admin token: pass --admin-token (or SLUICE_ADMIN_TOKEN) or --admin-token-file; cannot read {}",
+                path.display()
+            )
+        })?;
+        check_token(text.trim().to_owned(), &path.display().to_string())
+    }
+
+    /// The token for the server: the flag, else the token file, generated
+    /// (mode 0600) when it does not exist.
+    fn read_or_generate(&self, data_dir: &Path) -> anyhow::Result<String> {
+        if self.admin_token.is_some() {
+            return self.read(data_dir);
+        }
+        let path = self.file(data_dir);
+        if path.exists() {
+            let token = self.read(data_dir)?;
+            tracing::info!(file = %path.display(), "admin token read from file");
+            return Ok(token);
+        }
+        let token = sluice::plans::registry::new_key_value()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .replacen("slk_", "sla_", 1);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&path)
+            .with_context(|| format!("writing the admin token to {}", path.display()))?;
+        std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing the admin token to {}", path.display()))?;
+        tracing::info!(file = %path.display(), "generated an admin token and stored it in the file (mode 0600); send it as `authorization: Bearer <token>`");
+        Ok(token)
+    }
+}
+
+fn check_token(token: String, from: &str) -> anyhow::Result<String> {
+    if token.is_empty() {
+        anyhow::bail!("the admin token from {from} is empty");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!("the admin token from {from} must be printable ASCII without spaces");
+    }
+    Ok(token)
+}
+
+const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -135,26 +225,86 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DurabilityArg::Sync => Durability::Sync,
     };
     let store = SledCounters::open(&args.data_dir, durability)?;
-    let limiter = Arc::new(RateLimiter::new(config, store.clone()));
+    let registry = Arc::new(
+        Registry::open(store.db(), args.data_dir.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("cannot load plans and keys")?,
+    );
+    let token = args.token.read_or_generate(&args.data_dir)?;
+    let limiter = Arc::new(
+        RateLimiter::new(config, store.clone())
+            .with_plans(registry.handle())
+            .with_usage_retention(args.usage_retention_days),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
     let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), config_dir = %args.config_dir.display(), ?durability, "sluice listening on {addr}");
+    tracing::info!(%admin_addr, "sluice admin API listening on {admin_addr}");
     let watcher = tokio::spawn(watch_config(
         limiter.clone(),
         source,
         Duration::from_millis(args.reload_interval_ms),
     ));
+    let purger = tokio::spawn({
+        let limiter = limiter.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                limiter.purge_buckets(sluice::storage::unix_now_us());
+            }
+        }
+    });
     let limits = RequestLimits {
         max_descriptors: args.max_descriptors,
         max_entries: args.max_entries,
         max_key_value_len: args.max_key_value_len,
     };
-    let result = server::serve(listener, limiter, limits, shutdown_signal()).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let stop_tx = Arc::new(stop_tx);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown_signal().await;
+            stop_tx.send_replace(true);
+        }
+    });
+    // Either server ending (a signal, or a transport error) stops both.
+    let (result, admin_result) = tokio::join!(
+        async {
+            let r =
+                server::serve(listener, limiter.clone(), limits, stopped(stop_rx.clone())).await;
+            stop_tx.send_replace(true);
+            r
+        },
+        async {
+            let r = server::serve_admin(
+                admin_listener,
+                registry,
+                limiter.clone(),
+                &token,
+                args.usage_retention_days,
+                stopped(stop_rx.clone()),
+            )
+            .await;
+            stop_tx.send_replace(true);
+            r
+        },
+    );
     watcher.abort();
+    purger.abort();
     let closed = store.close().await;
     result.context("gRPC server failed")?;
+    admin_result.context("admin gRPC server failed")?;
     closed.context("final flush of counters failed")?;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -143,6 +143,29 @@ pub enum Code {
     OverLimit,
 }
 
+/// Why a plan-governed descriptor was refused; gateways see it in the
+/// `x-sluice-reason` response header and map it to 403 or 429.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Unknown, disabled or expired key, or a key with no plan for this domain/stage.
+    InvalidKey,
+    /// The throttle (token bucket) is empty.
+    Throttled,
+    /// The period's quota is used up.
+    QuotaExceeded,
+}
+
+impl Reason {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidKey => "invalid-key",
+            Reason::Throttled => "throttled",
+            Reason::QuotaExceeded => "quota-exceeded",
+        }
+    }
+}
+
 /// The answer for one descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -154,6 +177,8 @@ pub struct Status {
     pub remaining: u32,
     /// Seconds until the window resets, set whenever `limit` is.
     pub reset_in: Option<u64>,
+    /// Why a plan refused the descriptor (`None` for config rules).
+    pub reason: Option<Reason>,
 }
 
 /// The answer for a request.
@@ -275,12 +300,14 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
                 limit: None,
                 remaining: 0,
                 reset_in: None,
+                reason: None,
             },
             Slot::Unlimited => Status {
                 code: Code::Ok,
                 limit: None,
                 remaining: u32::MAX,
                 reset_in: None,
+                reason: None,
             },
             Slot::Counted(c) => {
                 let after = values
@@ -301,6 +328,7 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
                     limit: Some(c.limit.clone()),
                     remaining,
                     reset_in: Some(c.window.until_end(now)),
+                    reason: None,
                 }
             }
         })

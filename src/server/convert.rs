@@ -137,9 +137,28 @@ fn code(c: Code) -> i32 {
     }
 }
 
-/// Builds the wire response for a decision.
+/// Response header naming why a plan refused a call.
+pub const REASON_HEADER: &str = "x-sluice-reason";
+
+/// Builds the wire response for a decision. When a plan refused a
+/// descriptor, `x-sluice-reason` (the first refusal's reason) is added to
+/// the response headers, so a gateway can map invalid keys to 403.
 pub fn response_to_proto(d: Decision) -> RateLimitResponse {
+    let reason = d
+        .statuses
+        .iter()
+        .find(|s| s.code == Code::OverLimit)
+        .and_then(|s| s.reason);
+    let response_headers_to_add = reason
+        .map(|r| crate::proto::core::HeaderValue {
+            key: REASON_HEADER.into(),
+            value: r.as_str().into(),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
     RateLimitResponse {
+        response_headers_to_add,
         overall_code: code(d.overall),
         statuses: d
             .statuses

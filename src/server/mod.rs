@@ -3,6 +3,7 @@
 //! **API boundary:** only `server` (and the generated `proto`) know tonic and
 //! prost types; everything inward speaks engine types.
 
+pub mod admin;
 pub mod convert;
 pub mod rls;
 pub mod status;
@@ -17,6 +18,8 @@ use tonic_health::ServingStatus;
 pub use convert::RequestLimits;
 
 use crate::limiter::RateLimiter;
+use crate::plans::registry::Registry;
+use crate::proto::admin::admin_service_server::AdminServiceServer;
 use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
 use crate::storage::CounterStore;
 
@@ -45,16 +48,7 @@ pub async fn serve<S: CounterStore>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("embedded descriptor sets are valid (checked by tests)");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("embedded descriptor sets are valid (checked by tests)");
+    let (reflection_v1, reflection_v1alpha) = reflection();
     let rls = RateLimitServiceServer::new(rls::RlsService::new(limiter, limits));
 
     let drain = async move {
@@ -69,6 +63,74 @@ pub async fn serve<S: CounterStore>(
     tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(rls)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain)
+        .await
+}
+
+/// Reflection v1 and v1alpha over every proto sluice serves.
+fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor sets are valid (checked by tests)");
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor sets are valid (checked by tests)");
+    (v1, v1alpha)
+}
+
+/// Health names of the admin server: "" and the admin service.
+pub const ADMIN_HEALTH_NAMES: [&str; 2] = ["", admin::ADMIN_SERVICE];
+
+/// Serves the admin API (plus health and reflection, which need no token)
+/// on `listener` until `shutdown` completes. Every admin call must carry
+/// `authorization: Bearer <token>`.
+///
+/// # Errors
+/// A transport error from tonic.
+pub async fn serve_admin<S: CounterStore>(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    limiter: Arc<RateLimiter<S>>,
+    token: &str,
+    retention_days: u32,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ADMIN_HEALTH_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let (reflection_v1, reflection_v1alpha) = reflection();
+    let admin = AdminServiceServer::with_interceptor(
+        admin::AdminServer::new(registry, limiter, retention_days),
+        admin::AuthInterceptor::new(token),
+    );
+    let drain = async move {
+        shutdown.await;
+        for name in ADMIN_HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("admin", path = %req.uri().path()))
+        .add_service(admin)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -11,7 +11,7 @@ use crate::engine::Code;
 use crate::limiter::RateLimiter;
 use crate::proto::rls::rate_limit_service_server::RateLimitService;
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
-use crate::storage::{unix_now, CounterStore};
+use crate::storage::{unix_now_us, CounterStore};
 
 /// The RLS gRPC service.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
         span.record("domain", req.domain.as_str());
         let decision = self
             .limiter
-            .should_rate_limit(&req, unix_now())
+            .decide(&req, unix_now_us())
             .await
             .map_err(from_storage)?;
         span.record(

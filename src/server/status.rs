@@ -3,7 +3,19 @@
 use tonic::Status;
 
 use super::convert::InvalidRequest;
-use crate::storage;
+use crate::{plans, storage};
+
+impl From<plans::Error> for Status {
+    fn from(e: plans::Error) -> Self {
+        match e {
+            plans::Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            plans::Error::NotFound { .. } => Status::not_found(e.to_string()),
+            plans::Error::AlreadyExists(m) => Status::already_exists(m),
+            plans::Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            plans::Error::Storage(e) => from_storage(e),
+        }
+    }
+}
 
 impl From<InvalidRequest> for Status {
     fn from(e: InvalidRequest) -> Self {

@@ -246,10 +246,18 @@ mod tests {
         let capped = |hits| op(b"q", hits, 10).when(Cond::Cap(5));
         let linked = |hits| op(b"d", hits, 10).when(Cond::IfPrevApplied);
         assert_eq!(m.add_now(&[capped(3), linked(3)]), vec![3, 3]);
-        assert_eq!(m.add_now(&[capped(3), linked(3)]), vec![6, 3], "refused: 6 > 5");
+        assert_eq!(
+            m.add_now(&[capped(3), linked(3)]),
+            vec![6, 3],
+            "refused: 6 > 5"
+        );
         assert_eq!((m.get(b"q"), m.get(b"d")), (3, 3));
         assert_eq!(m.add_now(&[capped(2), linked(2)]), vec![5, 5]);
-        assert_eq!(m.add_now(&[capped(0)]), vec![5], "a check at the cap passes");
+        assert_eq!(
+            m.add_now(&[capped(0)]),
+            vec![5],
+            "a check at the cap passes"
+        );
         assert_eq!(m.add_now(&[capped(1), linked(1)]), vec![6, 5]);
         assert_eq!((m.get(b"q"), m.get(b"d")), (5, 5));
     }

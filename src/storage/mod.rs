@@ -9,6 +9,7 @@
 //!
 //! Storage knows nothing about rules or the wire; it adds hits to opaque keys.
 
+pub mod buckets;
 pub mod keys;
 pub mod memory;
 pub mod sled_store;
@@ -113,4 +114,11 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The current Unix time in microseconds, from the system clock.
+pub fn unix_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

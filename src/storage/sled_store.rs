@@ -183,6 +183,11 @@ impl SledCounters {
         })
     }
 
+    /// The sled database, shared with the plan registry (its own trees).
+    pub fn db(&self) -> sled::Db {
+        self.shared.db.clone()
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.shared.path

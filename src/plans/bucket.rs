@@ -1,0 +1,243 @@
+//! Token bucket arithmetic (pure; time is passed in as Unix microseconds).
+//!
+//! Amazon API Gateway's throttle: a bucket of capacity `burst_limit` starts
+//! full and refills continuously at `rate_limit` tokens per second; a call
+//! takes one token per hit and is refused, taking nothing, when the bucket
+//! holds fewer. A check with 0 hits passes when one token is there.
+
+use super::model::Throttle;
+
+/// A bucket's state: GCRA's "theoretical arrival time" in Unix nanoseconds.
+/// The bucket holds `burst - max(0, tat - now) / interval` tokens, so all
+/// arithmetic is on integers and nothing drifts however often it is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketState {
+    /// Theoretical arrival time, Unix nanoseconds.
+    pub tat: i128,
+    /// When the bucket is full again (Unix microseconds); a full bucket is
+    /// the same as no bucket, so it may be dropped from then on.
+    pub full_at: i64,
+}
+
+/// The result of a take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the hits were taken.
+    pub allowed: bool,
+    /// Whole tokens left.
+    pub remaining: u64,
+    /// Microseconds until the bucket is full (allowed) or until the refused
+    /// hits would fit (refused); `None` when that never happens.
+    pub reset_in: Option<i64>,
+}
+
+/// A rate of 0 refills once in this many nanoseconds: never, in practice.
+const NEVER_NS: i128 = 1_000_000_000_000_000_000;
+
+/// Nanoseconds per token.
+fn interval(t: &Throttle) -> i128 {
+    if t.rate_limit > 0.0 {
+        ((1e9 / t.rate_limit).round() as i128).max(1)
+    } else {
+        NEVER_NS
+    }
+}
+
+fn ns(micros: i64) -> i128 {
+    i128::from(micros) * 1000
+}
+
+fn micros_ceil(ns: i128) -> i64 {
+    let m = (ns.max(0) + 999) / 1000;
+    i64::try_from(m).unwrap_or(i64::MAX)
+}
+
+fn state(tat: i128) -> BucketState {
+    BucketState {
+        tat,
+        full_at: micros_ceil(tat),
+    }
+}
+
+/// Tokens in a bucket at `now` (Unix microseconds); full when absent.
+pub fn tokens_at(s: Option<BucketState>, t: &Throttle, now: i64) -> f64 {
+    let burst = f64::from(t.burst_limit);
+    match s {
+        None => burst,
+        Some(s) => {
+            let debt = (s.tat - ns(now)).max(0);
+            (burst - debt as f64 / interval(t) as f64).max(0.0)
+        }
+    }
+}
+
+/// Takes `hits` tokens at `now` (Unix microseconds). Returns the new state
+/// (unchanged when refused) and the outcome.
+pub fn take(s: Option<BucketState>, t: &Throttle, hits: u64, now: i64) -> (BucketState, Outcome) {
+    let now_ns = ns(now);
+    let iv = interval(t);
+    let cap = i128::from(t.burst_limit) * iv;
+    let tat = s.map_or(now_ns, |s| s.tat.max(now_ns));
+    let need = i128::from(hits.max(1));
+    let fits_at = tat + need * iv - now_ns;
+    let allowed = fits_at <= cap;
+    let new_tat = if allowed {
+        tat + i128::from(hits) * iv
+    } else {
+        tat
+    };
+    let debt = new_tat - now_ns;
+    let remaining = u64::try_from((cap - debt).max(0) / iv).unwrap_or(0);
+    let never = t.rate_limit <= 0.0;
+    let reset_in = if allowed {
+        if never && debt > 0 {
+            None
+        } else {
+            Some(micros_ceil(debt))
+        }
+    } else if never || need > i128::from(t.burst_limit) {
+        None
+    } else {
+        Some(micros_ceil(fits_at - cap))
+    };
+    let new = if allowed {
+        state(new_tat)
+    } else {
+        s.unwrap_or_else(|| state(now_ns))
+    };
+    (
+        new,
+        Outcome {
+            allowed,
+            remaining,
+            reset_in,
+        },
+    )
+}
+
+/// Gives back `hits` tokens taken earlier (when a later limit refused the
+/// call), never above capacity.
+pub fn refund(s: BucketState, t: &Throttle, hits: u64, now: i64) -> BucketState {
+    state((s.tat - i128::from(hits) * interval(t)).max(ns(now)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000;
+
+    fn run(t: &Throttle, calls: &[(i64, u64)]) -> Vec<bool> {
+        let mut st = None;
+        calls
+            .iter()
+            .map(|&(now, hits)| {
+                let (s, o) = take(st, t, hits, now);
+                st = Some(s);
+                o.allowed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn burst_then_steady_rate() {
+        let t = Throttle {
+            rate_limit: 10.0,
+            burst_limit: 20,
+        };
+        // 25 calls at once: the burst of 20 passes.
+        let at_once: Vec<(i64, u64)> = (0..25).map(|_| (0, 1)).collect();
+        assert_eq!(run(&t, &at_once).iter().filter(|a| **a).count(), 20);
+        // Then one call every 100 ms (the steady rate) all pass, and a
+        // second call in the same instant does not.
+        let mut calls = at_once.clone();
+        for i in 1..=10 {
+            calls.push((i * S / 10, 1));
+            calls.push((i * S / 10, 1));
+        }
+        let r = run(&t, &calls);
+        for i in 0..10 {
+            assert!(r[25 + 2 * i], "steady call {i}");
+            assert!(!r[26 + 2 * i], "extra call {i}");
+        }
+    }
+
+    #[test]
+    fn aws_worked_example_scaled_down() {
+        // AWS: 10,000 rps, burst 5,000: 5,000 at t=0 and 5,000 at t=101 ms -> 6,000 served
+        // (the bucket refills 1,010 tokens in 101 ms; AWS rounds to 1,000).
+        let t = Throttle {
+            rate_limit: 10_000.0,
+            burst_limit: 5_000,
+        };
+        let mut calls: Vec<(i64, u64)> = (0..5_000).map(|_| (0, 1)).collect();
+        calls.extend((0..5_000).map(|_| (101_000, 1)));
+        assert_eq!(run(&t, &calls).iter().filter(|a| **a).count(), 6_010);
+    }
+
+    #[test]
+    fn fractional_rate_and_refused_calls_take_nothing() {
+        let t = Throttle {
+            rate_limit: 0.5,
+            burst_limit: 1,
+        };
+        assert_eq!(
+            run(&t, &[(0, 1), (S, 1), (2 * S - 1, 1), (2 * S, 1)]),
+            vec![true, false, false, true]
+        );
+    }
+
+    #[test]
+    fn weighted_hits_and_check_only_calls() {
+        let t = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 5,
+        };
+        let (s, o) = take(None, &t, 3, 0);
+        assert!(o.allowed);
+        assert_eq!(o.remaining, 2);
+        assert_eq!(o.reset_in, Some(3 * S));
+        let (s, o) = take(Some(s), &t, 3, 0);
+        assert!(!o.allowed, "2 tokens < 3 hits");
+        assert_eq!(o.reset_in, Some(S), "one more token in 1 s");
+        let (s, o) = take(Some(s), &t, 0, 0);
+        assert!(o.allowed, "a check passes with tokens left");
+        assert_eq!(o.remaining, 2);
+        let (_, o) = take(Some(s), &t, 6, 0);
+        assert!(!o.allowed);
+        assert_eq!(o.reset_in, None, "6 hits never fit a bucket of 5");
+    }
+
+    #[test]
+    fn zero_rate_zero_burst_refuses_everything() {
+        let t = Throttle {
+            rate_limit: 0.0,
+            burst_limit: 0,
+        };
+        assert_eq!(run(&t, &[(0, 1), (100 * S, 0)]), vec![false, false]);
+    }
+
+    #[test]
+    fn refund_restores_tokens_up_to_capacity() {
+        let t = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 2,
+        };
+        let (s, _) = take(None, &t, 2, 0);
+        assert_eq!(tokens_at(Some(s), &t, 0), 0.0);
+        let s = refund(s, &t, 1, 0);
+        assert_eq!(tokens_at(Some(s), &t, 0), 1.0);
+        let s = refund(s, &t, 5, 0);
+        assert_eq!(tokens_at(Some(s), &t, 0), 2.0);
+        assert_eq!(s.full_at, 0);
+    }
+
+    #[test]
+    fn clock_going_back_refills_nothing() {
+        let t = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 1,
+        };
+        assert_eq!(run(&t, &[(10 * S, 1), (5 * S, 1)]), vec![true, false]);
+    }
+}

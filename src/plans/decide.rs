@@ -1,0 +1,195 @@
+//! The pure parts of deciding a plan-governed descriptor: which throttle
+//! applies, the counter and bucket keys, and the limits reported to Envoy.
+//!
+//! Precedence, as Amazon API Gateway documents it: a per-method throttle of
+//! the stage replaces the plan throttle for matching calls; the quota always
+//! applies. The quota counts calendar periods per key across every stage of
+//! the plan.
+
+use std::sync::Arc;
+
+use super::catalog::CompiledPlan;
+use super::model::{PeriodKind, Quota, Throttle};
+use crate::engine::{Entry, Limit, Unit};
+
+/// First byte of every plan counter key. Config-rule counter keys start with
+/// the big-endian length of a domain (< 2^24), so they never start with it.
+pub const PLAN_KEY_TAG: u8 = 0xFF;
+
+fn key(kind: u8, parts: &[&[u8]], tail: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + parts.iter().map(|p| p.len() + 1).sum::<usize>() + 8);
+    k.push(PLAN_KEY_TAG);
+    k.push(kind);
+    for p in parts {
+        // Ids and method keys never contain NUL (ids are [a-z0-9], and a
+        // NUL in a method key is rejected by MethodKey::parse's charset).
+        k.extend_from_slice(p);
+        k.push(0);
+    }
+    k.extend_from_slice(&tail.to_be_bytes());
+    k
+}
+
+/// The quota counter of a key in a plan for the period starting at `start`.
+pub fn quota_key(plan_id: &str, key_id: &str, start: i64) -> Vec<u8> {
+    key(b'q', &[plan_id.as_bytes(), key_id.as_bytes()], start)
+}
+
+/// The daily usage counter of a key in a plan for the day starting at `day_start`.
+pub fn daily_key(plan_id: &str, key_id: &str, day_start: i64) -> Vec<u8> {
+    key(b'd', &[plan_id.as_bytes(), key_id.as_bytes()], day_start)
+}
+
+/// The bucket of a key's plan throttle, or of one per-method throttle
+/// (`method` = (stage index, method key)).
+pub fn bucket_key(plan_id: &str, key_id: &str, method: Option<(usize, &str)>) -> Vec<u8> {
+    match method {
+        None => key(b't', &[plan_id.as_bytes(), key_id.as_bytes()], -1),
+        Some((stage, m)) => key(
+            b't',
+            &[plan_id.as_bytes(), key_id.as_bytes(), m.as_bytes()],
+            stage as i64,
+        ),
+    }
+}
+
+/// The throttle for a call: the most specific matching per-method throttle
+/// of the stage (with its key), else the plan throttle, else none.
+pub fn select_throttle<'a>(
+    plan: &'a CompiledPlan,
+    stage: usize,
+    entries: &[Entry],
+) -> Option<(&'a Throttle, Option<&'a str>)> {
+    let s = &plan.plan.stages[stage];
+    let methods = &plan.method_keys[stage];
+    if !methods.is_empty() {
+        let get = |name: &str| {
+            entries
+                .iter()
+                .find(|e| e.key == name)
+                .map(|e| e.value.as_str())
+        };
+        if let (Some(method), Some(path)) = (get(&s.method_entry), get(&s.path_entry)) {
+            let best = methods
+                .iter()
+                .filter_map(|(k, m, t)| m.matches(path, method).map(|score| (score, k, t)))
+                .max_by_key(|(score, _, _)| *score);
+            if let Some((_, k, t)) = best {
+                return Some((t, Some(k.as_str())));
+            }
+        }
+    }
+    plan.plan.throttle.as_ref().map(|t| (t, None))
+}
+
+/// How a throttle is reported in `current_limit`: the rate as whole
+/// requests per the smallest unit that makes it whole (0.5/s = 30/MINUTE).
+pub fn throttle_limit(plan_name: &str, t: &Throttle, method: Option<&str>) -> Arc<Limit> {
+    let mut best = (t.rate_limit * 86_400.0).round().min(f64::from(u32::MAX));
+    let mut unit = Unit::Day;
+    for (u, secs) in [
+        (Unit::Second, 1.0),
+        (Unit::Minute, 60.0),
+        (Unit::Hour, 3600.0),
+    ] {
+        let n = t.rate_limit * secs;
+        if (n - n.round()).abs() < 1e-9 {
+            best = n.round().min(f64::from(u32::MAX));
+            unit = u;
+            break;
+        }
+    }
+    let name = match method {
+        None => format!("{plan_name}/throttle"),
+        Some(m) => format!("{plan_name}/throttle{m}"),
+    };
+    Arc::new(Limit {
+        requests_per_unit: best as u32,
+        unit,
+        name: Some(name.into()),
+    })
+}
+
+/// How a quota is reported: the period's limit (with grants), per DAY, WEEK or MONTH.
+pub fn quota_limit(plan_name: &str, q: &Quota, effective: u64) -> Arc<Limit> {
+    Arc::new(Limit {
+        requests_per_unit: u32::try_from(effective).unwrap_or(u32::MAX),
+        unit: match q.period {
+            PeriodKind::Day => Unit::Day,
+            PeriodKind::Week => Unit::Week,
+            PeriodKind::Month => Unit::Month,
+        },
+        name: Some(format!("{plan_name}/quota").into()),
+    })
+}
+
+/// The quota limit for a period: the plan's limit plus the period's grant
+/// (negative grants revoke), never below 0.
+pub fn effective_quota(limit: u64, grant: i64) -> u64 {
+    let v = i128::from(limit) + i128::from(grant);
+    u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+}
+
+/// Whether a quota counter value allows the call: a counting call was
+/// applied only if it stayed within the limit; a check-only call (0 hits)
+/// passes while at least one unit is left.
+pub fn quota_allows(value: u64, hits: u64, effective: u64) -> bool {
+    if hits == 0 {
+        value < effective
+    } else {
+        value <= effective
+    }
+}
+
+/// Microseconds rounded up to whole seconds.
+pub fn ceil_secs(micros: i64) -> u64 {
+    u64::try_from(micros.max(0))
+        .unwrap_or(0)
+        .div_ceil(1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_rates_are_reported_in_whole_units() {
+        let t = |r| Throttle {
+            rate_limit: r,
+            burst_limit: 1,
+        };
+        let l = throttle_limit("p", &t(10.0), None);
+        assert_eq!((l.requests_per_unit, l.unit), (10, Unit::Second));
+        let l = throttle_limit("p", &t(0.5), None);
+        assert_eq!((l.requests_per_unit, l.unit), (30, Unit::Minute));
+        let l = throttle_limit("p", &t(1.0 / 7200.0), Some("/x/GET"));
+        assert_eq!((l.requests_per_unit, l.unit), (12, Unit::Day));
+        assert_eq!(l.name.as_deref(), Some("p/throttle/x/GET"));
+    }
+
+    #[test]
+    fn keys_of_different_kinds_and_owners_differ() {
+        let a = quota_key("p1", "k1", 0);
+        assert_ne!(a, daily_key("p1", "k1", 0));
+        assert_ne!(a, quota_key("p1", "k11", 0));
+        assert_ne!(a, quota_key("p11", "k1", 0));
+        assert_ne!(
+            bucket_key("p", "k", None),
+            bucket_key("p", "k", Some((0, "/GET")))
+        );
+        assert_eq!(a[0], PLAN_KEY_TAG);
+    }
+
+    #[test]
+    fn grants_and_check_only_calls() {
+        assert_eq!(effective_quota(10, 5), 15);
+        assert_eq!(effective_quota(10, -20), 0);
+        assert!(quota_allows(10, 1, 10));
+        assert!(!quota_allows(11, 1, 10));
+        assert!(quota_allows(9, 0, 10));
+        assert!(!quota_allows(10, 0, 10));
+        assert_eq!(ceil_secs(1), 1);
+        assert_eq!(ceil_secs(1_000_000), 1);
+        assert_eq!(ceil_secs(-5), 0);
+    }
+}

@@ -1,0 +1,576 @@
+//! Plans and keys as sluice stores them, and their validation.
+//!
+//! These records are serialised as JSON into the sled trees `plans` and
+//! `api_keys`: their field names are a compatibility contract. Validation is
+//! pure; error fields are paths inside the resource (`throttle.burst_limit`,
+//! `stages[0].method_throttles["/v1/chat/POST"].rate_limit`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::period::{Calendar, Period};
+use super::Error;
+
+/// Default descriptor entry carrying the API key.
+pub const DEFAULT_KEY_ENTRY: &str = "api_key";
+/// Default descriptor entry carrying the HTTP method.
+pub const DEFAULT_METHOD_ENTRY: &str = "method";
+/// Default descriptor entry carrying the request path.
+pub const DEFAULT_PATH_ENTRY: &str = "path";
+/// Descriptor entry naming the stage, for stages that have a name.
+pub const STAGE_ENTRY: &str = "stage";
+/// Longest plan name.
+pub const MAX_PLAN_NAME: usize = 128;
+/// Longest key name (as AWS).
+pub const MAX_KEY_NAME: usize = 1024;
+/// Shortest and longest supplied key value (as AWS).
+pub const KEY_VALUE_LEN: std::ops::RangeInclusive<usize> = 20..=128;
+/// Most tags on one resource.
+pub const MAX_TAGS: usize = 50;
+/// Longest description.
+pub const MAX_DESCRIPTION: usize = 4096;
+
+/// A token bucket: capacity `burst_limit`, refilled at `rate_limit` per second.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Throttle {
+    /// Tokens per second (fractions allowed).
+    pub rate_limit: f64,
+    /// Capacity.
+    pub burst_limit: u32,
+}
+
+/// The quota period kind, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeriodKind {
+    /// A calendar day.
+    Day,
+    /// A week from the anchor weekday.
+    Week,
+    /// A month from the anchor day of month.
+    Month,
+}
+
+impl From<PeriodKind> for Period {
+    fn from(p: PeriodKind) -> Period {
+        match p {
+            PeriodKind::Day => Period::Day,
+            PeriodKind::Week => Period::Week,
+            PeriodKind::Month => Period::Month,
+        }
+    }
+}
+
+/// At most `limit` requests per calendar period per key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Requests per period.
+    pub limit: u64,
+    /// Period kind.
+    pub period: PeriodKind,
+    /// Anchor day (see [`Calendar::new`]).
+    pub anchor_day: u32,
+    /// IANA time zone.
+    pub time_zone: String,
+}
+
+impl Quota {
+    /// The quota's calendar.
+    ///
+    /// # Errors
+    /// An invalid anchor or time zone.
+    pub fn calendar(&self) -> Result<Calendar, Error> {
+        Calendar::new(self.period.into(), self.anchor_day, &self.time_zone).map_err(calendar_error)
+    }
+}
+
+/// Maps a calendar error (whose message starts with its field path).
+pub fn calendar_error(e: super::period::CalendarError) -> Error {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((field, msg)) => Error::invalid(field, msg),
+        None => Error::invalid("quota", text),
+    }
+}
+
+/// A domain (and optional stage) a plan governs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// RLS domain.
+    pub domain: String,
+    /// Stage name; "" governs the whole domain.
+    #[serde(default)]
+    pub stage: String,
+    /// Per-method throttles keyed "/path/METHOD".
+    #[serde(default)]
+    pub method_throttles: BTreeMap<String, Throttle>,
+    /// Entry with the API key.
+    pub key_entry: String,
+    /// Entry with the HTTP method.
+    pub method_entry: String,
+    /// Entry with the path.
+    pub path_entry: String,
+}
+
+/// A usage plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Immutable id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Plan throttle.
+    pub throttle: Option<Throttle>,
+    /// Plan quota.
+    pub quota: Option<Quota>,
+    /// Governed stages.
+    #[serde(default)]
+    pub stages: Vec<Stage>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub create_time: i64,
+    /// Unix seconds.
+    pub update_time: i64,
+}
+
+/// A key's previous value, still accepted until `until` after a rotation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousValue {
+    /// SHA-256 of the old value, hex.
+    pub hash: String,
+    /// Unix second from which it is refused.
+    pub until: i64,
+}
+
+/// An API key; its value exists only as a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Immutable id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Disabled keys are refused.
+    pub enabled: bool,
+    /// The customer the key belongs to.
+    #[serde(default)]
+    pub customer_id: String,
+    /// Unix seconds.
+    pub create_time: i64,
+    /// Unix seconds.
+    pub update_time: i64,
+    /// Refused from this Unix second on.
+    pub expire_time: Option<i64>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// SHA-256 of the value, hex.
+    pub hash: String,
+    /// The value before the last rotation, during its grace period.
+    pub previous: Option<PreviousValue>,
+    /// Ids of the plans the key is bound to.
+    #[serde(default)]
+    pub plan_ids: BTreeSet<String>,
+}
+
+/// SHA-256 of a key value. Generated values carry 192 random bits, so a fast
+/// hash is enough to make the stored form useless to whoever reads the disk.
+pub fn hash_value(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
+}
+
+/// Hex form of a hash, as stored.
+pub fn hex(hash: &[u8; 32]) -> String {
+    use std::fmt::Write;
+    hash.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Parses a stored hex hash.
+pub fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Checks a supplied key value.
+///
+/// # Errors
+/// [`Error::Invalid`] on `field` when the length or characters are wrong.
+pub fn validate_key_value(field: &str, value: &str) -> Result<(), Error> {
+    if !KEY_VALUE_LEN.contains(&value.len()) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be {} to {} characters, got {}",
+                KEY_VALUE_LEN.start(),
+                KEY_VALUE_LEN.end(),
+                value.len()
+            ),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            field,
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_name(field: &str, name: &str, max: usize) -> Result<(), Error> {
+    if name.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if name.chars().count() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn validate_common(description: &str, tags: &BTreeMap<String, String>) -> Result<(), Error> {
+    if description.len() > MAX_DESCRIPTION {
+        return Err(Error::invalid(
+            "description",
+            format!("must be at most {MAX_DESCRIPTION} bytes"),
+        ));
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid("tags", format!("at most {MAX_TAGS} tags")));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > 128 {
+            return Err(Error::invalid(
+                "tags",
+                format!("tag key {k:?} must be 1 to 128 bytes"),
+            ));
+        }
+        if v.len() > 256 {
+            return Err(Error::invalid(
+                format!("tags[{k:?}]"),
+                "must be at most 256 bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a throttle; `field` is its path.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bad sub-field.
+pub fn validate_throttle(field: &str, t: &Throttle) -> Result<(), Error> {
+    if !t.rate_limit.is_finite() || t.rate_limit < 0.0 {
+        return Err(Error::invalid(
+            format!("{field}.rate_limit"),
+            format!("must be a number >= 0, got {}", t.rate_limit),
+        ));
+    }
+    if t.rate_limit > 1e9 {
+        return Err(Error::invalid(
+            format!("{field}.rate_limit"),
+            "must be at most 1e9 per second",
+        ));
+    }
+    if t.rate_limit > 0.0 && t.burst_limit < 1 {
+        return Err(Error::invalid(
+            format!("{field}.burst_limit"),
+            "must be >= 1 when rate_limit > 0",
+        ));
+    }
+    Ok(())
+}
+
+/// A per-method throttle key "/path/METHOD" split into (path segments, method).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MethodKey {
+    /// Path segments; `None` is a `{param}` segment matching any one segment.
+    pub segments: Vec<Option<String>>,
+    /// Upper-case method, or `None` for `*`.
+    pub method: Option<String>,
+}
+
+impl MethodKey {
+    /// Parses "/path/METHOD" (AWS's resource path + method form).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(key: &str) -> Result<MethodKey, String> {
+        let Some(rest) = key.strip_prefix('/') else {
+            return Err("must look like \"/path/METHOD\" (start with '/')".into());
+        };
+        let (path, method) = match rest.rsplit_once('/') {
+            Some((p, m)) => (p, m),
+            None => ("", rest),
+        };
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_owned()),
+            m => {
+                return Err(format!(
+                    "must end with an upper-case HTTP method or *, got {m:?}"
+                ))
+            }
+        };
+        let mut segments = Vec::new();
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            if seg.starts_with('{') && seg.ends_with('}') && seg.len() > 2 {
+                segments.push(None);
+            } else if seg.contains(['{', '}', '?', '#']) || seg.chars().any(char::is_control) {
+                return Err(format!("bad path segment {seg:?}"));
+            } else {
+                segments.push(Some(seg.to_owned()));
+            }
+        }
+        Ok(MethodKey { segments, method })
+    }
+
+    /// Whether a request path (without query) and method match; returns a
+    /// specificity score (higher is more specific) when they do.
+    pub fn matches(&self, path: &str, method: &str) -> Option<usize> {
+        if let Some(m) = &self.method {
+            if !m.eq_ignore_ascii_case(method) {
+                return None;
+            }
+        }
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let mut literal = 0;
+        let mut segs = path.split('/').filter(|s| !s.is_empty());
+        for want in &self.segments {
+            let got = segs.next()?;
+            match want {
+                Some(w) if w == got => literal += 1,
+                Some(_) => return None,
+                None => {}
+            }
+        }
+        if segs.next().is_some() {
+            return None;
+        }
+        Some(literal * 2 + usize::from(self.method.is_some()))
+    }
+}
+
+/// Checks a plan (not the uniqueness of its name, which needs the store).
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first bad field.
+pub fn validate_plan(p: &Plan) -> Result<(), Error> {
+    validate_name("name", &p.name, MAX_PLAN_NAME)?;
+    validate_common(&p.description, &p.tags)?;
+    if let Some(t) = &p.throttle {
+        validate_throttle("throttle", t)?;
+    }
+    if let Some(q) = &p.quota {
+        q.calendar()?;
+    }
+    let mut seen = BTreeSet::new();
+    for (i, s) in p.stages.iter().enumerate() {
+        let f = |sub: &str| format!("stages[{i}].{sub}");
+        if s.domain.is_empty() {
+            return Err(Error::invalid(f("domain"), "must not be empty"));
+        }
+        if !seen.insert((&s.domain, &s.stage)) {
+            return Err(Error::invalid(
+                f("domain"),
+                format!("domain {:?} stage {:?} is listed twice", s.domain, s.stage),
+            ));
+        }
+        for (name, v) in [
+            ("key_entry", &s.key_entry),
+            ("method_entry", &s.method_entry),
+            ("path_entry", &s.path_entry),
+        ] {
+            if v.is_empty() {
+                return Err(Error::invalid(f(name), "must not be empty"));
+            }
+        }
+        for (k, t) in &s.method_throttles {
+            let field = f(&format!("method_throttles[{k:?}]"));
+            MethodKey::parse(k).map_err(|m| Error::invalid(field.clone(), m))?;
+            validate_throttle(&field, t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a key's own fields.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first bad field.
+pub fn validate_key(k: &ApiKey) -> Result<(), Error> {
+    validate_name("name", &k.name, MAX_KEY_NAME)?;
+    validate_common(&k.description, &k.tags)?;
+    if k.customer_id.len() > 1024 {
+        return Err(Error::invalid("customer_id", "must be at most 1024 bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            id: "p".into(),
+            name: "gold".into(),
+            description: String::new(),
+            throttle: Some(Throttle {
+                rate_limit: 10.0,
+                burst_limit: 20,
+            }),
+            quota: Some(Quota {
+                limit: 1000,
+                period: PeriodKind::Day,
+                anchor_day: 0,
+                time_zone: "UTC".into(),
+            }),
+            stages: vec![Stage {
+                domain: "llm".into(),
+                stage: String::new(),
+                method_throttles: BTreeMap::new(),
+                key_entry: DEFAULT_KEY_ENTRY.into(),
+                method_entry: DEFAULT_METHOD_ENTRY.into(),
+                path_entry: DEFAULT_PATH_ENTRY.into(),
+            }],
+            tags: BTreeMap::new(),
+            create_time: 0,
+            update_time: 0,
+        }
+    }
+
+    fn field_of(p: &Plan) -> String {
+        match validate_plan(p) {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_plan_passes() {
+        validate_plan(&plan()).unwrap();
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut p = plan();
+        p.name = " ".into();
+        assert_eq!(field_of(&p), "name");
+        let mut p = plan();
+        p.throttle.as_mut().unwrap().rate_limit = -1.0;
+        assert_eq!(field_of(&p), "throttle.rate_limit");
+        let mut p = plan();
+        p.throttle.as_mut().unwrap().rate_limit = f64::NAN;
+        assert_eq!(field_of(&p), "throttle.rate_limit");
+        let mut p = plan();
+        p.throttle.as_mut().unwrap().burst_limit = 0;
+        assert_eq!(field_of(&p), "throttle.burst_limit");
+        let mut p = plan();
+        p.quota.as_mut().unwrap().time_zone = "Mars/Olympus".into();
+        assert_eq!(field_of(&p), "quota.time_zone");
+        let mut p = plan();
+        p.quota.as_mut().unwrap().period = PeriodKind::Week;
+        p.quota.as_mut().unwrap().anchor_day = 7;
+        assert_eq!(field_of(&p), "quota.anchor_day");
+        let mut p = plan();
+        p.stages[0].domain.clear();
+        assert_eq!(field_of(&p), "stages[0].domain");
+        let mut p = plan();
+        p.stages.push(p.stages[0].clone());
+        assert_eq!(field_of(&p), "stages[1].domain");
+        let mut p = plan();
+        p.stages[0].method_throttles.insert(
+            "v1/chat/POST".into(),
+            Throttle {
+                rate_limit: 1.0,
+                burst_limit: 1,
+            },
+        );
+        assert_eq!(field_of(&p), "stages[0].method_throttles[\"v1/chat/POST\"]");
+        let mut p = plan();
+        p.stages[0].method_throttles.insert(
+            "/v1/chat/POST".into(),
+            Throttle {
+                rate_limit: 1.0,
+                burst_limit: 0,
+            },
+        );
+        assert_eq!(
+            field_of(&p),
+            "stages[0].method_throttles[\"/v1/chat/POST\"].burst_limit"
+        );
+    }
+
+    #[test]
+    fn zero_rate_with_zero_burst_is_a_valid_kill_switch() {
+        let mut p = plan();
+        p.throttle = Some(Throttle {
+            rate_limit: 0.0,
+            burst_limit: 0,
+        });
+        validate_plan(&p).unwrap();
+    }
+
+    #[test]
+    fn method_keys_parse_and_match_by_specificity() {
+        let exact = MethodKey::parse("/v1/chat/completions/POST").unwrap();
+        let param = MethodKey::parse("/v1/{kind}/completions/POST").unwrap();
+        let any = MethodKey::parse("/v1/chat/completions/*").unwrap();
+        let root = MethodKey::parse("//GET").unwrap();
+        assert_eq!(root.segments, Vec::<Option<String>>::new());
+        assert!(root.matches("/", "GET").is_some());
+        let (p, m) = ("/v1/chat/completions?stream=true", "POST");
+        let e = exact.matches(p, m).unwrap();
+        let pa = param.matches(p, m).unwrap();
+        let a = any.matches(p, m).unwrap();
+        assert!(e > pa && e > a, "{e} {pa} {a}");
+        assert!(exact.matches("/v1/chat/completions", "GET").is_none());
+        assert!(any.matches("/v1/chat/completions", "GET").is_some());
+        assert!(exact.matches("/v1/chat/completions/x", "POST").is_none());
+        assert!(exact.matches("/v1/chat", "POST").is_none());
+        for bad in ["v1/POST", "/v1/post", "/v1/", "/v1/{x/POST"] {
+            assert!(MethodKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hashes_round_trip_through_hex() {
+        let h = hash_value("abc");
+        assert_eq!(
+            hex(&h),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(unhex(&hex(&h)), Some(h));
+        assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn key_values_are_checked() {
+        validate_key_value("value", "abcdefghijklmnopqrst").unwrap();
+        assert!(validate_key_value("value", "short").is_err());
+        assert!(validate_key_value("value", "abcdefghij klmnopqrst").is_err());
+    }
+}

@@ -1,0 +1,883 @@
+//! `sluice.admin.v1.AdminService`: usage plans, API keys, bindings, usage.
+//!
+//! Converts between the wire types and `plans::model`, applies field masks,
+//! pages lists, and checks the bearer token (see [`AuthInterceptor`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use prost_types::{FieldMask, Timestamp};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::limiter::RateLimiter;
+use crate::plans::catalog::CompiledPlan;
+use crate::plans::model::{self, PeriodKind};
+use crate::plans::period::{self, Calendar};
+use crate::plans::registry::{self, Registry};
+use crate::plans::Error;
+use crate::proto::admin as pb;
+use crate::proto::admin::admin_service_server::AdminService;
+use crate::storage::CounterStore;
+
+/// The admin service name, as health checks and reflection know it.
+pub const ADMIN_SERVICE: &str = "sluice.admin.v1.AdminService";
+const DEFAULT_PAGE: usize = 25;
+const MAX_PAGE: usize = 500;
+/// Longest date range of one GetUsage call, in days.
+pub const MAX_USAGE_DAYS: i32 = 366;
+
+/// The admin gRPC service.
+#[derive(Debug)]
+pub struct AdminServer<S> {
+    registry: Arc<Registry>,
+    limiter: Arc<RateLimiter<S>>,
+    retention_days: u32,
+}
+
+impl<S> AdminServer<S> {
+    /// A service writing through `registry` and reading usage from `limiter`.
+    pub fn new(registry: Arc<Registry>, limiter: Arc<RateLimiter<S>>, retention_days: u32) -> Self {
+        AdminServer {
+            registry,
+            limiter,
+            retention_days,
+        }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` in constant time (both sides are
+/// hashed first, so neither the content nor the length leaks).
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    expected: [u8; 32],
+}
+
+impl std::fmt::Debug for AuthInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthInterceptor { .. }")
+    }
+}
+
+impl AuthInterceptor {
+    /// An interceptor accepting `token`.
+    pub fn new(token: &str) -> Self {
+        AuthInterceptor {
+            expected: Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing authorization metadata: send `authorization: Bearer <admin token>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated("authorization metadata must be `Bearer <admin token>`")
+            })?;
+        let got: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if bool::from(got.ct_eq(&self.expected)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("invalid admin token"))
+        }
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(crate::storage::unix_now()).unwrap_or(i64::MAX)
+}
+
+fn now_us() -> i64 {
+    crate::storage::unix_now_us()
+}
+
+fn ts(secs: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+fn required<T>(field: &str, v: Option<T>) -> Result<T, Error> {
+    v.ok_or_else(|| Error::invalid(field, "is required"))
+}
+
+// ---- conversions -------------------------------------------------------
+
+fn throttle_from(field: &str, t: &pb::Throttle) -> Result<model::Throttle, Error> {
+    let burst = u32::try_from(t.burst_limit).map_err(|_| {
+        Error::invalid(
+            format!("{field}.burst_limit"),
+            format!("must be >= 0, got {}", t.burst_limit),
+        )
+    })?;
+    Ok(model::Throttle {
+        rate_limit: t.rate_limit,
+        burst_limit: burst,
+    })
+}
+
+fn throttle_to(t: &model::Throttle) -> pb::Throttle {
+    pb::Throttle {
+        rate_limit: t.rate_limit,
+        burst_limit: i32::try_from(t.burst_limit).unwrap_or(i32::MAX),
+    }
+}
+
+fn quota_from(q: &pb::Quota) -> Result<model::Quota, Error> {
+    let limit = u64::try_from(q.limit)
+        .map_err(|_| Error::invalid("quota.limit", format!("must be >= 0, got {}", q.limit)))?;
+    let (period, kind) = match pb::Period::try_from(q.period) {
+        Ok(pb::Period::Day) => (period::Period::Day, PeriodKind::Day),
+        Ok(pb::Period::Week) => (period::Period::Week, PeriodKind::Week),
+        Ok(pb::Period::Month) => (period::Period::Month, PeriodKind::Month),
+        _ => {
+            return Err(Error::invalid(
+                "quota.period",
+                format!("must be DAY, WEEK or MONTH, got {}", q.period),
+            ))
+        }
+    };
+    let cal = match q.offset {
+        Some(offset) => {
+            if q.anchor_day != 0 {
+                return Err(Error::invalid(
+                    "quota.offset",
+                    "set anchor_day or offset, not both",
+                ));
+            }
+            let offset = u32::try_from(offset).map_err(|_| {
+                Error::invalid("quota.offset", format!("must be >= 0, got {offset}"))
+            })?;
+            Calendar::from_offset(period, offset, &q.time_zone)
+        }
+        None => {
+            let anchor = u32::try_from(q.anchor_day).map_err(|_| {
+                Error::invalid(
+                    "quota.anchor_day",
+                    format!("must be >= 0, got {}", q.anchor_day),
+                )
+            })?;
+            Calendar::new(period, anchor, &q.time_zone)
+        }
+    }
+    .map_err(model::calendar_error)?;
+    Ok(model::Quota {
+        limit,
+        period: kind,
+        anchor_day: cal.anchor(),
+        time_zone: cal.time_zone().to_owned(),
+    })
+}
+
+fn quota_to(q: &model::Quota) -> pb::Quota {
+    pb::Quota {
+        limit: i64::try_from(q.limit).unwrap_or(i64::MAX),
+        period: match q.period {
+            PeriodKind::Day => pb::Period::Day,
+            PeriodKind::Week => pb::Period::Week,
+            PeriodKind::Month => pb::Period::Month,
+        } as i32,
+        anchor_day: i32::try_from(q.anchor_day).unwrap_or(0),
+        offset: None,
+        time_zone: q.time_zone.clone(),
+    }
+}
+
+fn or_default(s: &str, d: &str) -> String {
+    if s.is_empty() {
+        d.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn stage_from(i: usize, s: &pb::ApiStage) -> Result<model::Stage, Error> {
+    let mut method_throttles = BTreeMap::new();
+    for (k, t) in &s.method_throttles {
+        method_throttles.insert(
+            k.clone(),
+            throttle_from(&format!("stages[{i}].method_throttles[{k:?}]"), t)?,
+        );
+    }
+    Ok(model::Stage {
+        domain: s.domain.clone(),
+        stage: s.stage.clone(),
+        method_throttles,
+        key_entry: or_default(&s.key_entry, model::DEFAULT_KEY_ENTRY),
+        method_entry: or_default(&s.method_entry, model::DEFAULT_METHOD_ENTRY),
+        path_entry: or_default(&s.path_entry, model::DEFAULT_PATH_ENTRY),
+    })
+}
+
+fn stage_to(s: &model::Stage) -> pb::ApiStage {
+    pb::ApiStage {
+        domain: s.domain.clone(),
+        stage: s.stage.clone(),
+        method_throttles: s
+            .method_throttles
+            .iter()
+            .map(|(k, t)| (k.clone(), throttle_to(t)))
+            .collect(),
+        key_entry: s.key_entry.clone(),
+        method_entry: s.method_entry.clone(),
+        path_entry: s.path_entry.clone(),
+    }
+}
+
+/// The model fields of a wire plan (id and times are not taken).
+fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
+    Ok(model::Plan {
+        id: String::new(),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        throttle: p
+            .throttle
+            .as_ref()
+            .map(|t| throttle_from("throttle", t))
+            .transpose()?,
+        quota: p.quota.as_ref().map(quota_from).transpose()?,
+        stages: p
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| stage_from(i, s))
+            .collect::<Result<_, _>>()?,
+        tags: p.tags.clone().into_iter().collect(),
+        create_time: 0,
+        update_time: 0,
+    })
+}
+
+fn plan_to(p: &model::Plan) -> pb::UsagePlan {
+    pb::UsagePlan {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        throttle: p.throttle.as_ref().map(throttle_to),
+        quota: p.quota.as_ref().map(quota_to),
+        stages: p.stages.iter().map(stage_to).collect(),
+        tags: p.tags.clone().into_iter().collect(),
+        create_time: ts(p.create_time),
+        update_time: ts(p.update_time),
+    }
+}
+
+fn key_to(k: &model::ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        description: k.description.clone(),
+        enabled: k.enabled,
+        customer_id: k.customer_id.clone(),
+        create_time: ts(k.create_time),
+        update_time: ts(k.update_time),
+        expire_time: k.expire_time.and_then(ts),
+        tags: k.tags.clone().into_iter().collect(),
+        usage_plan_ids: k.plan_ids.iter().cloned().collect(),
+        previous_value_expire_time: k.previous.as_ref().and_then(|p| ts(p.until)),
+    }
+}
+
+fn expire_from(t: &Option<Timestamp>) -> Option<i64> {
+    t.as_ref().map(|t| t.seconds)
+}
+
+// ---- field masks -------------------------------------------------------
+
+const PLAN_PATHS: [&str; 13] = [
+    "name",
+    "description",
+    "throttle",
+    "throttle.rate_limit",
+    "throttle.burst_limit",
+    "quota",
+    "quota.limit",
+    "quota.period",
+    "quota.anchor_day",
+    "quota.offset",
+    "quota.time_zone",
+    "stages",
+    "tags",
+];
+
+const KEY_PATHS: [&str; 6] = [
+    "name",
+    "description",
+    "enabled",
+    "customer_id",
+    "expire_time",
+    "tags",
+];
+
+fn mask_paths(mask: &Option<FieldMask>, all: &[&str]) -> Result<Vec<String>, Error> {
+    let paths: Vec<String> = mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        return Ok(all
+            .iter()
+            .filter(|p| !p.contains('.'))
+            .map(|p| (*p).to_owned())
+            .collect());
+    }
+    for p in &paths {
+        if !all.contains(&p.as_str()) {
+            return Err(Error::invalid(
+                "update_mask",
+                format!(
+                    "unknown or immutable field path {p:?} (allowed: {})",
+                    all.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(paths)
+}
+
+/// Copies the masked fields of `req` into `cur` (both wire plans).
+fn apply_plan_mask(cur: &mut pb::UsagePlan, req: &pb::UsagePlan, paths: &[String]) {
+    for p in paths {
+        match p.as_str() {
+            "name" => cur.name = req.name.clone(),
+            "description" => cur.description = req.description.clone(),
+            "throttle" => cur.throttle = req.throttle,
+            "throttle.rate_limit" => {
+                cur.throttle.get_or_insert_with(Default::default).rate_limit =
+                    req.throttle.as_ref().map_or(0.0, |t| t.rate_limit);
+            }
+            "throttle.burst_limit" => {
+                cur.throttle
+                    .get_or_insert_with(Default::default)
+                    .burst_limit = req.throttle.as_ref().map_or(0, |t| t.burst_limit);
+            }
+            "quota" => cur.quota = req.quota.clone(),
+            "stages" => cur.stages = req.stages.clone(),
+            "tags" => cur.tags = req.tags.clone(),
+            sub => {
+                let q = cur.quota.get_or_insert_with(|| pb::Quota {
+                    time_zone: "UTC".into(),
+                    ..Default::default()
+                });
+                let r = req.quota.clone().unwrap_or_default();
+                match sub {
+                    "quota.limit" => q.limit = r.limit,
+                    "quota.period" => q.period = r.period,
+                    "quota.anchor_day" => {
+                        q.anchor_day = r.anchor_day;
+                        q.offset = None;
+                    }
+                    "quota.offset" => {
+                        q.offset = r.offset;
+                        q.anchor_day = 0;
+                    }
+                    "quota.time_zone" => q.time_zone = r.time_zone,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+// ---- paging ------------------------------------------------------------
+
+fn page_size(n: i32) -> Result<usize, Error> {
+    match n {
+        0 => Ok(DEFAULT_PAGE),
+        n if n < 0 => Err(Error::invalid(
+            "page_size",
+            format!("must be >= 0, got {n}"),
+        )),
+        n => Ok(usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE)),
+    }
+}
+
+/// Decodes a page token: the name of the last item of the previous page.
+fn page_after(token: &str) -> Result<Option<String>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(Some)
+        .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))
+}
+
+/// One page of `items` (sorted by name) after `token`.
+fn page<T>(
+    items: impl Iterator<Item = T>,
+    name: impl Fn(&T) -> &str,
+    size: i32,
+    token: &str,
+) -> Result<(Vec<T>, String), Error> {
+    let size = page_size(size)?;
+    let after = page_after(token)?;
+    let mut out: Vec<T> = items
+        .filter(|i| after.as_deref().is_none_or(|a| name(i) > a))
+        .take(size + 1)
+        .collect();
+    let next = if out.len() > size {
+        out.truncate(size);
+        out.last()
+            .map(|i| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name(i)))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok((out, next))
+}
+
+// ---- the service -------------------------------------------------------
+
+type Res<T> = Result<Response<T>, Status>;
+
+impl<S: CounterStore> AdminServer<S> {
+    async fn key_usage(
+        &self,
+        plan: &CompiledPlan,
+        key: &model::ApiKey,
+        dates: &[jiff::civil::Date],
+    ) -> Result<pb::KeyUsage, Status> {
+        let (days, live) = self
+            .limiter
+            .usage(plan, &key.id, dates, now_us())
+            .await
+            .map_err(super::status::from_storage)?;
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(pb::KeyUsage {
+            key_id: key.id.clone(),
+            key_name: key.name.clone(),
+            days: days
+                .into_iter()
+                .map(|d| pb::DailyUsage {
+                    date: d.date.to_string(),
+                    used: to_i64(d.used),
+                    remaining: d.remaining.map_or(-1, to_i64),
+                })
+                .collect(),
+            live: Some(pb::LiveUsage {
+                quota_used: live.quota.as_ref().map_or(0, |q| to_i64(q.used)),
+                quota_remaining: live
+                    .quota
+                    .as_ref()
+                    .map_or(-1, |q| to_i64(q.limit.saturating_sub(q.used))),
+                quota_limit: live.quota.as_ref().map_or(-1, |q| to_i64(q.limit)),
+                period_start: live.quota.as_ref().and_then(|q| ts(q.period.start)),
+                period_end: live.quota.as_ref().and_then(|q| ts(q.period.end)),
+                throttle_tokens: live.throttle.map_or(0.0, |t| t.0),
+                throttle_burst: live
+                    .throttle
+                    .map_or(0, |t| i32::try_from(t.1).unwrap_or(i32::MAX)),
+            }),
+        })
+    }
+
+    fn plan_key(
+        &self,
+        plan: &str,
+        key: &str,
+    ) -> Result<(Arc<CompiledPlan>, Arc<model::ApiKey>), Error> {
+        let cat = self.registry.catalog();
+        let p = cat.plan(plan).cloned().ok_or_else(|| Error::NotFound {
+            kind: "usage plan",
+            id: plan.to_owned(),
+        })?;
+        let k = cat.key(key).cloned().ok_or_else(|| Error::NotFound {
+            kind: "API key",
+            id: key.to_owned(),
+        })?;
+        if !k.plan_ids.contains(&p.plan.id) {
+            return Err(Error::NotFound {
+                kind: "usage plan key",
+                id: format!("{}/{}", p.plan.name, k.name),
+            });
+        }
+        Ok((p, k))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: CounterStore> AdminService for AdminServer<S> {
+    async fn create_usage_plan(
+        &self,
+        req: Request<pb::CreateUsagePlanRequest>,
+    ) -> Res<pb::UsagePlan> {
+        let req = req.into_inner();
+        let p = required("usage_plan", req.usage_plan.as_ref())?;
+        let plan = self.registry.create_plan(plan_from(p)?, now()).await?;
+        tracing::info!(plan = %plan.name, id = %plan.id, "usage plan created");
+        Ok(Response::new(plan_to(&plan)))
+    }
+
+    async fn get_usage_plan(&self, req: Request<pb::GetUsagePlanRequest>) -> Res<pb::UsagePlan> {
+        let plan = self.registry.get_plan(&req.into_inner().plan)?;
+        Ok(Response::new(plan_to(&plan)))
+    }
+
+    async fn list_usage_plans(
+        &self,
+        req: Request<pb::ListUsagePlansRequest>,
+    ) -> Res<pb::ListUsagePlansResponse> {
+        let req = req.into_inner();
+        let cat = self.registry.catalog();
+        let (items, next) = page(
+            cat.plans_by_name(),
+            |p| p.plan.name.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
+        Ok(Response::new(pb::ListUsagePlansResponse {
+            usage_plans: items.iter().map(|p| plan_to(&p.plan)).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn update_usage_plan(
+        &self,
+        req: Request<pb::UpdateUsagePlanRequest>,
+    ) -> Res<pb::UsagePlan> {
+        let req = req.into_inner();
+        let want = required("usage_plan", req.usage_plan)?;
+        if want.id.is_empty() {
+            return Err(
+                Error::invalid("usage_plan.id", "is required (the plan's id or name)").into(),
+            );
+        }
+        let paths = mask_paths(&req.update_mask, &PLAN_PATHS)?;
+        let plan = self
+            .registry
+            .update_plan(
+                &want.id,
+                |p| {
+                    let mut cur = plan_to(p);
+                    apply_plan_mask(&mut cur, &want, &paths);
+                    let new = plan_from(&cur)?;
+                    *p = model::Plan {
+                        id: p.id.clone(),
+                        create_time: p.create_time,
+                        ..new
+                    };
+                    Ok(())
+                },
+                now(),
+            )
+            .await?;
+        tracing::info!(plan = %plan.name, fields = ?paths, "usage plan updated");
+        Ok(Response::new(plan_to(&plan)))
+    }
+
+    async fn delete_usage_plan(&self, req: Request<pb::DeleteUsagePlanRequest>) -> Res<()> {
+        let req = req.into_inner();
+        self.registry.delete_plan(&req.plan, req.force).await?;
+        tracing::info!(plan = %req.plan, "usage plan deleted");
+        Ok(Response::new(()))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Res<pb::CreateApiKeyResponse> {
+        let req = req.into_inner();
+        let k = required("api_key", req.api_key.as_ref())?;
+        let key = model::ApiKey {
+            id: String::new(),
+            name: k.name.clone(),
+            description: k.description.clone(),
+            enabled: !req.disabled,
+            customer_id: k.customer_id.clone(),
+            create_time: 0,
+            update_time: 0,
+            expire_time: expire_from(&k.expire_time),
+            tags: k.tags.clone().into_iter().collect(),
+            hash: String::new(),
+            previous: None,
+            plan_ids: Default::default(),
+        };
+        let value = (!req.value.is_empty()).then_some(req.value);
+        let (key, value) = self.registry.create_key(key, value, now()).await?;
+        tracing::info!(key = %key.name, id = %key.id, "API key created");
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(key_to(&key)),
+            value,
+        }))
+    }
+
+    async fn get_api_key(&self, req: Request<pb::GetApiKeyRequest>) -> Res<pb::ApiKey> {
+        let key = self.registry.get_key(&req.into_inner().key)?;
+        Ok(Response::new(key_to(&key)))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Res<pb::ListApiKeysResponse> {
+        let req = req.into_inner();
+        let cat = self.registry.catalog();
+        let items = cat.keys_by_name().filter(|k| {
+            (req.customer_id.is_empty() || k.customer_id == req.customer_id)
+                && k.name.starts_with(&req.name_prefix)
+        });
+        let (items, next) = page(items, |k| k.name.as_str(), req.page_size, &req.page_token)?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: items.iter().map(|k| key_to(k)).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn update_api_key(&self, req: Request<pb::UpdateApiKeyRequest>) -> Res<pb::ApiKey> {
+        let req = req.into_inner();
+        let want = required("api_key", req.api_key)?;
+        if want.id.is_empty() {
+            return Err(Error::invalid("api_key.id", "is required (the key's id or name)").into());
+        }
+        let paths = mask_paths(&req.update_mask, &KEY_PATHS)?;
+        let key = self
+            .registry
+            .update_key(
+                &want.id,
+                |k| {
+                    for p in &paths {
+                        match p.as_str() {
+                            "name" => k.name = want.name.clone(),
+                            "description" => k.description = want.description.clone(),
+                            "enabled" => k.enabled = want.enabled,
+                            "customer_id" => k.customer_id = want.customer_id.clone(),
+                            "expire_time" => k.expire_time = expire_from(&want.expire_time),
+                            "tags" => k.tags = want.tags.clone().into_iter().collect(),
+                            _ => {}
+                        }
+                    }
+                    Ok(())
+                },
+                now(),
+            )
+            .await?;
+        tracing::info!(key = %key.name, fields = ?paths, "API key updated");
+        Ok(Response::new(key_to(&key)))
+    }
+
+    async fn delete_api_key(&self, req: Request<pb::DeleteApiKeyRequest>) -> Res<()> {
+        let req = req.into_inner();
+        self.registry.delete_key(&req.key).await?;
+        tracing::info!(key = %req.key, "API key deleted");
+        Ok(Response::new(()))
+    }
+
+    async fn rotate_api_key(
+        &self,
+        req: Request<pb::RotateApiKeyRequest>,
+    ) -> Res<pb::CreateApiKeyResponse> {
+        let req = req.into_inner();
+        let grace = match req.grace_period {
+            None => 0,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(Error::invalid("grace_period", "must not be negative").into())
+            }
+            Some(d) => d.seconds + i64::from(d.nanos > 0),
+        };
+        let value = (!req.value.is_empty()).then_some(req.value);
+        let (key, value) = self
+            .registry
+            .rotate_key(&req.key, grace, value, now())
+            .await?;
+        tracing::info!(key = %key.name, grace_secs = grace, "API key rotated");
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(key_to(&key)),
+            value,
+        }))
+    }
+
+    async fn import_api_keys(
+        &self,
+        req: Request<pb::ImportApiKeysRequest>,
+    ) -> Res<pb::ImportApiKeysResponse> {
+        let req = req.into_inner();
+        let (rows, warnings) = registry::parse_import_csv(&req.csv)?;
+        let (ids, warnings) = self
+            .registry
+            .import_keys(rows, warnings, req.fail_on_warnings, now())
+            .await?;
+        tracing::info!(
+            imported = ids.len(),
+            warnings = warnings.len(),
+            "API keys imported"
+        );
+        Ok(Response::new(pb::ImportApiKeysResponse { ids, warnings }))
+    }
+
+    async fn create_usage_plan_key(
+        &self,
+        req: Request<pb::CreateUsagePlanKeyRequest>,
+    ) -> Res<pb::UsagePlanKey> {
+        let req = req.into_inner();
+        let (p, k) = self.registry.bind(&req.plan, &req.key, now()).await?;
+        tracing::info!(plan = %p.name, key = %k.name, "key bound to plan");
+        Ok(Response::new(pb::UsagePlanKey {
+            usage_plan_id: p.id,
+            key_id: k.id,
+            key_name: k.name,
+        }))
+    }
+
+    async fn delete_usage_plan_key(&self, req: Request<pb::DeleteUsagePlanKeyRequest>) -> Res<()> {
+        let req = req.into_inner();
+        self.registry.unbind(&req.plan, &req.key, now()).await?;
+        tracing::info!(plan = %req.plan, key = %req.key, "key unbound from plan");
+        Ok(Response::new(()))
+    }
+
+    async fn list_usage_plan_keys(
+        &self,
+        req: Request<pb::ListUsagePlanKeysRequest>,
+    ) -> Res<pb::ListUsagePlanKeysResponse> {
+        let req = req.into_inner();
+        let cat = self.registry.catalog();
+        let p = cat.plan(&req.plan).ok_or_else(|| Error::NotFound {
+            kind: "usage plan",
+            id: req.plan.clone(),
+        })?;
+        let id = p.plan.id.clone();
+        let items = cat.keys_by_name().filter(|k| k.plan_ids.contains(&id));
+        let (items, next) = page(items, |k| k.name.as_str(), req.page_size, &req.page_token)?;
+        Ok(Response::new(pb::ListUsagePlanKeysResponse {
+            keys: items
+                .iter()
+                .map(|k| pb::UsagePlanKey {
+                    usage_plan_id: id.clone(),
+                    key_id: k.id.clone(),
+                    key_name: k.name.clone(),
+                })
+                .collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Res<pb::Usage> {
+        let req = req.into_inner();
+        let start = period::parse_date("start_date", &req.start_date)
+            .map_err(|m| invalid_msg("start_date", m))?;
+        let end = period::parse_date("end_date", &req.end_date)
+            .map_err(|m| invalid_msg("end_date", m))?;
+        if end < start {
+            return Err(Error::invalid("end_date", "must not be before start_date").into());
+        }
+        let span_days = (end - start).get_days() + 1;
+        if span_days > MAX_USAGE_DAYS {
+            return Err(Error::invalid(
+                "end_date",
+                format!("at most {MAX_USAGE_DAYS} days per call"),
+            )
+            .into());
+        }
+        let dates: Vec<jiff::civil::Date> = start
+            .series(jiff::Span::new().days(1))
+            .take_while(|d| *d <= end)
+            .collect();
+        let cat = self.registry.catalog();
+        let plan = cat
+            .plan(&req.plan)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "usage plan",
+                id: req.plan.clone(),
+            })?;
+        let keys: Vec<Arc<model::ApiKey>> = if req.key.is_empty() {
+            cat.keys_by_name()
+                .filter(|k| k.plan_ids.contains(&plan.plan.id))
+                .cloned()
+                .collect()
+        } else {
+            vec![self.plan_key(&req.plan, &req.key)?.1]
+        };
+        let (keys, next) = page(
+            keys.into_iter(),
+            |k| k.name.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
+        let mut items = Vec::with_capacity(keys.len());
+        for k in &keys {
+            items.push(self.key_usage(&plan, k, &dates).await?);
+        }
+        Ok(Response::new(pb::Usage {
+            usage_plan_id: plan.plan.id.clone(),
+            start_date: start.to_string(),
+            end_date: end.to_string(),
+            items,
+            next_page_token: next,
+        }))
+    }
+
+    async fn update_usage(&self, req: Request<pb::UpdateUsageRequest>) -> Res<pb::KeyUsage> {
+        let req = req.into_inner();
+        if req.remaining < 0 {
+            return Err(Error::invalid(
+                "remaining",
+                format!("must be >= 0, got {}", req.remaining),
+            )
+            .into());
+        }
+        let (plan, key) = self.plan_key(&req.plan, &req.key)?;
+        let Some(q) = &plan.plan.quota else {
+            return Err(Error::FailedPrecondition(format!(
+                "usage plan {:?} has no quota",
+                plan.plan.name
+            ))
+            .into());
+        };
+        let t = now();
+        let state = self
+            .limiter
+            .quota_state(&plan, &key.id, t)
+            .await
+            .map_err(super::status::from_storage)?
+            .ok_or_else(|| Error::FailedPrecondition("usage plan has no quota".into()))?;
+        // remaining = limit + extra - used  =>  extra = remaining + used - limit
+        let extra = i128::from(req.remaining) + i128::from(state.used) - i128::from(q.limit);
+        let extra =
+            i64::try_from(extra).map_err(|_| Error::invalid("remaining", "out of range"))?;
+        let prune_before = t - i64::from(self.retention_days) * 86_400 - 31 * 86_400;
+        self.registry
+            .set_grant(
+                &plan.plan.id,
+                &key.id,
+                state.period.start,
+                extra,
+                prune_before,
+            )
+            .await?;
+        tracing::info!(plan = %plan.plan.name, key = %key.name, remaining = req.remaining, "quota remaining set");
+        let cal = plan.calendar.as_ref().map(|c| c.date_of(t));
+        let dates: Vec<jiff::civil::Date> = cal.into_iter().collect();
+        let plan = self
+            .registry
+            .catalog()
+            .plan(&plan.plan.id)
+            .cloned()
+            .unwrap_or(plan);
+        Ok(Response::new(self.key_usage(&plan, &key, &dates).await?))
+    }
+}
+
+fn invalid_msg(field: &str, msg: String) -> Error {
+    // parse_date's message already starts with the field name.
+    let msg = msg
+        .strip_prefix(&format!("{field}: "))
+        .map(str::to_owned)
+        .unwrap_or(msg);
+    Error::invalid(field, msg)
+}
