@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 use sluice::config;
 use sluice::engine::{self, Slot};
 use sluice::limiter::RateLimiter;
+use sluice::plans::registry::Registry;
+use sluice::proto::admin::admin_service_client::AdminServiceClient;
 use sluice::proto::common::rate_limit_descriptor::{Entry, RateLimitOverride};
 use sluice::proto::common::RateLimitDescriptor;
 use sluice::proto::rls::rate_limit_response::DescriptorStatus;
@@ -140,11 +142,37 @@ impl ServerBuilder {
         };
         let store = SledCounters::open(&dir.path().join("data"), self.durability)
             .expect("open sled counter store");
-        let limiter = Arc::new(RateLimiter::new(cfg, store.clone()));
+        let registry = Arc::new(
+            Registry::open(store.db(), dir.path().join("data")).expect("open plan registry"),
+        );
+        let limiter = Arc::new(
+            RateLimiter::new(cfg, store.clone()).with_plans(registry.handle()),
+        );
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("listener address");
+        let admin_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let admin_addr = admin_listener.local_addr().expect("listener address");
+        let (admin_shutdown_tx, admin_shutdown_rx) = oneshot::channel::<()>();
+        let admin_task = tokio::spawn({
+            let (registry, limiter) = (registry.clone(), limiter.clone());
+            async move {
+                server::serve_admin(
+                    admin_listener,
+                    registry,
+                    limiter,
+                    ADMIN_TOKEN,
+                    90,
+                    async move {
+                        let _ = admin_shutdown_rx.await;
+                    },
+                )
+                .await
+            }
+        });
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         // Dropping the sender (e.g. a test panicking) also shuts the server down.
         let task = tokio::spawn(server::serve(
@@ -158,12 +186,16 @@ impl ServerBuilder {
         let client = connect(addr).await;
         TestServer {
             addr,
+            admin_addr,
             client,
             store,
             limiter,
+            registry,
             dir,
             shutdown_tx,
             task,
+            admin_shutdown_tx,
+            admin_task,
         }
     }
 }
@@ -186,9 +218,31 @@ pub struct TestServer {
     pub store: SledCounters,
     /// The limiter the server uses.
     pub limiter: Arc<RateLimiter<SledCounters>>,
+    /// Where the admin API listens (token [`ADMIN_TOKEN`]).
+    pub admin_addr: SocketAddr,
+    /// The plan registry behind the admin API.
+    pub registry: Arc<Registry>,
     dir: TempDir,
     shutdown_tx: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_shutdown_tx: oneshot::Sender<()>,
+    admin_task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// The admin token of in-process test servers.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The admin client type.
+pub type AdminClient = AdminServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>,
+>;
+
+fn add_test_token(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii token"),
+    );
+    Ok(req)
 }
 
 impl TestServer {
@@ -205,6 +259,23 @@ impl TestServer {
     /// The data directory.
     pub fn data_dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+
+    /// An admin client sending the test token.
+    pub async fn admin(&self) -> AdminClient {
+        let channel = Channel::from_shared(format!("http://{}", self.admin_addr))
+            .expect("valid uri")
+            .connect()
+            .await
+            .expect("connect to the admin API");
+        AdminServiceClient::with_interceptor(channel, add_test_token as fn(_) -> _)
+    }
+
+    /// An admin client sending no token.
+    pub async fn admin_without_token(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::connect(format!("http://{}", self.admin_addr))
+            .await
+            .expect("connect to the admin API")
     }
 
     /// A clone of the connected client (shares its channel).
@@ -283,16 +354,25 @@ impl TestServer {
             client,
             store,
             limiter,
+            registry,
             dir,
             shutdown_tx,
             task,
+            admin_shutdown_tx,
+            admin_task,
             ..
         } = self;
         drop(client);
         let _ = shutdown_tx.send(());
+        let _ = admin_shutdown_tx.send(());
         task.await
             .expect("server task did not panic")
             .expect("server ended without a transport error");
+        admin_task
+            .await
+            .expect("admin task did not panic")
+            .expect("admin server ended without a transport error");
+        drop(registry);
         store.close().await.expect("store closed and flushed");
         drop(limiter);
         drop(store);

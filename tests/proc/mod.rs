@@ -176,7 +176,7 @@ pub struct SluiceCmd {
 }
 
 impl SluiceCmd {
-    /// `sluice serve --config-dir CONFIG --data-dir DATA --listen 127.0.0.1:0`.
+    /// `sluice serve --config-dir CONFIG --data-dir DATA --admin-listen 127.0.0.1:0 --listen 127.0.0.1:0`.
     pub fn serve(config_dir: &Path, data_dir: &Path) -> Self {
         let mut c = SluiceCmd {
             args: Vec::new(),
@@ -185,6 +185,7 @@ impl SluiceCmd {
         c = c.arg("serve");
         c = c.arg("--config-dir").arg(config_dir);
         c = c.arg("--data-dir").arg(data_dir);
+        c = c.arg("--admin-listen").arg("127.0.0.1:0");
         c.arg("--listen").arg("127.0.0.1:0")
     }
 
@@ -334,9 +335,16 @@ impl SluiceCmd {
 
 /// The address in a "sluice listening on ADDR" log line (text or JSON).
 pub fn listening_addr(line: &str) -> Option<SocketAddr> {
-    const MARK: &str = "sluice listening on ";
-    let i = line.find(MARK)?;
-    let rest = &line[i + MARK.len()..];
+    addr_after(line, "sluice listening on ")
+}
+
+/// The address in a "sluice admin API listening on ADDR" log line.
+pub fn admin_listening_addr(line: &str) -> Option<SocketAddr> {
+    addr_after(line, "sluice admin API listening on ")
+}
+
+fn addr_after(line: &str, mark: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(mark)? + mark.len()..];
     let end = rest
         .find(|c: char| c.is_whitespace() || c == '"' || c == ',' || c == '}')
         .unwrap_or(rest.len());
@@ -366,6 +374,12 @@ impl Sluice {
     /// `http://ADDR`, for gRPC clients.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The admin API's address, from its "listening" log line.
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_line(|l| admin_listening_addr(l).is_some());
+        admin_listening_addr(&line).expect("checked above")
     }
 
     fn take_available(&mut self) {
