@@ -1,7 +1,9 @@
-//! The decision path without I/O: engine matching + in-memory counters.
+//! The decision path without I/O: engine matching + in-memory counters, for
+//! config rules and for usage plans (key lookup, token bucket, quota).
 //!
 //! `cargo bench --bench decision`
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::PathBuf;
 
@@ -9,6 +11,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sluice::config;
 use sluice::engine::{self, Descriptor, Entry, Request};
 use sluice::limiter::{counter_ops, RateLimiter};
+use sluice::plans::model::{PeriodKind, Plan, Quota, Stage, Throttle};
+use sluice::plans::registry::{parse_import_csv, Registry};
 use sluice::storage::memory::MemoryCounters;
 
 const YAML: &str = r#"
@@ -93,5 +97,127 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// A plan governing domain `bench-plans`: a throttle and a quota that never
+/// refuse during the bench, and a per-method throttle for one path.
+fn bench_plan() -> Plan {
+    let mut method_throttles = BTreeMap::new();
+    method_throttles.insert(
+        "/v1/chat/completions/POST".to_owned(),
+        Throttle {
+            rate_limit: 1e9,
+            burst_limit: u32::MAX,
+        },
+    );
+    Plan {
+        id: String::new(),
+        name: "bench".into(),
+        description: String::new(),
+        throttle: Some(Throttle {
+            rate_limit: 1e9,
+            burst_limit: u32::MAX,
+        }),
+        quota: Some(Quota {
+            limit: u64::MAX / 2,
+            period: PeriodKind::Day,
+            anchor_day: 0,
+            time_zone: "UTC".into(),
+        }),
+        stages: vec![Stage {
+            domain: "bench-plans".into(),
+            stage: String::new(),
+            method_throttles,
+            key_entry: "api_key".into(),
+            method_entry: "method".into(),
+            path_entry: "path".into(),
+        }],
+        tags: BTreeMap::new(),
+        create_time: 0,
+        update_time: 0,
+    }
+}
+
+/// Plan-based decisions against the config-rule path above.
+fn bench_plans(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let db = sled::Config::new()
+        .temporary(true)
+        .open()
+        .expect("temporary sled");
+    let registry = Registry::open(db, PathBuf::from("bench")).expect("registry");
+    let now_s = 1_700_000_000;
+    let keys = 10_000;
+    let csv: String = std::iter::once("Name,Key,UsagePlanIds\n".to_owned())
+        .chain((0..keys).map(|i| format!("k{i},bench-key-value-{i:08},bench\n")))
+        .collect();
+    rt.block_on(async {
+        registry
+            .create_plan(bench_plan(), now_s)
+            .await
+            .expect("plan");
+        let (rows, warnings) = parse_import_csv(&csv).expect("csv");
+        let (ids, warnings) = registry
+            .import_keys(rows, warnings, true, now_s)
+            .await
+            .expect("import");
+        assert_eq!((ids.len(), warnings.len()), (keys, 0));
+    });
+    let limiter = RateLimiter::new(
+        config::embedded_default().expect("default config"),
+        MemoryCounters::default(),
+    )
+    .with_plans(registry.handle());
+    let plan_req = |key: &str, extra: &[(&str, &str)]| Request {
+        domain: "bench-plans".into(),
+        descriptors: vec![Descriptor {
+            entries: std::iter::once(Entry::new("api_key", key))
+                .chain(extra.iter().map(|(k, v)| Entry::new(*k, *v)))
+                .collect(),
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    };
+    let now_us = now_s * 1_000_000;
+    let one = plan_req("bench-key-value-00000001", &[]);
+    c.bench_function(
+        "limiter/plan decision (throttle + quota), 1 descriptor",
+        |b| {
+            b.iter(|| {
+                rt.block_on(limiter.decide(black_box(&one), now_us))
+                    .expect("memory store never fails")
+            })
+        },
+    );
+    let method = plan_req(
+        "bench-key-value-00000001",
+        &[("method", "POST"), ("path", "/v1/chat/completions")],
+    );
+    c.bench_function("limiter/plan decision, per-method throttle", |b| {
+        b.iter(|| {
+            rt.block_on(limiter.decide(black_box(&method), now_us))
+                .expect("memory store never fails")
+        })
+    });
+    let keyed: Vec<Request> = (0..keys)
+        .map(|i| plan_req(&format!("bench-key-value-{i:08}"), &[]))
+        .collect();
+    c.bench_function("limiter/plan decision, 10k distinct keys", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % keyed.len();
+            rt.block_on(limiter.decide(&keyed[i], now_us))
+                .expect("memory store never fails")
+        })
+    });
+    let unknown = plan_req("not-a-key-not-a-key-not-a-key", &[]);
+    c.bench_function("limiter/plan decision, unknown key", |b| {
+        b.iter(|| {
+            rt.block_on(limiter.decide(black_box(&unknown), now_us))
+                .expect("memory store never fails")
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_plans);
 criterion_main!(benches);

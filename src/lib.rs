@@ -18,6 +18,7 @@
 //! - `main.rs`: CLI parsing and process lifecycle.
 
 pub mod config;
+pub mod declarative;
 pub mod engine;
 pub mod limiter;
 pub mod plans;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use sluice::declarative;
 use sluice::limiter::{watch_config, ConfigSource, RateLimiter};
 use sluice::plans::registry::Registry;
 use sluice::server::{self, RequestLimits};
@@ -27,6 +28,26 @@ struct Cli {
 enum Command {
     /// Serve the RateLimitService (plus health and reflection) over gRPC.
     Serve(ServeArgs),
+    /// Create or update usage plans, API keys and bindings from a YAML file,
+    /// by name, through the admin API (idempotent).
+    Apply {
+        /// The plans file (see examples/plans.yaml).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also delete plans and keys that the file does not list.
+        #[arg(long)]
+        prune: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the current plans, keys and bindings in the `apply` format.
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Validate a config directory and exit (0 = valid).
     CheckConfig {
         /// Directory of envoyproxy/ratelimit YAML files, one domain per file.
@@ -99,6 +120,26 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_USAGE_RETENTION_DAYS", default_value_t = sluice::limiter::DEFAULT_USAGE_RETENTION_DAYS,
           value_parser = clap::value_parser!(u32).range(1..=3660))]
     usage_retention_days: u32,
+}
+
+/// How `apply` and `export` reach the admin API.
+#[derive(clap::Args, Debug)]
+struct ClientArgs {
+    /// Admin API address.
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:8082")]
+    admin_addr: String,
+    /// The server's data directory, where the default token file is.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> anyhow::Result<declarative::Client> {
+        let token = self.token.read(&self.data_dir)?;
+        Ok(declarative::Client::connect(&self.admin_addr, &token).await?)
+    }
 }
 
 /// Where the admin token comes from.
@@ -200,6 +241,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Apply {
+            file,
+            dry_run,
+            prune,
+            client,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let spec = declarative::parse_spec(&file, &text)?;
+            client_runtime()?.block_on(async {
+                let mut c = client.connect().await?;
+                let changes = declarative::plan_changes(&mut c, &spec, prune).await?;
+                if dry_run {
+                    print!("{changes}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let mut out = std::io::stdout().lock();
+                declarative::apply_changes(&mut c, &changes, &mut out).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Export { client } => client_runtime()?.block_on(async {
+            let mut c = client.connect().await?;
+            print!("{}", declarative::export(&mut c).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Serve(args) => {
             telemetry::init(match args.log_format {
                 LogFormatArg::Text => LogFormat::Text,
@@ -213,6 +280,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

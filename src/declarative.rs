@@ -1,0 +1,1977 @@
+//! Declarative usage plans and API keys: `sluice apply -f plans.yaml` and
+//! `sluice export`.
+//!
+//! A YAML file lists usage plans and API keys (without their values) by
+//! name. [`plan_changes`] compares it with what the admin API reports and
+//! computes a [`ChangeSet`]; [`apply_changes`] makes those changes through the
+//! admin API; [`export`] prints the server's current state in the same
+//! format, so applying an export changes nothing.
+//!
+//! The comparison itself is the pure function [`diff`]; everything that
+//! talks to the server goes through [`Client`].
+//!
+//! # File format
+//!
+//! ```yaml
+//! usage_plans:
+//!   - name: gold                    # required, the plan's identity
+//!     description: "Paid tier"      # default ""
+//!     throttle: { rate_limit: 10, burst_limit: 20 }   # default: no throttle
+//!     quota:                        # default: no quota
+//!       limit: 1000                 # required
+//!       period: DAY                 # required: DAY, WEEK or MONTH
+//!       anchor_day: 0               # default 0
+//!       time_zone: UTC              # default UTC
+//!     stages:                       # default []
+//!       - domain: llm-gateway       # required
+//!         stage: ""                 # default ""
+//!         key_entry: api_key        # default api_key
+//!         method_entry: method      # default method
+//!         path_entry: path          # default path
+//!         method_throttles:         # default {}
+//!           "/v1/chat/completions/POST": { rate_limit: 2, burst_limit: 5 }
+//!     tags: { team: platform }      # default {}
+//! api_keys:
+//!   - name: alice                   # required, the key's identity
+//!     description: ""               # default ""
+//!     enabled: true                 # default true
+//!     customer_id: acme             # default ""
+//!     expire_time: "2027-01-01T00:00:00Z"   # RFC 3339; default: never expires
+//!     tags: {}                      # default {}
+//!     usage_plans: [gold]           # names of the plans it is bound to; default []
+//! ```
+//!
+//! Both top-level lists are optional. Unknown fields are errors. Each
+//! resource listed is its full desired state: an omitted field means its
+//! default (an omitted `throttle` removes the plan's throttle, an omitted
+//! `usage_plans` unbinds the key from every plan). Resources on the server
+//! that the file does not list are left alone unless `prune` is set, in which
+//! case they are deleted (plans with `force`, which unbinds their keys).
+//!
+//! Checked before anything is changed: YAML syntax and field names (errors
+//! name the file, line and column), period spelling, RFC 3339 times, empty
+//! or duplicate names, a plan listed twice in one key's `usage_plans`, and
+//! every `usage_plans` entry naming a plan that is in the file or on the
+//! server (and, with `prune`, in the file). Everything else is validated by
+//! the server; its message is reported with the resource's name.
+//!
+//! # Comparison
+//!
+//! Only the fields of the format are compared: ids, times and key values are
+//! not. Throttle rates are compared exactly as the server returns them,
+//! times as whole seconds. Stages are compared regardless of their order; an
+//! empty `key_entry`/`method_entry`/`path_entry` or `time_zone` from the
+//! server counts as its default, a MONTH `anchor_day` of 0 as 1, and a quota
+//! `offset` as the equivalent `anchor_day`.
+//!
+//! # Order of changes
+//!
+//! 1. create or update plans (file order),
+//! 2. create or update keys (file order),
+//! 3. remove stale bindings, then
+//! 4. add new bindings (so a key can move between two plans that govern the
+//!    same domain and stage),
+//! 5. with `prune`: delete keys, then plans, not in the file (by name).
+//!
+//! # Output
+//!
+//! One line per change (the [`Display`](std::fmt::Display) of [`Change`]):
+//!
+//! ```text
+//! + usage plan gold
+//! ~ usage plan gold: throttle, quota
+//! - usage plan old
+//! + api key alice
+//! ~ api key alice: enabled, tags
+//! - api key bob
+//! + bind alice -> gold
+//! - bind alice -> silver
+//! ```
+//!
+//! The `~` line lists the changed top-level fields, in the order
+//! `description, throttle, quota, stages, tags` for plans and
+//! `description, enabled, customer_id, expire_time, tags` for keys. The
+//! [`ChangeSet`] listing (a dry run) ends with `1 change`, `N changes` or
+//! `no changes`. [`apply_changes`] prints each line once its call succeeded,
+//! after a created key the line
+//! `created api key alice: value slk_... (shown once; store it now)`, and
+//! finally `1 change applied`, `N changes applied` or `no changes`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::admin::admin_service_client::AdminServiceClient;
+use crate::proto::admin::{self as pb, Period};
+
+/// Default descriptor entry carrying the API key.
+const DEFAULT_KEY_ENTRY: &str = "api_key";
+/// Default descriptor entry carrying the HTTP method.
+const DEFAULT_METHOD_ENTRY: &str = "method";
+/// Default descriptor entry carrying the request path.
+const DEFAULT_PATH_ENTRY: &str = "path";
+/// Default quota time zone.
+const DEFAULT_TIME_ZONE: &str = "UTC";
+/// Page size of list calls.
+const PAGE_SIZE: i32 = 500;
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Why parsing, planning, applying or exporting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is not valid YAML in the declarative format. `message`
+    /// names the line, column and field.
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        message: String,
+    },
+    /// The file parses but is inconsistent (duplicate or empty names).
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based), when known.
+        line: Option<u64>,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file does not fit the server's state (e.g. a key names a plan
+    /// that exists nowhere). Found before any change is made.
+    #[error("{0}")]
+    Conflict(String),
+    /// The admin address is not a valid URI or cannot be connected to.
+    #[error("cannot connect to the admin API at {addr}: {message}")]
+    Connect {
+        /// The address given.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The admin token cannot be sent as gRPC metadata.
+    #[error("the admin token is not valid in an HTTP header (printable ASCII only)")]
+    Token,
+    /// A gRPC call failed.
+    #[error("{context}: {}: {message}", code_name(*.code))]
+    Rpc {
+        /// What was being done (e.g. `creating usage plan "gold"`).
+        context: String,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The server returned something this module cannot represent.
+    #[error("unexpected server response: {0}")]
+    Unexpected(String),
+    /// Encoding the YAML output failed.
+    #[error("encoding YAML: {0}")]
+    Encode(String),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The canonical upper-case name of a gRPC code.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn rpc_error(context: impl Into<String>, status: &tonic::Status) -> Error {
+    Error::Rpc {
+        context: context.into(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file format
+// ---------------------------------------------------------------------------
+
+/// A parsed declarative file: the desired plans and keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Usage plans, identified by name.
+    #[serde(default)]
+    pub usage_plans: Vec<PlanSpec>,
+    /// API keys, identified by name.
+    #[serde(default)]
+    pub api_keys: Vec<KeySpec>,
+}
+
+/// A usage plan in the file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    /// Unique name; the plan's identity.
+    pub name: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Plan throttle; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSpec>,
+    /// Plan quota; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSpec>,
+    /// Governed domains and stages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageSpec>,
+    /// Tags.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "flow_map"
+    )]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A token bucket: `rate_limit` per second, capacity `burst_limit`.
+/// Written in flow style: `{ rate_limit: 10.0, burst_limit: 20 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    /// Requests per second (fractions allowed).
+    pub rate_limit: f64,
+    /// Bucket capacity.
+    pub burst_limit: i32,
+}
+
+/// The length of a quota period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeriodSpec {
+    /// A calendar day.
+    #[serde(rename = "DAY")]
+    Day,
+    /// A week from the anchor weekday.
+    #[serde(rename = "WEEK")]
+    Week,
+    /// A month from the anchor day of month.
+    #[serde(rename = "MONTH")]
+    Month,
+}
+
+/// At most `limit` requests per calendar period per key. Written in flow
+/// style, with `anchor_day: 0` and `time_zone: UTC` omitted.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    /// Requests per period.
+    pub limit: i64,
+    /// DAY, WEEK or MONTH.
+    pub period: PeriodSpec,
+    /// WEEK: 0 = Sunday .. 6 = Saturday; MONTH: 1..31 (0 means 1); DAY: 0.
+    #[serde(default)]
+    pub anchor_day: i32,
+    /// IANA time zone; default UTC.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+/// A domain (and optional stage) governed by a plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// RLS domain.
+    pub domain: String,
+    /// Stage name; "" governs the whole domain.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stage: String,
+    /// Descriptor entry with the API key; default `api_key`.
+    #[serde(
+        default = "default_key_entry",
+        skip_serializing_if = "is_default_key_entry"
+    )]
+    pub key_entry: String,
+    /// Descriptor entry with the HTTP method; default `method`.
+    #[serde(
+        default = "default_method_entry",
+        skip_serializing_if = "is_default_method_entry"
+    )]
+    pub method_entry: String,
+    /// Descriptor entry with the request path; default `path`.
+    #[serde(
+        default = "default_path_entry",
+        skip_serializing_if = "is_default_path_entry"
+    )]
+    pub path_entry: String,
+    /// Per-method throttles keyed "/path/METHOD".
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub method_throttles: BTreeMap<String, ThrottleSpec>,
+}
+
+/// An API key in the file (never its value).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Unique name; the key's identity.
+    pub name: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Disabled keys are refused; default true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    /// The customer the key belongs to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub customer_id: String,
+    /// The key is refused from this time on (RFC 3339 in the file).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_time",
+        deserialize_with = "de_time"
+    )]
+    pub expire_time: Option<jiff::Timestamp>,
+    /// Tags.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "flow_map"
+    )]
+    pub tags: BTreeMap<String, String>,
+    /// Names of the plans the key is bound to.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "flow_seq"
+    )]
+    pub usage_plans: Vec<String>,
+}
+
+fn default_time_zone() -> String {
+    DEFAULT_TIME_ZONE.to_owned()
+}
+fn default_key_entry() -> String {
+    DEFAULT_KEY_ENTRY.to_owned()
+}
+fn default_method_entry() -> String {
+    DEFAULT_METHOD_ENTRY.to_owned()
+}
+fn default_path_entry() -> String {
+    DEFAULT_PATH_ENTRY.to_owned()
+}
+fn is_default_key_entry(s: &str) -> bool {
+    s == DEFAULT_KEY_ENTRY
+}
+fn is_default_method_entry(s: &str) -> bool {
+    s == DEFAULT_METHOD_ENTRY
+}
+fn is_default_path_entry(s: &str) -> bool {
+    s == DEFAULT_PATH_ENTRY
+}
+fn yes() -> bool {
+    true
+}
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn flow_map<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    serde_saphyr::FlowMap(v).serialize(s)
+}
+
+fn flow_seq<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    serde_saphyr::FlowSeq(v).serialize(s)
+}
+
+#[allow(clippy::ref_option)] // serde's serialize_with passes a reference
+fn ser_time<S: Serializer>(t: &Option<jiff::Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&t.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<jiff::Timestamp>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<jiff::Timestamp>().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expire_time {text:?} is not an RFC 3339 time like \"2027-01-01T00:00:00Z\": {e}"
+        ))
+    })
+}
+
+/// The flow-style form of [`ThrottleSpec`].
+#[derive(Serialize)]
+struct ThrottleOut {
+    rate_limit: f64,
+    burst_limit: i32,
+}
+
+impl Serialize for ThrottleSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_saphyr::FlowMap(ThrottleOut {
+            rate_limit: self.rate_limit,
+            burst_limit: self.burst_limit,
+        })
+        .serialize(s)
+    }
+}
+
+/// The flow-style form of [`QuotaSpec`], defaults omitted.
+#[derive(Serialize)]
+struct QuotaOut<'a> {
+    limit: i64,
+    period: PeriodSpec,
+    #[serde(skip_serializing_if = "is_zero")]
+    anchor_day: i32,
+    #[serde(skip_serializing_if = "is_default_time_zone")]
+    time_zone: &'a str,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+fn is_default_time_zone(s: &&str) -> bool {
+    *s == DEFAULT_TIME_ZONE
+}
+
+impl Serialize for QuotaSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_saphyr::FlowMap(QuotaOut {
+            limit: self.limit,
+            period: self.period,
+            anchor_day: self.anchor_day,
+            time_zone: &self.time_zone,
+        })
+        .serialize(s)
+    }
+}
+
+/// Only the names of a file, with their lines, for error messages.
+#[derive(Deserialize)]
+struct NamesOnly {
+    #[serde(default)]
+    usage_plans: Vec<NamedOnly>,
+    #[serde(default)]
+    api_keys: Vec<NamedOnly>,
+}
+
+#[derive(Deserialize)]
+struct NamedOnly {
+    name: serde_saphyr::Spanned<String>,
+    #[serde(default)]
+    usage_plans: Vec<serde_saphyr::Spanned<String>>,
+}
+
+/// Whether a YAML text has no content but comments and blank lines.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    })
+}
+
+/// Parses and checks a declarative file. `path` is only used in messages.
+///
+/// # Errors
+/// [`Error::Parse`] for invalid YAML, unknown fields, wrong types, a bad
+/// period or time (naming the file, line and column); [`Error::Invalid`]
+/// for an empty or duplicate plan or key name, or a plan listed twice in one
+/// key's `usage_plans`.
+pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
+    if is_blank(text) {
+        return Ok(Spec::default());
+    }
+    let spec: Spec = serde_saphyr::from_str(text).map_err(|e| parse_error(path, &e))?;
+    // The same text again, for the lines of names; it parsed once, so this
+    // only fails on something exotic, and then the messages lack a line.
+    let names: Option<NamesOnly> = serde_saphyr::from_str(text).ok();
+    let line_of_plan = |i: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.usage_plans.get(i))
+            .map(|p| p.name.referenced.line())
+    };
+    let line_of_key = |i: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.api_keys.get(i))
+            .map(|k| k.name.referenced.line())
+    };
+    let line_of_binding = |i: usize, j: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.api_keys.get(i))
+            .and_then(|k| k.usage_plans.get(j))
+            .map(|p| p.referenced.line())
+    };
+    let invalid = |line: Option<u64>, message: String| Error::Invalid {
+        path: path.to_owned(),
+        line,
+        message,
+    };
+    let at = |line: Option<u64>| line.map(|l| format!(" at line {l}")).unwrap_or_default();
+
+    let mut plans: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in spec.usage_plans.iter().enumerate() {
+        if p.name.trim().is_empty() {
+            return Err(invalid(
+                line_of_plan(i),
+                format!("usage_plans[{i}].name: must not be empty"),
+            ));
+        }
+        if let Some(first) = plans.insert(&p.name, i) {
+            return Err(invalid(
+                line_of_plan(i),
+                format!(
+                    "usage_plans[{i}].name: usage plan {:?} is listed twice (first{})",
+                    p.name,
+                    at(line_of_plan(first))
+                ),
+            ));
+        }
+    }
+    let mut keys: HashMap<&str, usize> = HashMap::new();
+    for (i, k) in spec.api_keys.iter().enumerate() {
+        if k.name.trim().is_empty() {
+            return Err(invalid(
+                line_of_key(i),
+                format!("api_keys[{i}].name: must not be empty"),
+            ));
+        }
+        if let Some(first) = keys.insert(&k.name, i) {
+            return Err(invalid(
+                line_of_key(i),
+                format!(
+                    "api_keys[{i}].name: api key {:?} is listed twice (first{})",
+                    k.name,
+                    at(line_of_key(first))
+                ),
+            ));
+        }
+        let mut bound = HashSet::new();
+        for (j, p) in k.usage_plans.iter().enumerate() {
+            if !bound.insert(p.as_str()) {
+                return Err(invalid(
+                    line_of_binding(i, j),
+                    format!(
+                        "api_keys[{i}].usage_plans[{j}]: api key {:?} lists usage plan {p:?} twice",
+                        k.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(spec)
+}
+
+fn parse_error(path: &Path, e: &serde_saphyr::Error) -> Error {
+    let options = serde_saphyr::render_options! {
+        snippets: serde_saphyr::SnippetMode::Off,
+    };
+    let mut message = e.render_with_options(options);
+    if let Some(loc) = e.location() {
+        let marker = format!("line {}", loc.line());
+        if !message.contains(&marker) {
+            message = format!("line {} column {}: {message}", loc.line(), loc.column());
+        }
+    }
+    Error::Parse {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Conversions and normal forms
+// ---------------------------------------------------------------------------
+
+fn period_to_proto(p: PeriodSpec) -> Period {
+    match p {
+        PeriodSpec::Day => Period::Day,
+        PeriodSpec::Week => Period::Week,
+        PeriodSpec::Month => Period::Month,
+    }
+}
+
+fn throttle_to_proto(t: &ThrottleSpec) -> pb::Throttle {
+    pb::Throttle {
+        rate_limit: t.rate_limit,
+        burst_limit: t.burst_limit,
+    }
+}
+
+/// The plan the file asks for, as a proto message (no id or times).
+fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
+    pb::UsagePlan {
+        name: p.name.clone(),
+        description: p.description.clone(),
+        throttle: p.throttle.as_ref().map(throttle_to_proto),
+        quota: p.quota.as_ref().map(|q| pb::Quota {
+            limit: q.limit,
+            period: period_to_proto(q.period) as i32,
+            anchor_day: q.anchor_day,
+            offset: None,
+            time_zone: q.time_zone.clone(),
+        }),
+        stages: p
+            .stages
+            .iter()
+            .map(|s| pb::ApiStage {
+                domain: s.domain.clone(),
+                stage: s.stage.clone(),
+                method_throttles: s
+                    .method_throttles
+                    .iter()
+                    .map(|(k, t)| (k.clone(), throttle_to_proto(t)))
+                    .collect(),
+                key_entry: s.key_entry.clone(),
+                method_entry: s.method_entry.clone(),
+                path_entry: s.path_entry.clone(),
+            })
+            .collect(),
+        tags: p.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..pb::UsagePlan::default()
+    }
+}
+
+fn time_to_proto(t: jiff::Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: 0,
+    }
+}
+
+/// The key the file asks for, as a proto message (no id, times or bindings).
+fn key_to_proto(k: &KeySpec) -> pb::ApiKey {
+    pb::ApiKey {
+        name: k.name.clone(),
+        description: k.description.clone(),
+        enabled: k.enabled,
+        customer_id: k.customer_id.clone(),
+        expire_time: k.expire_time.map(time_to_proto),
+        tags: k.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..pb::ApiKey::default()
+    }
+}
+
+fn or_default(s: &str, default: &'static str) -> String {
+    if s.is_empty() {
+        default.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// A quota in the form the comparison uses: equal iff the server treats the
+/// two alike.
+#[derive(Debug, PartialEq, Eq)]
+struct QuotaNorm {
+    limit: i64,
+    period: i32,
+    anchor_day: i32,
+    time_zone: String,
+}
+
+fn norm_quota(q: &pb::Quota) -> QuotaNorm {
+    let mut anchor = q.anchor_day;
+    if let (0, Some(offset)) = (anchor, q.offset) {
+        anchor = if q.period == Period::Month as i32 {
+            offset + 1
+        } else {
+            offset
+        };
+    }
+    if q.period == Period::Month as i32 && anchor == 0 {
+        anchor = 1;
+    }
+    QuotaNorm {
+        limit: q.limit,
+        period: q.period,
+        anchor_day: anchor,
+        time_zone: or_default(&q.time_zone, DEFAULT_TIME_ZONE),
+    }
+}
+
+/// A stage in the form the comparison uses.
+#[derive(Debug, PartialEq)]
+struct StageNorm {
+    domain: String,
+    stage: String,
+    key_entry: String,
+    method_entry: String,
+    path_entry: String,
+    method_throttles: BTreeMap<String, (f64, i32)>,
+}
+
+fn norm_stages(stages: &[pb::ApiStage]) -> Vec<StageNorm> {
+    let mut out: Vec<StageNorm> = stages
+        .iter()
+        .map(|s| StageNorm {
+            domain: s.domain.clone(),
+            stage: s.stage.clone(),
+            key_entry: or_default(&s.key_entry, DEFAULT_KEY_ENTRY),
+            method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
+            path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
+            method_throttles: s
+                .method_throttles
+                .iter()
+                .map(|(k, t)| (k.clone(), (t.rate_limit, t.burst_limit)))
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.domain, &a.stage).cmp(&(&b.domain, &b.stage)));
+    out
+}
+
+fn norm_throttle(t: Option<&pb::Throttle>) -> Option<(f64, i32)> {
+    t.map(|t| (t.rate_limit, t.burst_limit))
+}
+
+fn seconds(t: Option<&prost_types::Timestamp>) -> Option<i64> {
+    t.map(|t| t.seconds)
+}
+
+/// The top-level plan fields whose values differ, in mask order.
+fn plan_fields_changed(want: &pb::UsagePlan, have: &pb::UsagePlan) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if want.description != have.description {
+        fields.push("description");
+    }
+    if norm_throttle(want.throttle.as_ref()) != norm_throttle(have.throttle.as_ref()) {
+        fields.push("throttle");
+    }
+    if want.quota.as_ref().map(norm_quota) != have.quota.as_ref().map(norm_quota) {
+        fields.push("quota");
+    }
+    if norm_stages(&want.stages) != norm_stages(&have.stages) {
+        fields.push("stages");
+    }
+    if want.tags != have.tags {
+        fields.push("tags");
+    }
+    fields
+}
+
+/// The top-level key fields whose values differ, in mask order.
+fn key_fields_changed(want: &pb::ApiKey, have: &pb::ApiKey) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if want.description != have.description {
+        fields.push("description");
+    }
+    if want.enabled != have.enabled {
+        fields.push("enabled");
+    }
+    if want.customer_id != have.customer_id {
+        fields.push("customer_id");
+    }
+    if seconds(want.expire_time.as_ref()) != seconds(have.expire_time.as_ref()) {
+        fields.push("expire_time");
+    }
+    if want.tags != have.tags {
+        fields.push("tags");
+    }
+    fields
+}
+
+// ---------------------------------------------------------------------------
+// Changes
+// ---------------------------------------------------------------------------
+
+/// One change to the server's state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// `+ usage plan NAME`: CreateUsagePlan.
+    CreatePlan {
+        /// The plan to create.
+        plan: pb::UsagePlan,
+    },
+    /// `~ usage plan NAME: FIELD, ...`: UpdateUsagePlan with `fields` as the mask.
+    UpdatePlan {
+        /// The desired plan (its `id` is the plan's name).
+        plan: pb::UsagePlan,
+        /// The changed top-level fields.
+        fields: Vec<&'static str>,
+    },
+    /// `- usage plan NAME`: DeleteUsagePlan with force.
+    DeletePlan {
+        /// The plan's name.
+        name: String,
+    },
+    /// `+ api key NAME`: CreateApiKey (the value is generated by the server).
+    CreateKey {
+        /// The key to create.
+        key: pb::ApiKey,
+    },
+    /// `~ api key NAME: FIELD, ...`: UpdateApiKey with `fields` as the mask.
+    UpdateKey {
+        /// The desired key (its `id` is the key's name).
+        key: pb::ApiKey,
+        /// The changed top-level fields.
+        fields: Vec<&'static str>,
+    },
+    /// `- api key NAME`: DeleteApiKey.
+    DeleteKey {
+        /// The key's name.
+        name: String,
+    },
+    /// `+ bind KEY -> PLAN`: CreateUsagePlanKey.
+    Bind {
+        /// The key's name.
+        key: String,
+        /// The plan's name.
+        plan: String,
+    },
+    /// `- bind KEY -> PLAN`: DeleteUsagePlanKey.
+    Unbind {
+        /// The key's name.
+        key: String,
+        /// The plan's name (or id, for a plan the server did not list).
+        plan: String,
+    },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::CreatePlan { plan } => write!(f, "+ usage plan {}", plan.name),
+            Change::UpdatePlan { plan, fields } => {
+                write!(f, "~ usage plan {}: {}", plan.name, fields.join(", "))
+            }
+            Change::DeletePlan { name } => write!(f, "- usage plan {name}"),
+            Change::CreateKey { key } => write!(f, "+ api key {}", key.name),
+            Change::UpdateKey { key, fields } => {
+                write!(f, "~ api key {}: {}", key.name, fields.join(", "))
+            }
+            Change::DeleteKey { name } => write!(f, "- api key {name}"),
+            Change::Bind { key, plan } => write!(f, "+ bind {key} -> {plan}"),
+            Change::Unbind { key, plan } => write!(f, "- bind {key} -> {plan}"),
+        }
+    }
+}
+
+impl Change {
+    /// What the change does, for error messages (`creating usage plan "gold"`).
+    fn context(&self) -> String {
+        match self {
+            Change::CreatePlan { plan } => format!("creating usage plan {:?}", plan.name),
+            Change::UpdatePlan { plan, .. } => format!("updating usage plan {:?}", plan.name),
+            Change::DeletePlan { name } => format!("deleting usage plan {name:?}"),
+            Change::CreateKey { key } => format!("creating api key {:?}", key.name),
+            Change::UpdateKey { key, .. } => format!("updating api key {:?}", key.name),
+            Change::DeleteKey { name } => format!("deleting api key {name:?}"),
+            Change::Bind { key, plan } => {
+                format!("binding api key {key:?} to usage plan {plan:?}")
+            }
+            Change::Unbind { key, plan } => {
+                format!("unbinding api key {key:?} from usage plan {plan:?}")
+            }
+        }
+    }
+}
+
+/// The changes that make the server match a [`Spec`], in the order they are
+/// made. Its [`Display`](fmt::Display) is the dry-run listing: one line per
+/// change, then `1 change`, `N changes` or `no changes`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeSet {
+    /// The changes, in order.
+    pub changes: Vec<Change>,
+}
+
+impl ChangeSet {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The number of changes.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+}
+
+fn summary(n: usize) -> String {
+    match n {
+        0 => "no changes".to_owned(),
+        1 => "1 change".to_owned(),
+        n => format!("{n} changes"),
+    }
+}
+
+impl fmt::Display for ChangeSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.changes {
+            writeln!(f, "{c}")?;
+        }
+        writeln!(f, "{}", summary(self.changes.len()))
+    }
+}
+
+/// Computes the changes that make the server state (`plans`, `keys`, as
+/// listed by the admin API) match `spec`. Pure.
+///
+/// With `prune`, plans and keys the file does not list are deleted.
+///
+/// # Errors
+/// [`Error::Conflict`] when a key's `usage_plans` names a plan that is
+/// neither in the file nor on the server (or, with `prune`, not in the file).
+pub fn diff(
+    spec: &Spec,
+    plans: &[pb::UsagePlan],
+    keys: &[pb::ApiKey],
+    prune: bool,
+) -> Result<ChangeSet, Error> {
+    let server_plans: HashMap<&str, &pb::UsagePlan> =
+        plans.iter().map(|p| (p.name.as_str(), p)).collect();
+    let plan_names: HashMap<&str, &str> = plans
+        .iter()
+        .map(|p| (p.id.as_str(), p.name.as_str()))
+        .collect();
+    let server_keys: HashMap<&str, &pb::ApiKey> =
+        keys.iter().map(|k| (k.name.as_str(), k)).collect();
+    let file_plans: HashSet<&str> = spec.usage_plans.iter().map(|p| p.name.as_str()).collect();
+    let file_keys: HashSet<&str> = spec.api_keys.iter().map(|k| k.name.as_str()).collect();
+
+    // Check every binding before computing anything.
+    for k in &spec.api_keys {
+        for p in &k.usage_plans {
+            if file_plans.contains(p.as_str()) {
+                continue;
+            }
+            if !server_plans.contains_key(p.as_str()) {
+                return Err(Error::Conflict(format!(
+                    "api key {:?}: usage_plans names usage plan {p:?}, which is neither in the file nor on the server",
+                    k.name
+                )));
+            }
+            if prune {
+                return Err(Error::Conflict(format!(
+                    "api key {:?}: usage_plans names usage plan {p:?}, which is not in the file, so pruning would delete it",
+                    k.name
+                )));
+            }
+        }
+    }
+
+    let mut changes = Vec::new();
+    for p in &spec.usage_plans {
+        let want = plan_to_proto(p);
+        match server_plans.get(p.name.as_str()) {
+            None => changes.push(Change::CreatePlan { plan: want }),
+            Some(have) => {
+                let fields = plan_fields_changed(&want, have);
+                if !fields.is_empty() {
+                    let plan = pb::UsagePlan {
+                        id: p.name.clone(),
+                        ..want
+                    };
+                    changes.push(Change::UpdatePlan { plan, fields });
+                }
+            }
+        }
+    }
+    for k in &spec.api_keys {
+        let want = key_to_proto(k);
+        match server_keys.get(k.name.as_str()) {
+            None => changes.push(Change::CreateKey { key: want }),
+            Some(have) => {
+                let fields = key_fields_changed(&want, have);
+                if !fields.is_empty() {
+                    let key = pb::ApiKey {
+                        id: k.name.clone(),
+                        ..want
+                    };
+                    changes.push(Change::UpdateKey { key, fields });
+                }
+            }
+        }
+    }
+    let mut binds = Vec::new();
+    for k in &spec.api_keys {
+        let have: BTreeSet<&str> = server_keys
+            .get(k.name.as_str())
+            .map(|key| {
+                key.usage_plan_ids
+                    .iter()
+                    .map(|id| plan_names.get(id.as_str()).copied().unwrap_or(id.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: BTreeSet<&str> = k.usage_plans.iter().map(String::as_str).collect();
+        for plan in have.difference(&want) {
+            changes.push(Change::Unbind {
+                key: k.name.clone(),
+                plan: (*plan).to_owned(),
+            });
+        }
+        for plan in want.difference(&have) {
+            binds.push(Change::Bind {
+                key: k.name.clone(),
+                plan: (*plan).to_owned(),
+            });
+        }
+    }
+    changes.extend(binds);
+    if prune {
+        let mut gone: Vec<&str> = keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .filter(|n| !file_keys.contains(n))
+            .collect();
+        gone.sort_unstable();
+        changes.extend(gone.into_iter().map(|name| Change::DeleteKey {
+            name: name.to_owned(),
+        }));
+        let mut gone: Vec<&str> = plans
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| !file_plans.contains(n))
+            .collect();
+        gone.sort_unstable();
+        changes.extend(gone.into_iter().map(|name| Change::DeletePlan {
+            name: name.to_owned(),
+        }));
+    }
+    Ok(ChangeSet { changes })
+}
+
+// ---------------------------------------------------------------------------
+// Export
+// ---------------------------------------------------------------------------
+
+fn throttle_from_proto(t: &pb::Throttle) -> ThrottleSpec {
+    ThrottleSpec {
+        rate_limit: t.rate_limit,
+        burst_limit: t.burst_limit,
+    }
+}
+
+fn period_from_proto(plan: &str, p: i32) -> Result<PeriodSpec, Error> {
+    match Period::try_from(p) {
+        Ok(Period::Day) => Ok(PeriodSpec::Day),
+        Ok(Period::Week) => Ok(PeriodSpec::Week),
+        Ok(Period::Month) => Ok(PeriodSpec::Month),
+        _ => Err(Error::Unexpected(format!(
+            "usage plan {plan:?} has a quota with period {p}, which is not DAY, WEEK or MONTH"
+        ))),
+    }
+}
+
+fn sorted<K: Ord + Clone, V: Clone>(m: &HashMap<K, V>) -> BTreeMap<K, V> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The server state as a [`Spec`]: plans and keys sorted by name, key
+/// bindings as plan names (sorted), output-only fields dropped. Pure.
+///
+/// # Errors
+/// [`Error::Unexpected`] for a quota period the format cannot express, or
+/// an expire time out of range.
+pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec, Error> {
+    let plan_names: HashMap<&str, &str> = plans
+        .iter()
+        .map(|p| (p.id.as_str(), p.name.as_str()))
+        .collect();
+    let mut usage_plans = Vec::with_capacity(plans.len());
+    for p in plans {
+        let quota = match &p.quota {
+            None => None,
+            Some(q) => {
+                let n = norm_quota(q);
+                Some(QuotaSpec {
+                    limit: n.limit,
+                    period: period_from_proto(&p.name, n.period)?,
+                    anchor_day: n.anchor_day,
+                    time_zone: n.time_zone,
+                })
+            }
+        };
+        usage_plans.push(PlanSpec {
+            name: p.name.clone(),
+            description: p.description.clone(),
+            throttle: p.throttle.as_ref().map(throttle_from_proto),
+            quota,
+            stages: p
+                .stages
+                .iter()
+                .map(|s| StageSpec {
+                    domain: s.domain.clone(),
+                    stage: s.stage.clone(),
+                    key_entry: or_default(&s.key_entry, DEFAULT_KEY_ENTRY),
+                    method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
+                    path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
+                    method_throttles: s
+                        .method_throttles
+                        .iter()
+                        .map(|(k, t)| (k.clone(), throttle_from_proto(t)))
+                        .collect(),
+                })
+                .collect(),
+            tags: sorted(&p.tags),
+        });
+    }
+    usage_plans.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut api_keys = Vec::with_capacity(keys.len());
+    for k in keys {
+        let expire_time = match &k.expire_time {
+            None => None,
+            Some(t) => Some(jiff::Timestamp::from_second(t.seconds).map_err(|e| {
+                Error::Unexpected(format!(
+                    "api key {:?} has an expire time out of range: {e}",
+                    k.name
+                ))
+            })?),
+        };
+        // A plan id the server did not list (deleted meanwhile) is dropped.
+        let mut usage_plans: Vec<String> = k
+            .usage_plan_ids
+            .iter()
+            .filter_map(|id| plan_names.get(id.as_str()).map(|n| (*n).to_owned()))
+            .collect();
+        usage_plans.sort();
+        usage_plans.dedup();
+        api_keys.push(KeySpec {
+            name: k.name.clone(),
+            description: k.description.clone(),
+            enabled: k.enabled,
+            customer_id: k.customer_id.clone(),
+            expire_time,
+            tags: sorted(&k.tags),
+            usage_plans,
+        });
+    }
+    api_keys.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Spec {
+        usage_plans,
+        api_keys,
+    })
+}
+
+/// The first lines of an exported file.
+const EXPORT_HEADER: &str =
+    "# sluice usage plans and API keys (key values are not exported).\n# Apply with `sluice apply -f <this file>`.\n";
+
+/// A [`Spec`] as YAML in the declarative format, defaults omitted.
+///
+/// # Errors
+/// [`Error::Encode`] if the serializer fails.
+pub fn to_yaml(spec: &Spec) -> Result<String, Error> {
+    let body = serde_saphyr::to_string(spec).map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(format!("{EXPORT_HEADER}{body}"))
+}
+
+// ---------------------------------------------------------------------------
+// The admin client
+// ---------------------------------------------------------------------------
+
+/// An admin API client that sends the bearer token with every call.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: AdminServiceClient<Channel>,
+    auth: MetadataValue<Ascii>,
+}
+
+impl Client {
+    /// Connects to the admin API at `addr` (`http://127.0.0.1:8082`, or
+    /// `127.0.0.1:8082` meaning plain HTTP/2).
+    ///
+    /// # Errors
+    /// [`Error::Token`] for a token that cannot be a header value,
+    /// [`Error::Connect`] for a bad address or a failed connection.
+    pub async fn connect(addr: &str, token: &str) -> Result<Client, Error> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let connect_error = |message: String| Error::Connect {
+            addr: addr.to_owned(),
+            message,
+        };
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| connect_error(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(60));
+        let auth = bearer(token)?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            use std::error::Error as _;
+            let mut message = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                message = format!("{message}: {s}");
+                source = s.source();
+            }
+            connect_error(message)
+        })?;
+        Ok(Client {
+            inner: AdminServiceClient::new(channel),
+            auth,
+        })
+    }
+
+    /// A client over an existing channel (for tests and embedding).
+    ///
+    /// # Errors
+    /// [`Error::Token`] for a token that cannot be a header value.
+    pub fn from_channel(channel: Channel, token: &str) -> Result<Client, Error> {
+        Ok(Client {
+            inner: AdminServiceClient::new(channel),
+            auth: bearer(token)?,
+        })
+    }
+
+    /// `msg` with the authorization metadata.
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", self.auth.clone());
+        r
+    }
+
+    /// Every usage plan, all pages.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] if a call fails.
+    pub async fn list_usage_plans(&mut self) -> Result<Vec<pb::UsagePlan>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = self.req(pb::ListUsagePlansRequest {
+                page_size: PAGE_SIZE,
+                page_token: token.clone(),
+            });
+            let resp = self
+                .inner
+                .list_usage_plans(req)
+                .await
+                .map_err(|s| rpc_error("listing usage plans", &s))?
+                .into_inner();
+            out.extend(resp.usage_plans);
+            if resp.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            if resp.next_page_token == token {
+                return Err(Error::Unexpected(
+                    "ListUsagePlans returned the same page token twice".into(),
+                ));
+            }
+            token = resp.next_page_token;
+        }
+    }
+
+    /// Every API key, all pages.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] if a call fails.
+    pub async fn list_api_keys(&mut self) -> Result<Vec<pb::ApiKey>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = self.req(pb::ListApiKeysRequest {
+                page_size: PAGE_SIZE,
+                page_token: token.clone(),
+                ..pb::ListApiKeysRequest::default()
+            });
+            let resp = self
+                .inner
+                .list_api_keys(req)
+                .await
+                .map_err(|s| rpc_error("listing api keys", &s))?
+                .into_inner();
+            out.extend(resp.api_keys);
+            if resp.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            if resp.next_page_token == token {
+                return Err(Error::Unexpected(
+                    "ListApiKeys returned the same page token twice".into(),
+                ));
+            }
+            token = resp.next_page_token;
+        }
+    }
+
+    /// Makes one change; returns the new key value for a created key.
+    async fn apply(&mut self, change: &Change) -> Result<Option<String>, tonic::Status> {
+        let mask = |fields: &[&str]| prost_types::FieldMask {
+            paths: fields.iter().map(|f| (*f).to_owned()).collect(),
+        };
+        match change {
+            Change::CreatePlan { plan } => {
+                let r = self.req(pb::CreateUsagePlanRequest {
+                    usage_plan: Some(plan.clone()),
+                });
+                self.inner.create_usage_plan(r).await?;
+            }
+            Change::UpdatePlan { plan, fields } => {
+                let r = self.req(pb::UpdateUsagePlanRequest {
+                    usage_plan: Some(plan.clone()),
+                    update_mask: Some(mask(fields)),
+                });
+                self.inner.update_usage_plan(r).await?;
+            }
+            Change::DeletePlan { name } => {
+                let r = self.req(pb::DeleteUsagePlanRequest {
+                    plan: name.clone(),
+                    force: true,
+                });
+                self.inner.delete_usage_plan(r).await?;
+            }
+            Change::CreateKey { key } => {
+                let r = self.req(pb::CreateApiKeyRequest {
+                    api_key: Some(key.clone()),
+                    value: String::new(),
+                    disabled: !key.enabled,
+                });
+                let resp = self.inner.create_api_key(r).await?.into_inner();
+                return Ok(Some(resp.value));
+            }
+            Change::UpdateKey { key, fields } => {
+                let r = self.req(pb::UpdateApiKeyRequest {
+                    api_key: Some(key.clone()),
+                    update_mask: Some(mask(fields)),
+                });
+                self.inner.update_api_key(r).await?;
+            }
+            Change::DeleteKey { name } => {
+                let r = self.req(pb::DeleteApiKeyRequest { key: name.clone() });
+                self.inner.delete_api_key(r).await?;
+            }
+            Change::Bind { key, plan } => {
+                let r = self.req(pb::CreateUsagePlanKeyRequest {
+                    plan: plan.clone(),
+                    key: key.clone(),
+                });
+                self.inner.create_usage_plan_key(r).await?;
+            }
+            Change::Unbind { key, plan } => {
+                let r = self.req(pb::DeleteUsagePlanKeyRequest {
+                    plan: plan.clone(),
+                    key: key.clone(),
+                });
+                self.inner.delete_usage_plan_key(r).await?;
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn bearer(token: &str) -> Result<MetadataValue<Ascii>, Error> {
+    format!("Bearer {token}")
+        .parse::<MetadataValue<Ascii>>()
+        .map_err(|_| Error::Token)
+}
+
+// ---------------------------------------------------------------------------
+// The operations main.rs calls
+// ---------------------------------------------------------------------------
+
+/// Lists the server's plans and keys and computes the changes that make
+/// them match `spec` (see [`diff`]). Makes no write call.
+///
+/// # Errors
+/// [`Error::Rpc`] if listing fails, [`Error::Conflict`] from [`diff`].
+pub async fn plan_changes(
+    client: &mut Client,
+    spec: &Spec,
+    prune: bool,
+) -> Result<ChangeSet, Error> {
+    let plans = client.list_usage_plans().await?;
+    let keys = client.list_api_keys().await?;
+    diff(spec, &plans, &keys, prune)
+}
+
+/// Makes `changes` in order, writing each change's line to `out` once it
+/// succeeded, the value of each created key, and a final summary line.
+/// Stops at the first failure (the changes before it stay made).
+///
+/// # Errors
+/// [`Error::Rpc`] naming the resource whose change failed, [`Error::Io`] if
+/// writing to `out` fails.
+pub async fn apply_changes(
+    client: &mut Client,
+    changes: &ChangeSet,
+    out: &mut impl std::io::Write,
+) -> Result<(), Error> {
+    for change in &changes.changes {
+        let value = client
+            .apply(change)
+            .await
+            .map_err(|s| rpc_error(change.context(), &s))?;
+        writeln!(out, "{change}")?;
+        if let (Change::CreateKey { key }, Some(value)) = (change, value) {
+            writeln!(
+                out,
+                "created api key {}: value {value} (shown once; store it now)",
+                key.name
+            )?;
+        }
+        out.flush()?;
+    }
+    match changes.len() {
+        0 => writeln!(out, "no changes")?,
+        n => writeln!(out, "{} applied", summary(n))?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The server's plans and keys as YAML in the declarative format (see
+/// [`export_spec`] and [`to_yaml`]).
+///
+/// # Errors
+/// [`Error::Rpc`] if listing fails, [`Error::Unexpected`] or
+/// [`Error::Encode`] from the conversion.
+pub async fn export(client: &mut Client) -> Result<String, Error> {
+    let plans = client.list_usage_plans().await?;
+    let keys = client.list_api_keys().await?;
+    to_yaml(&export_spec(&plans, &keys)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path() -> &'static Path {
+        Path::new("plans.yaml")
+    }
+
+    fn parse(text: &str) -> Spec {
+        parse_spec(path(), text).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse_spec(path(), text).unwrap_err().to_string()
+    }
+
+    const EXAMPLE: &str = include_str!("../examples/plans.yaml");
+
+    /// The server's view of a plan created from `spec`: defaults as the
+    /// server might fill them, with an id.
+    fn server_plan(id: &str, spec: &PlanSpec) -> pb::UsagePlan {
+        pb::UsagePlan {
+            id: id.to_owned(),
+            create_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            ..plan_to_proto(spec)
+        }
+    }
+
+    fn server_key(id: &str, spec: &KeySpec, plan_ids: &[&str]) -> pb::ApiKey {
+        pb::ApiKey {
+            id: id.to_owned(),
+            usage_plan_ids: plan_ids.iter().map(|s| (*s).to_owned()).collect(),
+            create_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            ..key_to_proto(spec)
+        }
+    }
+
+    fn lines(c: &ChangeSet) -> Vec<String> {
+        c.changes.iter().map(ToString::to_string).collect()
+    }
+
+    fn plan_spec(name: &str) -> PlanSpec {
+        PlanSpec {
+            name: name.to_owned(),
+            description: String::new(),
+            throttle: None,
+            quota: None,
+            stages: vec![StageSpec {
+                domain: "llm".into(),
+                stage: String::new(),
+                key_entry: default_key_entry(),
+                method_entry: default_method_entry(),
+                path_entry: default_path_entry(),
+                method_throttles: BTreeMap::new(),
+            }],
+            tags: BTreeMap::new(),
+        }
+    }
+
+    fn key_spec(name: &str, plans: &[&str]) -> KeySpec {
+        KeySpec {
+            name: name.to_owned(),
+            description: String::new(),
+            enabled: true,
+            customer_id: String::new(),
+            expire_time: None,
+            tags: BTreeMap::new(),
+            usage_plans: plans.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    // --- parsing -----------------------------------------------------------
+
+    #[test]
+    fn the_example_parses_with_defaults_filled() {
+        let s = parse(EXAMPLE);
+        let gold = &s.usage_plans[0];
+        assert_eq!(gold.name, "gold");
+        assert_eq!(
+            gold.throttle,
+            Some(ThrottleSpec {
+                rate_limit: 10.0,
+                burst_limit: 20
+            })
+        );
+        let q = gold.quota.as_ref().unwrap();
+        assert_eq!(q.period, PeriodSpec::Day);
+        assert_eq!(q.time_zone, "UTC");
+        assert_eq!(gold.stages[0].key_entry, "api_key");
+        assert_eq!(gold.stages[0].method_entry, "method");
+        assert_eq!(
+            gold.stages[0].method_throttles["/v1/chat/completions/POST"].burst_limit,
+            5
+        );
+        let alice = s.api_keys.iter().find(|k| k.name == "alice").unwrap();
+        assert!(alice.enabled);
+        assert_eq!(alice.usage_plans, ["gold"]);
+        assert_eq!(
+            alice.expire_time.unwrap().as_second(),
+            "2027-01-01T00:00:00Z"
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+                .as_second()
+        );
+    }
+
+    #[test]
+    fn empty_files_are_empty_specs() {
+        assert_eq!(parse(""), Spec::default());
+        assert_eq!(parse("# nothing yet\n\n"), Spec::default());
+        assert_eq!(parse("usage_plans: []\n"), Spec::default());
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let text = "usage_plans:\n  - name: gold\n    throtle: { rate_limit: 1, burst_limit: 1 }\n";
+        let e = parse_err(text);
+        assert!(e.starts_with("plans.yaml: "), "{e}");
+        assert!(e.contains("throtle"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+
+        let text = "api_keys:\n  - name: alice\n    enabled: true\n    usage_plan: [gold]\n";
+        let e = parse_err(text);
+        assert!(e.contains("usage_plan"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+
+        let text = "usage_plans: []\nkeys: []\n";
+        let e = parse_err(text);
+        assert!(e.contains("keys") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_period_is_an_error_with_its_line() {
+        let text = "usage_plans:\n  - name: gold\n    quota: { limit: 5, period: DAYS }\n";
+        let e = parse_err(text);
+        assert!(e.contains("DAYS"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        let text = "usage_plans:\n  - name: gold\n    quota: { limit: 5, period: day }\n";
+        assert!(parse_err(text).contains("day"));
+    }
+
+    #[test]
+    fn a_bad_expire_time_is_an_error_with_its_line() {
+        let text = "api_keys:\n  - name: alice\n    expire_time: 2027-01-01\n";
+        let e = parse_err(text);
+        assert!(e.contains("RFC 3339"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_fields_are_errors() {
+        let e = parse_err("usage_plans:\n  - description: x\n");
+        assert!(e.contains("name"), "{e}");
+        let e = parse_err("usage_plans:\n  - name: a\n    throttle: { rate_limit: 1 }\n");
+        assert!(e.contains("burst_limit"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_errors_with_both_lines() {
+        let text = "usage_plans:\n  - name: gold\n  - name: silver\n  - name: gold\n";
+        let e = parse_err(text);
+        assert_eq!(
+            e,
+            "plans.yaml:4: usage_plans[2].name: usage plan \"gold\" is listed twice (first at line 2)"
+        );
+        let text = "api_keys:\n  - name: alice\n  - name: alice\n";
+        let e = parse_err(text);
+        assert!(e.starts_with("plans.yaml:3: api_keys[1].name"), "{e}");
+        let text = "api_keys:\n  - name: alice\n    usage_plans: [gold, gold]\n";
+        let e = parse_err(text);
+        assert!(
+            e.starts_with("plans.yaml:3: api_keys[0].usage_plans[1]"),
+            "{e}"
+        );
+        let e = parse_err("usage_plans:\n  - name: \" \"\n");
+        assert!(e.contains("must not be empty"), "{e}");
+    }
+
+    // --- diff --------------------------------------------------------------
+
+    #[test]
+    fn everything_new_is_created_in_order() {
+        let spec = parse(EXAMPLE);
+        let c = diff(&spec, &[], &[], false).unwrap();
+        assert_eq!(
+            lines(&c),
+            [
+                "+ usage plan gold",
+                "+ usage plan silver",
+                "+ api key alice",
+                "+ api key bob",
+                "+ bind alice -> gold",
+                "+ bind bob -> silver",
+            ]
+        );
+        let listing = c.to_string();
+        assert!(listing.ends_with("\n6 changes\n"), "{listing}");
+        // A disabled key is created disabled.
+        let spec = Spec {
+            api_keys: vec![KeySpec {
+                enabled: false,
+                ..key_spec("carol", &[])
+            }],
+            ..Spec::default()
+        };
+        let c = diff(&spec, &[], &[], false).unwrap();
+        assert!(matches!(&c.changes[0], Change::CreateKey { key } if !key.enabled));
+    }
+
+    /// The server's state after applying `spec` from scratch.
+    fn applied(spec: &Spec) -> (Vec<pb::UsagePlan>, Vec<pb::ApiKey>) {
+        let plans: Vec<pb::UsagePlan> = spec
+            .usage_plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| server_plan(&format!("p{i}"), p))
+            .collect();
+        let id_of = |name: &str| {
+            plans
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.id.clone())
+                .unwrap()
+        };
+        let keys = spec
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let ids: Vec<String> = k.usage_plans.iter().map(|n| id_of(n)).collect();
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                server_key(&format!("k{i}"), k, &ids)
+            })
+            .collect();
+        (plans, keys)
+    }
+
+    #[test]
+    fn an_applied_spec_is_a_no_op() {
+        let spec = parse(EXAMPLE);
+        let (plans, keys) = applied(&spec);
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert!(c.is_empty(), "{c}");
+        assert_eq!(c.to_string(), "no changes\n");
+        let c = diff(&spec, &plans, &keys, true).unwrap();
+        assert!(c.is_empty(), "{c}");
+    }
+
+    #[test]
+    fn server_defaults_compare_equal_to_file_defaults() {
+        let spec = parse(EXAMPLE);
+        let (mut plans, keys) = applied(&spec);
+        for p in &mut plans {
+            for s in &mut p.stages {
+                s.key_entry.clear();
+                s.method_entry.clear();
+                s.path_entry.clear();
+            }
+            if let Some(q) = p.quota.as_mut().filter(|q| q.time_zone == "UTC") {
+                q.time_zone.clear();
+            }
+            p.stages.reverse();
+        }
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert!(c.is_empty(), "{c}");
+
+        // MONTH anchor 0 is 1; offset 4 is anchor 5.
+        let spec = parse(
+            "usage_plans:\n  - name: m\n    quota: { limit: 1, period: MONTH }\n  - name: n\n    quota: { limit: 1, period: MONTH, anchor_day: 5 }\n",
+        );
+        let (mut plans, keys) = applied(&spec);
+        plans[0].quota.as_mut().unwrap().anchor_day = 1;
+        let q = plans[1].quota.as_mut().unwrap();
+        q.anchor_day = 0;
+        q.offset = Some(4);
+        assert!(diff(&spec, &plans, &keys, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_changed_field_is_one_update_with_that_path() {
+        let spec = parse(EXAMPLE);
+        let (mut plans, mut keys) = applied(&spec);
+        plans[0].throttle.as_mut().unwrap().rate_limit = 10.000_000_1;
+        keys[0].enabled = false;
+        keys[1].expire_time = Some(prost_types::Timestamp {
+            seconds: 5,
+            nanos: 0,
+        });
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            [
+                "~ usage plan gold: throttle",
+                "~ api key alice: enabled",
+                "~ api key bob: expire_time"
+            ]
+        );
+        match &c.changes[0] {
+            Change::UpdatePlan { plan, fields } => {
+                assert_eq!(plan.id, "gold");
+                assert_eq!(fields, &["throttle"]);
+                assert_eq!(plan.throttle.as_ref().unwrap().rate_limit, 10.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &c.changes[2] {
+            // The file has no expire_time: the mask path with no value removes it.
+            Change::UpdateKey { key, fields } => {
+                assert_eq!(key.id, "bob");
+                assert_eq!(fields, &["expire_time"]);
+                assert!(key.expire_time.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn omitted_fields_are_removed_and_several_fields_are_listed() {
+        let spec = parse(EXAMPLE);
+        let (plans, keys) = applied(&spec);
+        let mut spec2 = spec.clone();
+        spec2.usage_plans[0].throttle = None;
+        spec2.usage_plans[0].tags.clear();
+        spec2.usage_plans[0].description = "new".into();
+        let c = diff(&spec2, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            ["~ usage plan gold: description, throttle, tags"]
+        );
+        match &c.changes[0] {
+            Change::UpdatePlan { plan, .. } => assert!(plan.throttle.is_none()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn times_compare_as_seconds() {
+        let spec = parse(EXAMPLE);
+        let (plans, mut keys) = applied(&spec);
+        let alice = keys.iter_mut().find(|k| k.name == "alice").unwrap();
+        alice.expire_time.as_mut().unwrap().nanos = 500;
+        assert!(diff(&spec, &plans, &keys, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_moves_between_plans_unbinding_first() {
+        let mut spec = Spec {
+            usage_plans: vec![plan_spec("a"), plan_spec("b")],
+            api_keys: vec![key_spec("k", &["a"])],
+        };
+        let (plans, keys) = applied(&spec);
+        spec.api_keys[0].usage_plans = vec!["b".into()];
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert_eq!(lines(&c), ["- bind k -> a", "+ bind k -> b"]);
+
+        // Unbinds of every key come before any bind.
+        let mut spec = Spec {
+            usage_plans: vec![plan_spec("a"), plan_spec("b")],
+            api_keys: vec![key_spec("k", &["a"]), key_spec("l", &["b"])],
+        };
+        let (plans, keys) = applied(&spec);
+        spec.api_keys[0].usage_plans = vec!["b".into()];
+        spec.api_keys[1].usage_plans = vec!["a".into()];
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            [
+                "- bind k -> a",
+                "- bind l -> b",
+                "+ bind k -> b",
+                "+ bind l -> a"
+            ]
+        );
+    }
+
+    #[test]
+    fn unlisted_resources_are_kept_unless_pruned() {
+        let spec = parse(EXAMPLE);
+        let (mut plans, mut keys) = applied(&spec);
+        plans.push(server_plan("old", &plan_spec("old")));
+        keys.push(server_key("kz", &key_spec("zed", &[]), &["old"]));
+        // alice is also bound to the old plan.
+        keys[0].usage_plan_ids.push("old".into());
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert_eq!(lines(&c), ["- bind alice -> old"]);
+        let c = diff(&spec, &plans, &keys, true).unwrap();
+        assert_eq!(
+            lines(&c),
+            ["- bind alice -> old", "- api key zed", "- usage plan old"]
+        );
+    }
+
+    #[test]
+    fn bindings_must_name_known_plans() {
+        let spec = Spec {
+            api_keys: vec![key_spec("k", &["nowhere"])],
+            ..Spec::default()
+        };
+        let e = diff(&spec, &[], &[], false).unwrap_err().to_string();
+        assert!(e.contains("\"k\"") && e.contains("\"nowhere\""), "{e}");
+        // A plan only on the server is fine, unless pruning would delete it.
+        let plans = [server_plan("p", &plan_spec("server-only"))];
+        let spec = Spec {
+            api_keys: vec![key_spec("k", &["server-only"])],
+            ..Spec::default()
+        };
+        let c = diff(&spec, &plans, &[], false).unwrap();
+        assert_eq!(lines(&c), ["+ api key k", "+ bind k -> server-only"]);
+        let e = diff(&spec, &plans, &[], true).unwrap_err().to_string();
+        assert!(e.contains("prun"), "{e}");
+    }
+
+    // --- export ------------------------------------------------------------
+
+    #[test]
+    fn an_export_applied_is_no_change() {
+        let spec = parse(EXAMPLE);
+        let (plans, keys) = applied(&spec);
+        let yaml = to_yaml(&export_spec(&plans, &keys).unwrap()).unwrap();
+        let back = parse_spec(Path::new("export.yaml"), &yaml).unwrap();
+        let c = diff(&back, &plans, &keys, true).unwrap();
+        assert!(c.is_empty(), "{c}\n{yaml}");
+    }
+
+    #[test]
+    fn awkward_values_survive_an_export() {
+        let mut p = plan_spec("yes");
+        p.description = "line one\nline two: \"quoted\" # not a comment".into();
+        p.throttle = Some(ThrottleSpec {
+            rate_limit: 1.0 / 3.0,
+            burst_limit: 1,
+        });
+        p.quota = Some(QuotaSpec {
+            limit: i64::MAX,
+            period: PeriodSpec::Week,
+            anchor_day: 6,
+            time_zone: "America/New_York".into(),
+        });
+        p.stages[0].stage = "123".into();
+        p.stages[0].key_entry = "x-api-key".into();
+        p.stages[0].method_throttles.insert(
+            "/v1/{model}/POST".into(),
+            ThrottleSpec {
+                rate_limit: 0.1,
+                burst_limit: 0,
+            },
+        );
+        p.tags.insert("null".into(), "~".into());
+        p.tags.insert("k: v".into(), "- x".into());
+        let mut q = plan_spec("1.5");
+        q.throttle = Some(ThrottleSpec {
+            rate_limit: 1e-7,
+            burst_limit: 3,
+        });
+        q.stages.clear();
+        let mut k = key_spec("#hash", &["yes", "1.5"]);
+        k.enabled = false;
+        k.customer_id = "true".into();
+        k.description = " leading space".into();
+        k.expire_time = Some("2030-06-01T12:34:56Z".parse().unwrap());
+        k.tags.insert("é".into(), "ü".into());
+        let spec = Spec {
+            usage_plans: vec![p, q],
+            api_keys: vec![k, key_spec("plain", &[])],
+        };
+        let (plans, keys) = applied(&spec);
+        let exported = export_spec(&plans, &keys).unwrap();
+        let yaml = to_yaml(&exported).unwrap();
+        let back = parse_spec(Path::new("export.yaml"), &yaml).unwrap();
+        assert_eq!(back, exported, "{yaml}");
+        let c = diff(&back, &plans, &keys, true).unwrap();
+        assert!(c.is_empty(), "{c}\n{yaml}");
+    }
+
+    #[test]
+    fn exports_are_sorted_and_omit_defaults() {
+        let spec = Spec {
+            usage_plans: vec![plan_spec("b"), plan_spec("a")],
+            api_keys: vec![key_spec("z", &["b", "a"]), key_spec("y", &[])],
+        };
+        let (plans, keys) = applied(&spec);
+        let yaml = to_yaml(&export_spec(&plans, &keys).unwrap()).unwrap();
+        let body: Vec<&str> = yaml.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            body,
+            [
+                "usage_plans:",
+                "- name: a",
+                "  stages:",
+                "  - domain: llm",
+                "- name: b",
+                "  stages:",
+                "  - domain: llm",
+                "api_keys:",
+                "- name: \"y\"",
+                "- name: z",
+                "  usage_plans: [a, b]",
+            ],
+            "{yaml}"
+        );
+        let empty = to_yaml(&export_spec(&[], &[]).unwrap()).unwrap();
+        assert_eq!(parse(&empty), Spec::default(), "{empty}");
+    }
+
+    #[test]
+    fn errors_show_code_and_message() {
+        let e = rpc_error(
+            "creating usage plan \"gold\"",
+            &tonic::Status::invalid_argument("throttle.burst_limit: must be >= 1"),
+        );
+        assert_eq!(
+            e.to_string(),
+            "creating usage plan \"gold\": INVALID_ARGUMENT: throttle.burst_limit: must be >= 1"
+        );
+    }
+}
