@@ -14,6 +14,8 @@
 //!   storage; async, no tonic types. Tests and benches drive it.
 //! - [`server`]: tonic wiring: the RLS service, health, reflection, request
 //!   bounds, the one error -> `tonic::Status` mapping, shutdown.
+//! - [`declarative`]: `sluice apply` / `export`: a YAML file of plans and
+//!   keys diffed against the admin API.
 //! - [`proto`]: generated code only.
 //! - `main.rs`: CLI parsing and process lifecycle.
 
