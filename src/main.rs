@@ -116,6 +116,11 @@ struct ServeArgs {
     admin_listen: SocketAddr,
     #[command(flatten)]
     token: TokenArgs,
+    /// On SIGTERM/SIGINT, how long in-flight calls and open connections may
+    /// take to finish before they are dropped.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    drain_timeout_ms: u64,
     /// Days of daily usage history kept per key.
     #[arg(long, env = "SLUICE_USAGE_RETENTION_DAYS", default_value_t = sluice::limiter::DEFAULT_USAGE_RETENTION_DAYS,
           value_parser = clap::value_parser!(u32).range(1..=3660))]
@@ -352,28 +357,47 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop_tx.send_replace(true);
         }
     });
-    // Either server ending (a signal, or a transport error) stops both.
-    let (result, admin_result) = tokio::join!(
-        async {
-            let r =
-                server::serve(listener, limiter.clone(), limits, stopped(stop_rx.clone())).await;
-            stop_tx.send_replace(true);
-            r
-        },
-        async {
-            let r = server::serve_admin(
-                admin_listener,
-                registry,
-                limiter.clone(),
-                &token,
-                args.usage_retention_days,
-                stopped(stop_rx.clone()),
-            )
-            .await;
-            stop_tx.send_replace(true);
-            r
-        },
-    );
+    // Either server ending (a signal, or a transport error) stops both. A
+    // client that never closes its connection must not stall the stop: after
+    // --drain-timeout-ms the remaining connections are dropped.
+    let drain_timeout = Duration::from_millis(args.drain_timeout_ms);
+    let deadline = {
+        let rx = stop_rx.clone();
+        async move {
+            stopped(rx).await;
+            tokio::time::sleep(drain_timeout).await;
+        }
+    };
+    let both = async {
+        tokio::join!(
+            async {
+                let r = server::serve(listener, limiter.clone(), limits, stopped(stop_rx.clone()))
+                    .await;
+                stop_tx.send_replace(true);
+                r
+            },
+            async {
+                let r = server::serve_admin(
+                    admin_listener,
+                    registry,
+                    limiter.clone(),
+                    &token,
+                    args.usage_retention_days,
+                    stopped(stop_rx.clone()),
+                )
+                .await;
+                stop_tx.send_replace(true);
+                r
+            },
+        )
+    };
+    let (result, admin_result) = tokio::select! {
+        r = both => r,
+        () = deadline => {
+            tracing::warn!(timeout_ms = args.drain_timeout_ms, "drain timeout: closing the connections still open");
+            (Ok(()), Ok(()))
+        }
+    };
     watcher.abort();
     purger.abort();
     let closed = store.close().await;

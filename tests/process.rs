@@ -527,3 +527,33 @@ async fn bad_request_is_invalid_argument_and_server_stays_up() {
     let status = s.terminate();
     assert_exit_ok(&mut s, status);
 }
+
+/// A client that keeps its connection open and stops reading (here: its
+/// runtime is never polled again) must not stall a graceful stop: after
+/// `--drain-timeout-ms` the server drops it, flushes and exits 0.
+#[test]
+fn sigterm_does_not_wait_forever_for_a_stuck_client() {
+    let tmp = tempdir();
+    let mut s = SluiceCmd::serve(&tmp.path().join("no-config"), &tmp.path().join("data"))
+        .arg("--drain-timeout-ms")
+        .arg("500")
+        .start();
+    let stuck = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = stuck.block_on(async {
+        let mut c = s.client().await;
+        let r = should(&mut c, request("llm-gateway", &[("remote_address", "10.0.0.1")])).await;
+        assert_eq!(r.overall_code, OK, "{r:?}");
+        c
+    });
+    // `stuck` is not polled from here on: the connection stays open and
+    // nobody answers the server's GOAWAY/PING.
+    let status = s.terminate();
+    assert_exit_ok(&mut s, status);
+    let stderr = s.stderr();
+    assert!(stderr.contains("drain timeout"), "{stderr}");
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    drop(client);
+}

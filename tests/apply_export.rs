@@ -1,0 +1,215 @@
+//! `sluice apply` and `sluice export` against the real binary: the shipped
+//! example applies, re-applies as a no-op, exports to a file that applies as
+//! a no-op, reports updates, prints key values that work, and refuses bad
+//! files and bad tokens without changing anything.
+
+mod proc;
+
+use std::path::Path;
+use std::process::Command;
+
+use proc::*;
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plans.yaml")
+}
+
+/// Runs `sluice <args> --admin-addr ADDR --data-dir DATA` and returns the result.
+fn sluice(args: &[&str], admin: std::net::SocketAddr, data: &Path) -> Finished {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(args)
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .arg("--data-dir")
+        .arg(data);
+    run_command(cmd, TIMEOUT)
+}
+
+fn ok(f: &Finished) -> &str {
+    assert!(f.success(), "command failed:\n{}", f.output());
+    &f.stdout
+}
+
+/// The value printed for a new key: `created api key NAME: value VALUE (...)`.
+fn printed_value(out: &str, name: &str) -> String {
+    let mark = format!("created api key {name}: value ");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&mark))
+        .unwrap_or_else(|| panic!("no value printed for {name}:\n{out}"));
+    line[mark.len()..]
+        .split_whitespace()
+        .next()
+        .expect("a value")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_applies_idempotently_and_exports_to_a_no_op() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let admin = s.admin_addr();
+
+    // Dry run: lists six changes and makes none.
+    let out = ok(&sluice(
+        &["apply", "-f", example().to_str().unwrap(), "--dry-run"],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    for line in [
+        "+ usage plan gold",
+        "+ usage plan silver",
+        "+ api key alice",
+        "+ api key bob",
+        "+ bind alice -> gold",
+        "+ bind bob -> silver",
+        "6 changes",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(
+        !exported.contains("gold"),
+        "dry run changed nothing:\n{exported}"
+    );
+
+    // Apply: the same changes, and each new key's value, once.
+    let out = ok(&sluice(
+        &["apply", "-f", example().to_str().unwrap()],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    assert!(out.contains("6 changes applied"), "{out}");
+    let alice = printed_value(&out, "alice");
+    assert!(alice.starts_with("slk_"), "{alice}");
+
+    // The printed value is a working key of plan gold (domain llm-gateway).
+    let mut c = s.client().await;
+    let r = should(&mut c, request("llm-gateway", &[("api_key", &alice)])).await;
+    assert_eq!(r.overall_code, OK, "{r:?}");
+    let name = &r.statuses[0].current_limit.as_ref().expect("a limit").name;
+    assert!(name.starts_with("gold/"), "{r:?}");
+
+    // Again: nothing to do.
+    let out = ok(&sluice(
+        &["apply", "-f", example().to_str().unwrap()],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    assert_eq!(out.trim(), "no changes");
+
+    // Export, then apply the export: nothing to do; values never exported.
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(
+        exported.contains("name: gold") && exported.contains("name: alice"),
+        "{exported}"
+    );
+    assert!(
+        !exported.contains(&alice),
+        "the key value must never be exported"
+    );
+    let file = dir.path().join("exported.yaml");
+    std::fs::write(&file, &exported).unwrap();
+    let out = ok(&sluice(
+        &["apply", "-f", file.to_str().unwrap()],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    assert_eq!(
+        out.trim(),
+        "no changes",
+        "export then apply must be a no-op"
+    );
+
+    // An edit shows as an update of exactly that field, and lands.
+    let edited = std::fs::read_to_string(example()).unwrap().replace(
+        "throttle: { rate_limit: 10, burst_limit: 20 }",
+        "throttle: { rate_limit: 10, burst_limit: 40 }",
+    );
+    let file = dir.path().join("edited.yaml");
+    std::fs::write(&file, edited).unwrap();
+    let out = ok(&sluice(
+        &["apply", "-f", file.to_str().unwrap()],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    assert!(
+        out.lines().any(|l| l == "~ usage plan gold: throttle"),
+        "{out}"
+    );
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(exported.contains("burst_limit: 40"), "{exported}");
+    drop(c);
+    s.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_files_and_bad_tokens_fail_clearly_and_change_nothing() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let admin = s.admin_addr();
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "usage_plans:\n  - name: gold\n    throtle: { rate_limit: 1, burst_limit: 1 }\n",
+    )
+    .unwrap();
+    let f = sluice(&["apply", "-f", bad.to_str().unwrap()], admin, &data);
+    assert!(!f.success());
+    let err = f.output();
+    assert!(
+        err.contains("bad.yaml") && err.contains("throtle") && err.contains("line 3"),
+        "{err}"
+    );
+
+    // Valid YAML the server refuses: the server's message names the field.
+    let invalid = dir.path().join("invalid.yaml");
+    std::fs::write(
+        &invalid,
+        "usage_plans:\n  - name: gold\n    throttle: { rate_limit: 5, burst_limit: 0 }\n",
+    )
+    .unwrap();
+    let f = sluice(&["apply", "-f", invalid.to_str().unwrap()], admin, &data);
+    assert!(!f.success());
+    assert!(
+        f.output().contains("throttle.burst_limit"),
+        "{}",
+        f.output()
+    );
+
+    let f = sluice(
+        &[
+            "apply",
+            "-f",
+            example().to_str().unwrap(),
+            "--admin-token",
+            "wrong",
+        ],
+        admin,
+        &data,
+    );
+    assert!(!f.success());
+    assert!(
+        f.output().to_lowercase().contains("unauthenticated"),
+        "{}",
+        f.output()
+    );
+
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(
+        !exported.contains("name:"),
+        "nothing was created:\n{exported}"
+    );
+    s.terminate();
+}
