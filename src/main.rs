@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice::declarative;
 use sluice::limiter::{watch_config, ConfigSource, RateLimiter};
 use sluice::plans::registry::Registry;
+use sluice::server::admin::AuthInterceptor;
 use sluice::server::{self, RequestLimits};
 use sluice::storage::sled_store::{Durability, SledCounters};
 use sluice::telemetry::{self, LogFormat};
@@ -116,6 +117,10 @@ struct ServeArgs {
     admin_listen: SocketAddr,
     #[command(flatten)]
     token: TokenArgs,
+    /// A second token that may only read (Get, List, GetUsage); writes with
+    /// it get PERMISSION_DENIED.
+    #[arg(long, env = "SLUICE_ADMIN_READ_TOKEN", hide_env_values = true)]
+    admin_read_token: Option<String>,
     /// On SIGTERM/SIGINT, how long in-flight calls and open connections may
     /// take to finish before they are dropped.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
@@ -295,6 +300,7 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
     let mut source = ConfigSource::new(&args.config_dir);
     let config = source.load_initial().context("invalid config")?;
     let durability = match args.durability {
@@ -310,6 +316,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("cannot load plans and keys")?,
     );
     let token = args.token.read_or_generate(&args.data_dir)?;
+    let mut auth = AuthInterceptor::new(&token);
+    if let Some(read) = &args.admin_read_token {
+        let read = check_token(read.trim().to_owned(), "--admin-read-token")?;
+        if read == token {
+            anyhow::bail!("--admin-read-token must differ from the admin token");
+        }
+        auth = auth.with_read_only(&read);
+    }
     let limiter = Arc::new(
         RateLimiter::new(config, store.clone())
             .with_plans(registry.handle())
@@ -353,7 +367,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn({
         let stop_tx = stop_tx.clone();
         async move {
-            shutdown_signal().await;
+            signal.await;
             stop_tx.send_replace(true);
         }
     });
@@ -381,7 +395,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     admin_listener,
                     registry,
                     limiter.clone(),
-                    &token,
+                    auth.clone(),
                     args.usage_retention_days,
                     stopped(stop_rx.clone()),
                 )
@@ -408,30 +422,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives
+/// right after the "listening" lines is never missed) and returns a future
+/// that completes on the first of them.
+///
+/// # Errors
+/// If a handler cannot be installed.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("received SIGINT"),
+                _ = term.recv() => tracing::info!("received SIGTERM"),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("received SIGINT"),
-        _ = term => tracing::info!("received SIGTERM"),
+            tracing::info!("received Ctrl-C");
+        })
     }
 }

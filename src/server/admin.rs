@@ -48,11 +48,23 @@ impl<S> AdminServer<S> {
     }
 }
 
+/// What a caller's token allows; put in the request extensions by
+/// [`AuthInterceptor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The admin token: every operation.
+    Full,
+    /// The read-only token: Get, List and GetUsage.
+    ReadOnly,
+}
+
 /// Checks `authorization: Bearer <token>` in constant time (both sides are
-/// hashed first, so neither the content nor the length leaks).
+/// hashed first, so neither the content nor the length leaks) against the
+/// admin token and the optional read-only token.
 #[derive(Clone)]
 pub struct AuthInterceptor {
     expected: [u8; 32],
+    read_only: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for AuthInterceptor {
@@ -62,16 +74,33 @@ impl std::fmt::Debug for AuthInterceptor {
 }
 
 impl AuthInterceptor {
-    /// An interceptor accepting `token`.
+    /// An interceptor accepting `token` for everything.
     pub fn new(token: &str) -> Self {
         AuthInterceptor {
             expected: Sha256::digest(token.as_bytes()).into(),
+            read_only: None,
         }
+    }
+
+    /// Also accepts `token` for reads only (writes get PERMISSION_DENIED).
+    pub fn with_read_only(mut self, token: &str) -> Self {
+        self.read_only = Some(Sha256::digest(token.as_bytes()).into());
+        self
+    }
+}
+
+/// PERMISSION_DENIED unless the caller has the admin token.
+fn require_write<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    match req.extensions().get::<Access>() {
+        Some(Access::Full) => Ok(()),
+        _ => Err(Status::permission_denied(format!(
+            "{what} needs the admin token; this token is read-only"
+        ))),
     }
 }
 
 impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let Some(value) = req.metadata().get("authorization") else {
             return Err(Status::unauthenticated(
                 "missing authorization metadata: send `authorization: Bearer <admin token>`",
@@ -89,11 +118,17 @@ impl tonic::service::Interceptor for AuthInterceptor {
                 Status::unauthenticated("authorization metadata must be `Bearer <admin token>`")
             })?;
         let got: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if bool::from(got.ct_eq(&self.expected)) {
-            Ok(req)
+        let full = bool::from(got.ct_eq(&self.expected));
+        let read = self.read_only.is_some_and(|r| bool::from(got.ct_eq(&r)));
+        let access = if full {
+            Access::Full
+        } else if read {
+            Access::ReadOnly
         } else {
-            Err(Status::unauthenticated("invalid admin token"))
-        }
+            return Err(Status::unauthenticated("invalid admin token"));
+        };
+        req.extensions_mut().insert(access);
+        Ok(req)
     }
 }
 
@@ -516,6 +551,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::CreateUsagePlanRequest>,
     ) -> Res<pb::UsagePlan> {
+        require_write(&req, "CreateUsagePlan")?;
         let req = req.into_inner();
         let p = required("usage_plan", req.usage_plan.as_ref())?;
         let plan = self.registry.create_plan(plan_from(p)?, now()).await?;
@@ -550,6 +586,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::UpdateUsagePlanRequest>,
     ) -> Res<pb::UsagePlan> {
+        require_write(&req, "UpdateUsagePlan")?;
         let req = req.into_inner();
         let want = required("usage_plan", req.usage_plan)?;
         if want.id.is_empty() {
@@ -581,6 +618,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
     }
 
     async fn delete_usage_plan(&self, req: Request<pb::DeleteUsagePlanRequest>) -> Res<()> {
+        require_write(&req, "DeleteUsagePlan")?;
         let req = req.into_inner();
         self.registry.delete_plan(&req.plan, req.force).await?;
         tracing::info!(plan = %req.plan, "usage plan deleted");
@@ -591,6 +629,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::CreateApiKeyRequest>,
     ) -> Res<pb::CreateApiKeyResponse> {
+        require_write(&req, "CreateApiKey")?;
         let req = req.into_inner();
         let k = required("api_key", req.api_key.as_ref())?;
         let key = model::ApiKey {
@@ -639,6 +678,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
     }
 
     async fn update_api_key(&self, req: Request<pb::UpdateApiKeyRequest>) -> Res<pb::ApiKey> {
+        require_write(&req, "UpdateApiKey")?;
         let req = req.into_inner();
         let want = required("api_key", req.api_key)?;
         if want.id.is_empty() {
@@ -671,6 +711,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
     }
 
     async fn delete_api_key(&self, req: Request<pb::DeleteApiKeyRequest>) -> Res<()> {
+        require_write(&req, "DeleteApiKey")?;
         let req = req.into_inner();
         self.registry.delete_key(&req.key).await?;
         tracing::info!(key = %req.key, "API key deleted");
@@ -681,6 +722,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::RotateApiKeyRequest>,
     ) -> Res<pb::CreateApiKeyResponse> {
+        require_write(&req, "RotateApiKey")?;
         let req = req.into_inner();
         let grace = match req.grace_period {
             None => 0,
@@ -705,6 +747,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::ImportApiKeysRequest>,
     ) -> Res<pb::ImportApiKeysResponse> {
+        require_write(&req, "ImportApiKeys")?;
         let req = req.into_inner();
         let (rows, warnings) = registry::parse_import_csv(&req.csv)?;
         let (ids, warnings) = self
@@ -723,6 +766,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::CreateUsagePlanKeyRequest>,
     ) -> Res<pb::UsagePlanKey> {
+        require_write(&req, "CreateUsagePlanKey")?;
         let req = req.into_inner();
         let (p, k) = self.registry.bind(&req.plan, &req.key, now()).await?;
         tracing::info!(plan = %p.name, key = %k.name, "key bound to plan");
@@ -734,6 +778,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
     }
 
     async fn delete_usage_plan_key(&self, req: Request<pb::DeleteUsagePlanKeyRequest>) -> Res<()> {
+        require_write(&req, "DeleteUsagePlanKey")?;
         let req = req.into_inner();
         self.registry.unbind(&req.plan, &req.key, now()).await?;
         tracing::info!(plan = %req.plan, key = %req.key, "key unbound from plan");
@@ -823,6 +868,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
     }
 
     async fn update_usage(&self, req: Request<pb::UpdateUsageRequest>) -> Res<pb::KeyUsage> {
+        require_write(&req, "UpdateUsage")?;
         let req = req.into_inner();
         if req.remaining < 0 {
             return Err(Error::invalid(

@@ -97,7 +97,7 @@ pub const ADMIN_HEALTH_NAMES: [&str; 2] = ["", admin::ADMIN_SERVICE];
 
 /// Serves the admin API (plus health and reflection, which need no token)
 /// on `listener` until `shutdown` completes. Every admin call must carry
-/// `authorization: Bearer <token>`.
+/// `authorization: Bearer <token>`, checked by `auth`.
 ///
 /// # Errors
 /// A transport error from tonic.
@@ -105,7 +105,7 @@ pub async fn serve_admin<S: CounterStore>(
     listener: TcpListener,
     registry: Arc<Registry>,
     limiter: Arc<RateLimiter<S>>,
-    token: &str,
+    auth: admin::AuthInterceptor,
     retention_days: u32,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -118,7 +118,7 @@ pub async fn serve_admin<S: CounterStore>(
     let (reflection_v1, reflection_v1alpha) = reflection();
     let admin = AdminServiceServer::with_interceptor(
         admin::AdminServer::new(registry, limiter, retention_days),
-        admin::AuthInterceptor::new(token),
+        auth,
     );
     let drain = async move {
         shutdown.await;

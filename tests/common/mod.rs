@@ -145,9 +145,7 @@ impl ServerBuilder {
         let registry = Arc::new(
             Registry::open(store.db(), dir.path().join("data")).expect("open plan registry"),
         );
-        let limiter = Arc::new(
-            RateLimiter::new(cfg, store.clone()).with_plans(registry.handle()),
-        );
+        let limiter = Arc::new(RateLimiter::new(cfg, store.clone()).with_plans(registry.handle()));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -164,7 +162,8 @@ impl ServerBuilder {
                     admin_listener,
                     registry,
                     limiter,
-                    ADMIN_TOKEN,
+                    sluice::server::admin::AuthInterceptor::new(ADMIN_TOKEN)
+                        .with_read_only(READ_ONLY_TOKEN),
                     90,
                     async move {
                         let _ = admin_shutdown_rx.await;
@@ -231,16 +230,23 @@ pub struct TestServer {
 
 /// The admin token of in-process test servers.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The read-only admin token of in-process test servers.
+pub const READ_ONLY_TOKEN: &str = "test-read-only-token";
 
 /// The admin client type.
 pub type AdminClient = AdminServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>,
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
 >;
 
 fn add_test_token(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     req.metadata_mut().insert(
         "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii token"),
+        format!("Bearer {ADMIN_TOKEN}")
+            .parse()
+            .expect("ascii token"),
     );
     Ok(req)
 }
