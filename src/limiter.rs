@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
-use crate::engine::{self, Code, Decision, Descriptor, Reason, Request, Slot, Status};
+use crate::engine::{self, Code, Decision, Entry, Reason, Request, Slot, Status};
 use crate::plans::catalog::{Catalog, CompiledPlan, Resolved};
 use crate::plans::decide as pd;
 use crate::plans::model::ApiKey;
@@ -160,7 +160,11 @@ impl<S: CounterStore> RateLimiter<S> {
         let now_s = now_us.div_euclid(1_000_000);
         let mut plan_statuses: Vec<Option<Status>> = Vec::with_capacity(req.descriptors.len());
         let mut rest = Vec::new();
-        for d in &req.descriptors {
+        // A request is decided once per key: Envoy sends one descriptor per
+        // `rate_limits` entry, and several may carry the same key. Those
+        // descriptors form one group: one token, one quota unit, one status.
+        let mut groups: Vec<(&CompiledPlan, usize, &ApiKey, Vec<usize>)> = Vec::new();
+        for (i, d) in req.descriptors.iter().enumerate() {
             let status = match cat.resolve(&req.domain, &d.entries, now_s) {
                 Resolved::NotGoverned => {
                     rest.push(d.clone());
@@ -176,13 +180,53 @@ impl<S: CounterStore> RateLimiter<S> {
                         reason: Some(Reason::InvalidKey),
                     })
                 }
-                Resolved::Governed { plan, stage, key } => Some(
-                    self.decide_plan(plan, stage, key, d, d.hits(req.hits_addend), now_us)
-                        .await?,
-                ),
+                Resolved::Governed { plan, stage, key } => {
+                    match groups
+                        .iter_mut()
+                        .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id)
+                    {
+                        Some(g) => g.3.push(i),
+                        None => groups.push((plan, stage, key, vec![i])),
+                    }
+                    None
+                }
             };
             plan_statuses.push(status);
         }
+        for (plan, stage, key, members) in groups {
+            let first = &req.descriptors[members[0]];
+            let status = if members.len() == 1 {
+                self.decide_plan(
+                    plan,
+                    stage,
+                    key,
+                    &first.entries,
+                    first.hits(req.hits_addend),
+                    now_us,
+                )
+                .await?
+            } else {
+                // The method and path may come from any descriptor of the group.
+                let entries: Vec<Entry> = members
+                    .iter()
+                    .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
+                    .collect();
+                self.decide_plan(
+                    plan,
+                    stage,
+                    key,
+                    &entries,
+                    first.hits(req.hits_addend),
+                    now_us,
+                )
+                .await?
+            };
+            for &i in &members {
+                plan_statuses[i] = Some(status.clone());
+            }
+        }
+        // Statuses of governed descriptors are in place; the others get the
+        // rule statuses, in order.
         let mut rules = if rest.is_empty() {
             Vec::new()
         } else {
@@ -232,7 +276,7 @@ impl<S: CounterStore> RateLimiter<S> {
         plan: &CompiledPlan,
         stage: usize,
         key: &ApiKey,
-        d: &Descriptor,
+        entries: &[Entry],
         hits: u64,
         now_us: i64,
     ) -> Result<Status, storage::Error> {
@@ -244,7 +288,7 @@ impl<S: CounterStore> RateLimiter<S> {
             bucket::Outcome,
             Option<&str>,
         )> = None;
-        if let Some((t, method)) = pd::select_throttle(plan, stage, &d.entries) {
+        if let Some((t, method)) = pd::select_throttle(plan, stage, entries) {
             let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
             let outcome = self
                 .buckets

@@ -1532,3 +1532,76 @@ proptest! {
         }
     }
 }
+
+// ------------------------------------ one decision per key per request --
+
+/// Envoy sends one descriptor per `rate_limits` entry, so one request may
+/// carry the same key in several descriptors (e.g. `api_key` and
+/// `api_key` + `model`). The plan decides the request once: one token, one
+/// quota unit, the same status for each of those descriptors; the method
+/// and path may come from any of them.
+#[tokio::test]
+async fn descriptors_sharing_a_key_are_decided_once_per_request() {
+    let env = Env::new();
+    let mut p = plan(
+        "grouped",
+        Some((0.001, 10)),
+        Some((100, PeriodKind::Day, 0, "UTC")),
+    );
+    p.stages[0].method_throttles = BTreeMap::from([(
+        "/v1/chat/completions/POST".to_owned(),
+        Throttle {
+            rate_limit: 0.001,
+            burst_limit: 3,
+        },
+    )]);
+    let p = env.plan(p).await;
+    let v = value_of("grouped");
+    let k = env.key("grouped-key", &v, Some(&p.id)).await;
+    let t = at(2026, 1, 1, 10, 0, 0);
+    let d = env
+        .decide_in(
+            DOMAIN,
+            vec![
+                desc(&[(DEFAULT_KEY_ENTRY, &v)], 1),
+                desc(&[(DEFAULT_KEY_ENTRY, &v), ("model", "gpt-4o")], 1),
+                desc(&[("remote_address", "10.0.0.9")], 1),
+            ],
+            t,
+        )
+        .await;
+    assert_eq!(d.statuses[0], d.statuses[1], "{d:?}");
+    assert_eq!(sum(&d.statuses[0]), ok(9, 1000));
+    assert_eq!(lim(&d.statuses[0]).unwrap().2, "grouped/throttle");
+    assert_ne!(
+        d.statuses[2], d.statuses[0],
+        "the third follows the config rules"
+    );
+    assert_eq!(env.quota(&p.id, &k.id, t / 1_000_000).await.used, 1);
+
+    // Method and path in the second descriptor select the per-method throttle.
+    let d = env
+        .decide_in(
+            DOMAIN,
+            vec![
+                desc(&[(DEFAULT_KEY_ENTRY, &v)], 1),
+                desc(
+                    &[
+                        (DEFAULT_KEY_ENTRY, &v),
+                        (DEFAULT_METHOD_ENTRY, "POST"),
+                        (DEFAULT_PATH_ENTRY, "/v1/chat/completions"),
+                    ],
+                    1,
+                ),
+            ],
+            t,
+        )
+        .await;
+    assert_eq!(d.statuses[0], d.statuses[1], "{d:?}");
+    assert_eq!(
+        lim(&d.statuses[0]).unwrap().2,
+        "grouped/throttle/v1/chat/completions/POST"
+    );
+    assert_eq!(sum(&d.statuses[0]), ok(2, 1000));
+    assert_eq!(env.quota(&p.id, &k.id, t / 1_000_000).await.used, 2);
+}
