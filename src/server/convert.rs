@@ -3,7 +3,7 @@
 
 use prost_types::Duration;
 
-use crate::engine::{self, Code, Decision, Descriptor, Entry, LimitOverride, Unit};
+use crate::engine::{self, Code, Decision, Descriptor, Entry, LimitOverride, Reason, Unit};
 use crate::proto::common::RateLimitDescriptor;
 use crate::proto::rls::rate_limit_response::{self as resp, DescriptorStatus};
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
@@ -140,6 +140,23 @@ fn code(c: Code) -> i32 {
 /// Response header naming why a plan refused a call.
 pub const REASON_HEADER: &str = "x-sluice-reason";
 
+/// The body Envoy sends with a plan refusal (`raw_body`), in the shape of
+/// OpenAI's error objects so LLM clients show it.
+pub fn reason_body(r: Reason) -> String {
+    let message = match r {
+        Reason::InvalidKey => {
+            "Invalid, disabled or expired API key, or no usage plan for this API."
+        }
+        Reason::Throttled => "Too many requests: the API key's rate limit is exceeded.",
+        Reason::QuotaExceeded => "The API key's quota for this period is used up.",
+    };
+    format!(
+        "{{\"error\":{{\"message\":\"{message}\",\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
+        r.as_str(),
+        r.as_str()
+    )
+}
+
 /// Builds the wire response for a decision. When a plan refused a
 /// descriptor, `x-sluice-reason` (the first refusal's reason) is added to
 /// the response headers, so a gateway can map invalid keys to 403.
@@ -149,16 +166,35 @@ pub fn response_to_proto(d: Decision) -> RateLimitResponse {
         .iter()
         .find(|s| s.code == Code::OverLimit)
         .and_then(|s| s.reason);
-    let response_headers_to_add = reason
-        .map(|r| crate::proto::core::HeaderValue {
-            key: REASON_HEADER.into(),
-            value: r.as_str().into(),
+    let mut response_headers_to_add = Vec::new();
+    let mut raw_body = Vec::new();
+    let mut dynamic_metadata = None;
+    if let Some(r) = reason {
+        let header = |key: &str, value: &str| crate::proto::core::HeaderValue {
+            key: key.into(),
+            value: value.into(),
             ..Default::default()
-        })
-        .into_iter()
-        .collect();
+        };
+        response_headers_to_add.push(header(REASON_HEADER, r.as_str()));
+        response_headers_to_add.push(header("content-type", "application/json"));
+        raw_body = reason_body(r).into_bytes();
+        // Envoy emits this under the filter's namespace
+        // (envoy.filters.http.ratelimit), where local_reply_config can match
+        // it, e.g. to answer invalid-key with 403 (see examples/envoy.yaml).
+        dynamic_metadata = Some(prost_types::Struct {
+            fields: [(
+                "sluice_reason".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(r.as_str().into())),
+                },
+            )]
+            .into(),
+        });
+    }
     RateLimitResponse {
         response_headers_to_add,
+        raw_body,
+        dynamic_metadata,
         overall_code: code(d.overall),
         statuses: d
             .statuses

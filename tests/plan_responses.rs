@@ -1,0 +1,108 @@
+//! What a gateway receives when a usage plan refuses a call: the reason in a
+//! response header, in dynamic metadata (for Envoy's local_reply_config) and
+//! as an OpenAI-style JSON body; nothing of the sort on an allowed call.
+
+mod common;
+
+use common::{desc, request, TestServer, OK, OVER_LIMIT};
+use prost_types::value::Kind;
+use sluice::proto::admin::{
+    ApiKey, ApiStage, CreateApiKeyRequest, CreateUsagePlanKeyRequest, CreateUsagePlanRequest,
+    Throttle, UsagePlan,
+};
+use sluice::proto::rls::RateLimitResponse;
+
+fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+fn metadata_reason(r: &RateLimitResponse) -> Option<String> {
+    let v = r.dynamic_metadata.as_ref()?.fields.get("sluice_reason")?;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        other => panic!("sluice_reason is not a string: {other:?}"),
+    }
+}
+
+fn assert_refusal(r: &RateLimitResponse, reason: &str) {
+    assert_eq!(r.overall_code, OVER_LIMIT, "{r:?}");
+    assert_eq!(header(r, "x-sluice-reason"), Some(reason), "{r:?}");
+    assert_eq!(header(r, "content-type"), Some("application/json"), "{r:?}");
+    assert_eq!(metadata_reason(r).as_deref(), Some(reason), "{r:?}");
+    let body = String::from_utf8(r.raw_body.clone()).expect("utf-8 body");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("the body is JSON");
+    assert_eq!(json["error"]["type"], reason, "{body}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not() {
+    let server = TestServer::start("domain: other\ndescriptors: []\n").await;
+    let mut admin = server.admin().await;
+    admin
+        .create_usage_plan(CreateUsagePlanRequest {
+            usage_plan: Some(UsagePlan {
+                name: "gold".into(),
+                throttle: Some(Throttle {
+                    rate_limit: 0.001,
+                    burst_limit: 1,
+                }),
+                stages: vec![ApiStage {
+                    domain: "llm".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let value = admin
+        .create_api_key(CreateApiKeyRequest {
+            api_key: Some(ApiKey {
+                name: "alice".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .value;
+    admin
+        .create_usage_plan_key(CreateUsagePlanKeyRequest {
+            plan: "gold".into(),
+            key: "alice".into(),
+        })
+        .await
+        .unwrap();
+
+    let ok = server
+        .check(request("llm", vec![desc(&[("api_key", &value)])]))
+        .await;
+    assert_eq!(ok.overall_code, OK, "{ok:?}");
+    assert!(ok.response_headers_to_add.is_empty(), "{ok:?}");
+    assert!(
+        ok.raw_body.is_empty() && ok.dynamic_metadata.is_none(),
+        "{ok:?}"
+    );
+
+    let throttled = server
+        .check(request("llm", vec![desc(&[("api_key", &value)])]))
+        .await;
+    assert_refusal(&throttled, "throttled");
+
+    let invalid = server
+        .check(request("llm", vec![desc(&[("api_key", "no-such-key")])]))
+        .await;
+    assert_refusal(&invalid, "invalid-key");
+    drop(admin);
+    server.shutdown().await;
+}
