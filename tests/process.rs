@@ -544,7 +544,11 @@ fn sigterm_does_not_wait_forever_for_a_stuck_client() {
         .unwrap();
     let client = stuck.block_on(async {
         let mut c = s.client().await;
-        let r = should(&mut c, request("llm-gateway", &[("remote_address", "10.0.0.1")])).await;
+        let r = should(
+            &mut c,
+            request("llm-gateway", &[("remote_address", "10.0.0.1")]),
+        )
+        .await;
         assert_eq!(r.overall_code, OK, "{r:?}");
         c
     });
