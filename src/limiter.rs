@@ -286,9 +286,9 @@ impl<S: CounterStore> RateLimiter<S> {
             Vec<u8>,
             &crate::plans::model::Throttle,
             bucket::Outcome,
-            Option<&str>,
+            &Arc<engine::Limit>,
         )> = None;
-        if let Some((t, method)) = pd::select_throttle(plan, stage, entries) {
+        if let Some((t, method, limit)) = pd::select_throttle(plan, stage, entries) {
             let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
             let outcome = self
                 .buckets
@@ -296,13 +296,13 @@ impl<S: CounterStore> RateLimiter<S> {
             if !outcome.allowed {
                 return Ok(Status {
                     code: Code::OverLimit,
-                    limit: Some(pd::throttle_limit(&p.name, t, method)),
+                    limit: Some(limit.clone()),
                     remaining: 0,
                     reset_in: Some(outcome.reset_in.map_or(u64::from(u32::MAX), pd::ceil_secs)),
                     reason: Some(Reason::Throttled),
                 });
             }
-            throttled = Some((bkey, t, outcome, method));
+            throttled = Some((bkey, t, outcome, limit));
         }
         let retention = i64::from(self.retention_days) * 86_400;
         let mut quota_status = None;
@@ -321,7 +321,10 @@ impl<S: CounterStore> RateLimiter<S> {
                 ];
                 let values = self.store.add(&ops).await?;
                 let used = values[0];
-                let limit = pd::quota_limit(&p.name, q, effective);
+                let limit = match &plan.quota_limit {
+                    Some(l) if effective == q.limit => l.clone(),
+                    _ => pd::quota_limit(&p.name, q, effective),
+                };
                 let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
                 if !pd::quota_allows(used, hits, effective) {
                     if let Some((bkey, t, _, _)) = &throttled {
@@ -360,9 +363,9 @@ impl<S: CounterStore> RateLimiter<S> {
                     .await?;
             }
         }
-        let throttle_status = throttled.map(|(_, t, o, method)| Status {
+        let throttle_status = throttled.map(|(_, _, o, limit)| Status {
             code: Code::Ok,
-            limit: Some(pd::throttle_limit(&p.name, t, method)),
+            limit: Some(limit.clone()),
             remaining: u32::try_from(o.remaining).unwrap_or(u32::MAX),
             reset_in: o.reset_in.map(pd::ceil_secs),
             reason: None,

@@ -7,20 +7,39 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::decide;
 use super::model::{self, ApiKey, MethodKey, Plan, Stage, Throttle, STAGE_ENTRY};
 use super::period::Calendar;
 use super::Error;
-use crate::engine::Entry;
+use crate::engine::{Entry, Limit};
 
-/// A plan ready for decisions.
+/// A per-method throttle, parsed, with the limit it reports.
+#[derive(Debug)]
+pub struct MethodThrottle {
+    /// The key as written ("/path/METHOD").
+    pub key: String,
+    /// The parsed key.
+    pub pattern: MethodKey,
+    /// The throttle.
+    pub throttle: Throttle,
+    /// How it is reported in `current_limit`.
+    pub limit: Arc<Limit>,
+}
+
+/// A plan ready for decisions: parsed and with its reported limits built
+/// once, so a decision allocates none of them.
 #[derive(Debug)]
 pub struct CompiledPlan {
     /// The record.
     pub plan: Plan,
     /// The quota's calendar, when the plan has a quota.
     pub calendar: Option<Calendar>,
-    /// Parsed per-method throttle keys, per stage (same order as `plan.stages`).
-    pub method_keys: Vec<Vec<(String, MethodKey, Throttle)>>,
+    /// Per-method throttles, per stage (same order as `plan.stages`).
+    pub method_keys: Vec<Vec<MethodThrottle>>,
+    /// How the plan throttle is reported.
+    pub throttle_limit: Option<Arc<Limit>>,
+    /// How the quota is reported when no grant changes it.
+    pub quota_limit: Option<Arc<Limit>>,
 }
 
 impl CompiledPlan {
@@ -37,14 +56,31 @@ impl CompiledPlan {
             .map(|s| {
                 s.method_throttles
                     .iter()
-                    .filter_map(|(k, t)| MethodKey::parse(k).ok().map(|m| (k.clone(), m, *t)))
+                    .filter_map(|(k, t)| {
+                        MethodKey::parse(k).ok().map(|pattern| MethodThrottle {
+                            key: k.clone(),
+                            pattern,
+                            throttle: *t,
+                            limit: decide::throttle_limit(&plan.name, t, Some(k)),
+                        })
+                    })
                     .collect()
             })
             .collect();
+        let throttle_limit = plan
+            .throttle
+            .as_ref()
+            .map(|t| decide::throttle_limit(&plan.name, t, None));
+        let quota_limit = plan
+            .quota
+            .as_ref()
+            .map(|q| decide::quota_limit(&plan.name, q, q.limit));
         Ok(CompiledPlan {
             plan,
             calendar,
             method_keys,
+            throttle_limit,
+            quota_limit,
         })
     }
 }
@@ -94,16 +130,19 @@ pub enum Resolved<'a> {
     },
 }
 
+/// A hash map with foldhash's seeded hasher (the decision path's maps).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// All plans and keys, indexed for decisions and admin reads.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    plans: HashMap<String, Arc<CompiledPlan>>,
+    plans: Map<String, Arc<CompiledPlan>>,
     plan_names: BTreeMap<String, String>,
-    keys: HashMap<String, Arc<ApiKey>>,
+    keys: Map<String, Arc<ApiKey>>,
     key_names: BTreeMap<String, String>,
-    by_hash: HashMap<[u8; 32], HashRef>,
-    selectors: HashMap<String, Vec<Selector>>,
-    stage_plans: HashMap<(String, String), Vec<String>>,
+    by_hash: Map<[u8; 32], HashRef>,
+    selectors: Map<String, Vec<Selector>>,
+    stage_plans: Map<String, Map<String, Vec<String>>>,
     grants: HashMap<(String, String, i64), i64>,
 }
 
@@ -133,7 +172,9 @@ impl Catalog {
                     list.push(sel);
                 }
                 c.stage_plans
-                    .entry((s.domain.clone(), s.stage.clone()))
+                    .entry(s.domain.clone())
+                    .or_default()
+                    .entry(s.stage.clone())
                     .or_default()
                     .push(p.id.clone());
             }
@@ -223,7 +264,7 @@ impl Catalog {
         if key.expire_time.is_some_and(|t| now >= t) {
             return Resolved::Refused(Refusal::Expired);
         }
-        let Some(plan_ids) = self.stage_plans.get(&(domain.to_owned(), stage.to_owned())) else {
+        let Some(plan_ids) = self.stage_plans.get(domain).and_then(|m| m.get(stage)) else {
             return Resolved::Refused(Refusal::NoPlan);
         };
         for id in plan_ids {

@@ -54,12 +54,13 @@ pub fn bucket_key(plan_id: &str, key_id: &str, method: Option<(usize, &str)>) ->
 }
 
 /// The throttle for a call: the most specific matching per-method throttle
-/// of the stage (with its key), else the plan throttle, else none.
+/// of the stage (with its key), else the plan throttle, else none; with the
+/// limit it reports.
 pub fn select_throttle<'a>(
     plan: &'a CompiledPlan,
     stage: usize,
     entries: &[Entry],
-) -> Option<(&'a Throttle, Option<&'a str>)> {
+) -> Option<(&'a Throttle, Option<&'a str>, &'a Arc<Limit>)> {
     let s = &plan.plan.stages[stage];
     let methods = &plan.method_keys[stage];
     if !methods.is_empty() {
@@ -72,14 +73,17 @@ pub fn select_throttle<'a>(
         if let (Some(method), Some(path)) = (get(&s.method_entry), get(&s.path_entry)) {
             let best = methods
                 .iter()
-                .filter_map(|(k, m, t)| m.matches(path, method).map(|score| (score, k, t)))
-                .max_by_key(|(score, _, _)| *score);
-            if let Some((_, k, t)) = best {
-                return Some((t, Some(k.as_str())));
+                .filter_map(|m| m.pattern.matches(path, method).map(|score| (score, m)))
+                .max_by_key(|(score, _)| *score);
+            if let Some((_, m)) = best {
+                return Some((&m.throttle, Some(m.key.as_str()), &m.limit));
             }
         }
     }
-    plan.plan.throttle.as_ref().map(|t| (t, None))
+    match (&plan.plan.throttle, &plan.throttle_limit) {
+        (Some(t), Some(l)) => Some((t, None, l)),
+        _ => None,
+    }
 }
 
 /// How a throttle is reported in `current_limit`: the rate as whole
