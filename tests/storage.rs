@@ -52,17 +52,22 @@ async fn ever_new_keys_do_not_grow_memory_or_disk_once_expired() {
     let base = unix_now();
     for i in 0..2_000u64 {
         let key = i.to_be_bytes();
-        // Each key lives in a one-second window starting at base + i/100.
-        store.add(&[op(&key, 1, base + 1 + i / 100)]).await.unwrap();
+        // Each key expires at base + 100 + i/100: far enough ahead that the
+        // background purge (which runs on the real clock) cannot reach any
+        // of them while the test runs; the explicit purges below move time.
+        store
+            .add(&[op(&key, 1, base + 100 + i / 100)])
+            .await
+            .unwrap();
     }
     store.flush().await.unwrap();
     assert_eq!(store.stats().in_memory, 2_000);
     assert_eq!(store.stats().on_disk, 2_000);
-    store.purge(base + 10).unwrap();
+    store.purge(base + 109).unwrap();
     let half = store.stats();
     assert_eq!(half.in_memory, 1_000);
     assert_eq!(half.on_disk, 1_000);
-    store.purge(base + 21).unwrap();
+    store.purge(base + 120).unwrap();
     assert_eq!(
         store.stats(),
         Stats {
@@ -192,4 +197,22 @@ async fn refuses_undecodable_records() {
     }
     let err = SledCounters::open(dir.path(), SLOW).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+}
+
+/// A data dir in use by a live store is refused with a clear error (after
+/// the short retry that covers a store still shutting down), and opens as
+/// soon as the first store is closed and dropped.
+#[tokio::test]
+async fn a_data_dir_in_use_is_refused_then_opens_once_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SledCounters::open(dir.path(), SLOW).unwrap();
+    let err = SledCounters::open(dir.path(), SLOW).expect_err("the dir is in use");
+    assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    assert!(text.contains("lock"), "{text}");
+    first.close().await.unwrap();
+    drop(first);
+    let again = SledCounters::open(dir.path(), SLOW).expect("released");
+    again.close().await.unwrap();
 }

@@ -98,18 +98,36 @@ impl SledCounters {
             .any(|f| dir.join("sled").join(f).exists());
         let config = sled::Config::new().path(dir.join("sled"));
         // sled 0.34 may panic on some corrupt files instead of returning an error.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|_| Error::Corrupt {
-                path: path.clone(),
-                detail: "sled panicked while opening the database".into(),
-            })?
-            .map_err(|e| match e {
-                sled::Error::Corruption { .. } => Error::Corrupt {
+        let try_open = || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())).map_err(|_| {
+                Error::Corrupt {
                     path: path.clone(),
-                    detail: e.to_string(),
-                },
-                other => open_err(other.to_string()),
-            })?;
+                    detail: "sled panicked while opening the database".into(),
+                }
+            })
+        };
+        // sled releases its file lock when the last internal reference to a
+        // closed database is dropped, which may be a moment after `close`
+        // returns (a restart in the same process, or a previous process still
+        // exiting). Retry a lock conflict for up to 2 s before reporting it.
+        let mut opened = try_open()?;
+        for _ in 0..40 {
+            match &opened {
+                // sled reports it as an Other error with this text.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    opened = try_open()?;
+                }
+                _ => break,
+            }
+        }
+        let db = opened.map_err(|e| match e {
+            sled::Error::Corruption { .. } => Error::Corrupt {
+                path: path.clone(),
+                detail: e.to_string(),
+            },
+            other => open_err(other.to_string()),
+        })?;
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
         let tree = db
             .open_tree("counters")
