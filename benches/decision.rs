@@ -133,6 +133,9 @@ fn bench_plan() -> Plan {
         tags: BTreeMap::new(),
         create_time: 0,
         update_time: 0,
+        limits: Vec::new(),
+        prices: BTreeMap::new(),
+        header_style: Default::default(),
     }
 }
 

@@ -203,6 +203,9 @@ fn plan(
         tags: BTreeMap::new(),
         create_time: 0,
         update_time: 0,
+        limits: Vec::new(),
+        prices: BTreeMap::new(),
+        header_style: Default::default(),
     }
 }
 

@@ -114,6 +114,146 @@ pub struct Stage {
     pub path_entry: String,
 }
 
+/// What a usage limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Requests.
+    Requests,
+    /// Tokens, counted as `count` says.
+    Tokens,
+    /// Money, in micro-units of the plan's currency, from the plan's prices.
+    Spend,
+}
+
+/// Which tokens a token limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCount {
+    /// Input (prompt) tokens.
+    Input,
+    /// Output (completion) tokens.
+    Output,
+    /// Input + output.
+    Total,
+    /// `ceil(input * input_weight + output * output_weight)`.
+    Weighted {
+        /// Weight of an input token.
+        input_weight: f64,
+        /// Weight of an output token.
+        output_weight: f64,
+    },
+}
+
+/// The window of a usage limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LimitWindow {
+    /// A sliding minute (two fixed windows, the previous one weighted by how
+    /// much of it still overlaps the last 60 s).
+    Minute,
+    /// A sliding hour, likewise.
+    Hour,
+    /// A calendar day.
+    Day,
+    /// A calendar week from the anchor weekday.
+    Week,
+    /// A calendar month from the anchor day.
+    Month,
+}
+
+impl LimitWindow {
+    /// The calendar period of a calendar window; `None` for sliding ones.
+    pub fn period(self) -> Option<Period> {
+        match self {
+            LimitWindow::Minute | LimitWindow::Hour => None,
+            LimitWindow::Day => Some(Period::Day),
+            LimitWindow::Week => Some(Period::Week),
+            LimitWindow::Month => Some(Period::Month),
+        }
+    }
+
+    /// The length of a sliding window in seconds.
+    pub fn sliding_secs(self) -> Option<i64> {
+        match self {
+            LimitWindow::Minute => Some(60),
+            LimitWindow::Hour => Some(3600),
+            _ => None,
+        }
+    }
+}
+
+/// Whose usage a limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Each key on its own.
+    #[default]
+    Key,
+    /// All keys with the same customer_id together (a key without one is
+    /// its own customer).
+    Customer,
+}
+
+/// A limit on requests, tokens or spend per window, per key or per customer,
+/// with optional per-model limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageLimit {
+    /// Unique in the plan; reported in headers and `current_limit.name`.
+    pub name: String,
+    /// What is counted.
+    pub metric: Metric,
+    /// Which tokens (for [`Metric::Tokens`]).
+    pub count: TokenCount,
+    /// The limit per window (requests, tokens or micro-units).
+    pub limit: u64,
+    /// The window.
+    pub window: LimitWindow,
+    /// Anchor day of a WEEK or MONTH window (as the quota's).
+    #[serde(default)]
+    pub anchor_day: u32,
+    /// IANA time zone of a calendar window.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+    /// Per-model limits by glob on the descriptor entry `model`
+    /// (`gpt-4o*`); models matching none use `limit`. Each pattern has its
+    /// own counter, and so does the default.
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, u64>,
+    /// Per key or per customer.
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// Prices of a model per million tokens, in micro-units (2.50 per million =
+/// 2_500_000).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    /// Per million input tokens.
+    pub input_per_million: u64,
+    /// Per million output tokens.
+    pub output_per_million: u64,
+}
+
+/// Which rate-limit headers a plan's decisions carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderStyle {
+    /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+    #[default]
+    Openai,
+    /// The IETF draft's `RateLimit-Policy` and `RateLimit`.
+    Ietf,
+    /// Both.
+    Both,
+    /// None (Envoy's own x-ratelimit-* headers still come from the status).
+    None,
+}
+
 /// A usage plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -138,6 +278,15 @@ pub struct Plan {
     pub create_time: i64,
     /// Unix seconds.
     pub update_time: i64,
+    /// Request, token and spend limits (LLM traffic).
+    #[serde(default)]
+    pub limits: Vec<UsageLimit>,
+    /// Model prices by glob on the model name, for spend limits.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+    /// Rate-limit headers added to responses.
+    #[serde(default)]
+    pub header_style: HeaderStyle,
 }
 
 /// A key's previous value, still accepted until `until` after a rotation.
@@ -413,6 +562,93 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
             validate_throttle(&field, t)?;
         }
     }
+    validate_limits(p)
+}
+
+/// Checks a plan's usage limits and prices.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first bad field.
+pub fn validate_limits(p: &Plan) -> Result<(), Error> {
+    let mut names = BTreeSet::new();
+    for (i, l) in p.limits.iter().enumerate() {
+        let f = |sub: &str| format!("limits[{i}].{sub}");
+        validate_name(&f("name"), &l.name, 64)?;
+        if !l
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(Error::invalid(
+                f("name"),
+                "use letters, digits, '-', '_' and '.' only",
+            ));
+        }
+        if !names.insert(&l.name) {
+            return Err(Error::invalid(
+                f("name"),
+                format!("{:?} is used twice", l.name),
+            ));
+        }
+        if let (
+            Metric::Tokens,
+            TokenCount::Weighted {
+                input_weight,
+                output_weight,
+            },
+        ) = (l.metric, l.count)
+        {
+            for (name, w) in [
+                ("input_weight", input_weight),
+                ("output_weight", output_weight),
+            ] {
+                if !w.is_finite() || !(0.0..=1e6).contains(&w) {
+                    return Err(Error::invalid(
+                        f(name),
+                        format!("must be between 0 and 1e6, got {w}"),
+                    ));
+                }
+            }
+        }
+        if let Some(period) = l.window.period() {
+            Calendar::new(period, l.anchor_day, &l.time_zone).map_err(|e| {
+                let e = calendar_error(e);
+                match e {
+                    Error::Invalid { field, message } => {
+                        Error::invalid(f(field.strip_prefix("quota.").unwrap_or(&field)), message)
+                    }
+                    other => other,
+                }
+            })?;
+        } else if l.anchor_day != 0 {
+            return Err(Error::invalid(
+                f("anchor_day"),
+                "only WEEK and MONTH windows have an anchor day",
+            ));
+        }
+        for pattern in l.model_limits.keys() {
+            if pattern.is_empty() || pattern.len() > 256 {
+                return Err(Error::invalid(
+                    f("model_limits"),
+                    "model patterns must be 1 to 256 bytes",
+                ));
+            }
+        }
+        if l.metric == Metric::Spend && p.prices.is_empty() {
+            return Err(Error::invalid(
+                f("metric"),
+                "a SPEND limit needs prices in the plan",
+            ));
+        }
+    }
+    for k in p.prices.keys() {
+        if k.is_empty() || k.len() > 256 {
+            return Err(Error::invalid(
+                "prices",
+                "model patterns must be 1 to 256 bytes",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -459,6 +695,9 @@ mod tests {
             tags: BTreeMap::new(),
             create_time: 0,
             update_time: 0,
+            limits: Vec::new(),
+            prices: BTreeMap::new(),
+            header_style: HeaderStyle::default(),
         }
     }
 

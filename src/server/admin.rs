@@ -274,6 +274,165 @@ fn stage_to(s: &model::Stage) -> pb::ApiStage {
     }
 }
 
+fn limit_from(i: usize, l: &pb::UsageLimit) -> Result<model::UsageLimit, Error> {
+    let f = |sub: &str| format!("limits[{i}].{sub}");
+    let metric = match pb::Metric::try_from(l.metric) {
+        Ok(pb::Metric::Requests) => model::Metric::Requests,
+        Ok(pb::Metric::Tokens) => model::Metric::Tokens,
+        Ok(pb::Metric::Spend) => model::Metric::Spend,
+        _ => {
+            return Err(Error::invalid(
+                f("metric"),
+                format!("must be REQUESTS, TOKENS or SPEND, got {}", l.metric),
+            ))
+        }
+    };
+    let count = match pb::TokenCount::try_from(l.count) {
+        Ok(pb::TokenCount::Input) => model::TokenCount::Input,
+        Ok(pb::TokenCount::Output) => model::TokenCount::Output,
+        Ok(pb::TokenCount::Total | pb::TokenCount::Unspecified) => model::TokenCount::Total,
+        Ok(pb::TokenCount::Weighted) => model::TokenCount::Weighted {
+            input_weight: l.input_weight,
+            output_weight: l.output_weight,
+        },
+        Err(_) => {
+            return Err(Error::invalid(
+                f("count"),
+                format!("unknown value {}", l.count),
+            ))
+        }
+    };
+    let window = match pb::LimitWindow::try_from(l.window) {
+        Ok(pb::LimitWindow::Minute) => model::LimitWindow::Minute,
+        Ok(pb::LimitWindow::Hour) => model::LimitWindow::Hour,
+        Ok(pb::LimitWindow::CalendarDay) => model::LimitWindow::Day,
+        Ok(pb::LimitWindow::CalendarWeek) => model::LimitWindow::Week,
+        Ok(pb::LimitWindow::CalendarMonth) => model::LimitWindow::Month,
+        _ => {
+            return Err(Error::invalid(
+                f("window"),
+                format!(
+                    "must be MINUTE, HOUR, CALENDAR_DAY, CALENDAR_WEEK or CALENDAR_MONTH, got {}",
+                    l.window
+                ),
+            ))
+        }
+    };
+    let scope = match pb::Scope::try_from(l.scope) {
+        Ok(pb::Scope::Key) => model::Scope::Key,
+        Ok(pb::Scope::Customer) => model::Scope::Customer,
+        Err(_) => {
+            return Err(Error::invalid(
+                f("scope"),
+                format!("unknown value {}", l.scope),
+            ))
+        }
+    };
+    let non_negative = |field: String, v: i64| {
+        u64::try_from(v).map_err(|_| Error::invalid(field, format!("must be >= 0, got {v}")))
+    };
+    let anchor_day = u32::try_from(l.anchor_day).map_err(|_| {
+        Error::invalid(
+            f("anchor_day"),
+            format!("must be >= 0, got {}", l.anchor_day),
+        )
+    })?;
+    let mut model_limits = BTreeMap::new();
+    for (m, v) in &l.model_limits {
+        model_limits.insert(
+            m.clone(),
+            non_negative(f(&format!("model_limits[{m:?}]")), *v)?,
+        );
+    }
+    Ok(model::UsageLimit {
+        name: l.name.clone(),
+        metric,
+        count,
+        limit: non_negative(f("limit"), l.limit)?,
+        window,
+        anchor_day,
+        time_zone: if l.time_zone.is_empty() {
+            "UTC".into()
+        } else {
+            l.time_zone.clone()
+        },
+        model_limits,
+        scope,
+    })
+}
+
+fn limit_to(l: &model::UsageLimit) -> pb::UsageLimit {
+    let (count, input_weight, output_weight) = match l.count {
+        model::TokenCount::Input => (pb::TokenCount::Input, 0.0, 0.0),
+        model::TokenCount::Output => (pb::TokenCount::Output, 0.0, 0.0),
+        model::TokenCount::Total => (pb::TokenCount::Total, 0.0, 0.0),
+        model::TokenCount::Weighted {
+            input_weight,
+            output_weight,
+        } => (pb::TokenCount::Weighted, input_weight, output_weight),
+    };
+    pb::UsageLimit {
+        name: l.name.clone(),
+        metric: match l.metric {
+            model::Metric::Requests => pb::Metric::Requests,
+            model::Metric::Tokens => pb::Metric::Tokens,
+            model::Metric::Spend => pb::Metric::Spend,
+        } as i32,
+        count: count as i32,
+        input_weight,
+        output_weight,
+        limit: i64::try_from(l.limit).unwrap_or(i64::MAX),
+        window: match l.window {
+            model::LimitWindow::Minute => pb::LimitWindow::Minute,
+            model::LimitWindow::Hour => pb::LimitWindow::Hour,
+            model::LimitWindow::Day => pb::LimitWindow::CalendarDay,
+            model::LimitWindow::Week => pb::LimitWindow::CalendarWeek,
+            model::LimitWindow::Month => pb::LimitWindow::CalendarMonth,
+        } as i32,
+        anchor_day: i32::try_from(l.anchor_day).unwrap_or(0),
+        time_zone: l.time_zone.clone(),
+        model_limits: l
+            .model_limits
+            .iter()
+            .map(|(k, v)| (k.clone(), i64::try_from(*v).unwrap_or(i64::MAX)))
+            .collect(),
+        scope: match l.scope {
+            model::Scope::Key => pb::Scope::Key,
+            model::Scope::Customer => pb::Scope::Customer,
+        } as i32,
+    }
+}
+
+fn prices_from(
+    p: &std::collections::HashMap<String, pb::ModelPrice>,
+) -> Result<BTreeMap<String, model::Price>, Error> {
+    let mut out = BTreeMap::new();
+    for (m, v) in p {
+        let f = |sub: &str| format!("prices[{m:?}].{sub}");
+        let get = |sub: &str, x: i64| {
+            u64::try_from(x).map_err(|_| Error::invalid(f(sub), format!("must be >= 0, got {x}")))
+        };
+        out.insert(
+            m.clone(),
+            model::Price {
+                input_per_million: get("input_per_million", v.input_per_million)?,
+                output_per_million: get("output_per_million", v.output_per_million)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn header_style_from(v: i32) -> Result<model::HeaderStyle, Error> {
+    match pb::HeaderStyle::try_from(v) {
+        Ok(pb::HeaderStyle::Openai) => Ok(model::HeaderStyle::Openai),
+        Ok(pb::HeaderStyle::Ietf) => Ok(model::HeaderStyle::Ietf),
+        Ok(pb::HeaderStyle::Both) => Ok(model::HeaderStyle::Both),
+        Ok(pb::HeaderStyle::None) => Ok(model::HeaderStyle::None),
+        Err(_) => Err(Error::invalid("header_style", format!("unknown value {v}"))),
+    }
+}
+
 /// The model fields of a wire plan (id and times are not taken).
 fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
     Ok(model::Plan {
@@ -295,6 +454,14 @@ fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
         tags: p.tags.clone().into_iter().collect(),
         create_time: 0,
         update_time: 0,
+        limits: p
+            .limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| limit_from(i, l))
+            .collect::<Result<_, _>>()?,
+        prices: prices_from(&p.prices)?,
+        header_style: header_style_from(p.header_style)?,
     })
 }
 
@@ -309,6 +476,26 @@ fn plan_to(p: &model::Plan) -> pb::UsagePlan {
         tags: p.tags.clone().into_iter().collect(),
         create_time: ts(p.create_time),
         update_time: ts(p.update_time),
+        limits: p.limits.iter().map(limit_to).collect(),
+        prices: p
+            .prices
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelPrice {
+                        input_per_million: i64::try_from(v.input_per_million).unwrap_or(i64::MAX),
+                        output_per_million: i64::try_from(v.output_per_million).unwrap_or(i64::MAX),
+                    },
+                )
+            })
+            .collect(),
+        header_style: match p.header_style {
+            model::HeaderStyle::Openai => pb::HeaderStyle::Openai,
+            model::HeaderStyle::Ietf => pb::HeaderStyle::Ietf,
+            model::HeaderStyle::Both => pb::HeaderStyle::Both,
+            model::HeaderStyle::None => pb::HeaderStyle::None,
+        } as i32,
     }
 }
 
@@ -334,7 +521,7 @@ fn expire_from(t: &Option<Timestamp>) -> Option<i64> {
 
 // ---- field masks -------------------------------------------------------
 
-const PLAN_PATHS: [&str; 13] = [
+const PLAN_PATHS: [&str; 16] = [
     "name",
     "description",
     "throttle",
@@ -348,6 +535,9 @@ const PLAN_PATHS: [&str; 13] = [
     "quota.time_zone",
     "stages",
     "tags",
+    "limits",
+    "prices",
+    "header_style",
 ];
 
 const KEY_PATHS: [&str; 6] = [
@@ -401,6 +591,9 @@ fn apply_plan_mask(cur: &mut pb::UsagePlan, req: &pb::UsagePlan, paths: &[String
             "quota" => cur.quota = req.quota.clone(),
             "stages" => cur.stages = req.stages.clone(),
             "tags" => cur.tags = req.tags.clone(),
+            "limits" => cur.limits = req.limits.clone(),
+            "prices" => cur.prices = req.prices.clone(),
+            "header_style" => cur.header_style = req.header_style,
             sub => {
                 let q = cur.quota.get_or_insert_with(|| pb::Quota {
                     time_zone: "UTC".into(),

@@ -119,6 +119,22 @@ impl MemoryCounters {
                     return (current, false);
                 }
             }
+            Cond::Sub => {
+                let Some(c) = shard.map.get_mut(op.key) else {
+                    return (0, true);
+                };
+                if op.hits > 0 {
+                    c.value = c.value.saturating_sub(op.hits);
+                    if self.track_dirty && !c.dirty {
+                        c.dirty = true;
+                        if let Some((k, _)) = shard.map.get_key_value(op.key) {
+                            shard.dirty.push(k.clone());
+                        }
+                    }
+                }
+                let v = shard.map.get(op.key).map_or(0, |c| c.value);
+                return (v, true);
+            }
         }
         let value = match shard.map.get_mut(op.key) {
             Some(c) => {
@@ -260,6 +276,15 @@ mod tests {
         );
         assert_eq!(m.add_now(&[capped(1), linked(1)]), vec![6, 5]);
         assert_eq!((m.get(b"q"), m.get(b"d")), (5, 5));
+        let sub = |hits| op(b"q", hits, 10).when(Cond::Sub);
+        assert_eq!(m.add_now(&[sub(2)]), vec![3]);
+        assert_eq!(m.add_now(&[sub(9)]), vec![0], "saturates at 0");
+        assert_eq!(m.add_now(&[op(b"none", 4, 10).when(Cond::Sub)]), vec![0]);
+        assert_eq!(m.get(b"none"), 0);
+        assert!(m
+            .drain_changed()
+            .iter()
+            .any(|c| &*c.key == b"q" && c.value == 0));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum Cond {
     /// Add only if the previous op of the same call was applied; otherwise
     /// add nothing and report the current value.
     IfPrevApplied,
+    /// Subtract `hits` instead (saturating at 0): a refund or a rollback.
+    /// An absent counter stays absent.
+    Sub,
 }
 
 /// A store of windowed counters.
