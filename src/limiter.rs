@@ -29,6 +29,8 @@ use crate::engine::{self, Code, Decision, Entry, Reason, Request, Slot, Status};
 use crate::plans::catalog::{Catalog, CompiledPlan, Resolved};
 use crate::plans::decide as pd;
 use crate::plans::model::ApiKey;
+use crate::plans::model::{LimitWindow, Metric, UsageLimit};
+use crate::plans::usage::{self, Usage};
 use crate::plans::{bucket, period};
 use crate::storage::buckets::Buckets;
 use crate::storage::{self, Cond, CounterOp, CounterStore};
@@ -163,7 +165,7 @@ impl<S: CounterStore> RateLimiter<S> {
         // A request is decided once per key: Envoy sends one descriptor per
         // `rate_limits` entry, and several may carry the same key. Those
         // descriptors form one group: one token, one quota unit, one status.
-        let mut groups: Vec<(&CompiledPlan, usize, &ApiKey, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<Group<'_>> = Vec::new();
         for (i, d) in req.descriptors.iter().enumerate() {
             let status = match cat.resolve(&req.domain, &d.entries, now_s) {
                 Resolved::NotGoverned => {
@@ -181,46 +183,41 @@ impl<S: CounterStore> RateLimiter<S> {
                     })
                 }
                 Resolved::Governed { plan, stage, key } => {
+                    let kind = d
+                        .entries
+                        .iter()
+                        .find(|e| e.key == USAGE_ENTRY)
+                        .map(|e| e.value.as_str());
                     match groups
                         .iter_mut()
-                        .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id)
+                        .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id && g.3 == kind)
                     {
-                        Some(g) => g.3.push(i),
-                        None => groups.push((plan, stage, key, vec![i])),
+                        Some(g) => g.4.push(i),
+                        None => groups.push((plan, stage, key, kind, vec![i])),
                     }
                     None
                 }
             };
             plan_statuses.push(status);
         }
-        for (plan, stage, key, members) in groups {
+        let mut states = Vec::new();
+        let mut style = None;
+        for (plan, stage, key, _, members) in groups {
             let first = &req.descriptors[members[0]];
+            let hits = first.hits(req.hits_addend);
             let status = if members.len() == 1 {
-                self.decide_plan(
-                    plan,
-                    stage,
-                    key,
-                    &first.entries,
-                    first.hits(req.hits_addend),
-                    now_us,
-                )
-                .await?
+                self.decide_plan(plan, stage, key, &first.entries, hits, now_us, &mut states)
+                    .await?
             } else {
                 // The method and path may come from any descriptor of the group.
                 let entries: Vec<Entry> = members
                     .iter()
                     .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
                     .collect();
-                self.decide_plan(
-                    plan,
-                    stage,
-                    key,
-                    &entries,
-                    first.hits(req.hits_addend),
-                    now_us,
-                )
-                .await?
+                self.decide_plan(plan, stage, key, &entries, hits, now_us, &mut states)
+                    .await?
             };
+            style.get_or_insert(plan.plan.header_style);
             for &i in &members {
                 plan_statuses[i] = Some(status.clone());
             }
@@ -255,7 +252,25 @@ impl<S: CounterStore> RateLimiter<S> {
         } else {
             Code::Ok
         };
-        Ok(Decision { overall, statuses })
+        let retry_after = statuses
+            .iter()
+            .filter(|s| s.code == Code::OverLimit)
+            .filter_map(|s| s.reset_in)
+            .max();
+        let headers = match style {
+            Some(style) => crate::plans::headers::build(
+                style,
+                &states,
+                overall == Code::OverLimit,
+                retry_after,
+            ),
+            None => Vec::new(),
+        };
+        Ok(Decision {
+            overall,
+            statuses,
+            headers,
+        })
     }
 
     async fn decide_rules(&self, req: &Request, now: u64) -> Result<Decision, storage::Error> {
@@ -269,8 +284,18 @@ impl<S: CounterStore> RateLimiter<S> {
         Ok(engine::decide(&slots, &values, now))
     }
 
-    /// One plan-governed descriptor: the throttle (per-method, else plan),
-    /// then the quota, which counts only calls it allows.
+    /// One plan-governed group of descriptors (one key, one usage kind).
+    ///
+    /// A request (no `usage` entry, or `usage=requests`): the throttle
+    /// (per-method, else plan), then the quota and the request limits, which
+    /// count only calls they allow; token and spend limits are checked (a
+    /// spent budget refuses). `hits` 0 checks everything and counts nothing.
+    ///
+    /// A charge (`usage` = `input_tokens`, `output_tokens`, `total_tokens`,
+    /// e.g. Envoy's `apply_on_stream_done` call): the tokens are counted in
+    /// every token and spend limit, whatever the limits say (they were
+    /// spent); the status says whether the limits are now exceeded.
+    #[allow(clippy::too_many_arguments)]
     async fn decide_plan(
         &self,
         plan: &CompiledPlan,
@@ -279,115 +304,278 @@ impl<S: CounterStore> RateLimiter<S> {
         entries: &[Entry],
         hits: u64,
         now_us: i64,
+        states: &mut Vec<LimitState>,
     ) -> Result<Status, storage::Error> {
         let p = &plan.plan;
         let now_s = now_us.div_euclid(1_000_000);
+        let entry = |name: &str| {
+            entries
+                .iter()
+                .find(|e| e.key == name)
+                .map(|e| e.value.as_str())
+        };
+        let model = entry(MODEL_ENTRY);
+        let (charge, usage) = match entry(USAGE_ENTRY) {
+            None | Some("requests") => (
+                false,
+                Usage {
+                    requests: hits,
+                    ..Usage::default()
+                },
+            ),
+            Some(kind) => match Usage::from_kind(kind, hits) {
+                Some(u) => (true, u),
+                None => {
+                    tracing::debug!(kind, "unknown usage kind");
+                    return Ok(refusal(None, 0, Reason::InvalidRequest));
+                }
+            },
+        };
+
+        // 1. The throttle (requests only).
         let mut throttled: Option<(
             Vec<u8>,
             &crate::plans::model::Throttle,
             bucket::Outcome,
             &Arc<engine::Limit>,
         )> = None;
-        if let Some((t, method, limit)) = pd::select_throttle(plan, stage, entries) {
-            let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
-            let outcome = self
-                .buckets
-                .update(&bkey, |s| bucket::take(s, t, hits, now_us));
-            if !outcome.allowed {
-                return Ok(Status {
-                    code: Code::OverLimit,
-                    limit: Some(limit.clone()),
-                    remaining: 0,
-                    reset_in: Some(outcome.reset_in.map_or(u64::from(u32::MAX), pd::ceil_secs)),
-                    reason: Some(Reason::Throttled),
-                });
+        if !charge {
+            if let Some((t, method, limit)) = pd::select_throttle(plan, stage, entries) {
+                let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
+                let outcome = self
+                    .buckets
+                    .update(&bkey, |s| bucket::take(s, t, hits, now_us));
+                states.push(LimitState::throttle(
+                    limit,
+                    t,
+                    outcome.remaining,
+                    outcome.reset_in.map(pd::ceil_secs),
+                ));
+                if !outcome.allowed {
+                    let reset = outcome.reset_in.map_or(u64::from(u32::MAX), pd::ceil_secs);
+                    return Ok(refusal(Some(limit.clone()), reset, Reason::Throttled));
+                }
+                throttled = Some((bkey, t, outcome, limit));
             }
-            throttled = Some((bkey, t, outcome, limit));
         }
+
+        // 2. Counters: quota (+ daily usage) and usage limits, in one call.
+        let cat = self.catalog.load();
         let retention = i64::from(self.retention_days) * 86_400;
-        let mut quota_status = None;
-        match (&p.quota, &plan.calendar) {
-            (Some(q), Some(cal)) => {
+        let mut ops: Vec<CounterOp<'_>> = Vec::new();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut quota_at = None;
+        let quota = match (&p.quota, &plan.calendar, charge) {
+            (Some(q), Some(cal), false) => {
                 let span = cal.containing(now_s);
                 let day = cal.day_containing(now_s);
-                let cat = self.catalog.load();
                 let effective = pd::effective_quota(q.limit, cat.grant(&p.id, &key.id, span.start));
-                let qkey = pd::quota_key(&p.id, &key.id, span.start);
-                let dkey = pd::daily_key(&p.id, &key.id, day.start);
-                let ops = [
-                    CounterOp::new(&qkey, hits, expiry(span.end)).when(Cond::Cap(effective)),
-                    CounterOp::new(&dkey, hits, expiry(day.end.saturating_add(retention)))
-                        .when(Cond::IfPrevApplied),
-                ];
-                let values = self.store.add(&ops).await?;
-                let used = values[0];
-                let limit = match &plan.quota_limit {
-                    Some(l) if effective == q.limit => l.clone(),
-                    _ => pd::quota_limit(&p.name, q, effective),
-                };
-                let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
-                if !pd::quota_allows(used, hits, effective) {
-                    if let Some((bkey, t, _, _)) = &throttled {
-                        if hits > 0 {
-                            self.buckets.update(bkey, |s| {
-                                let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
-                                (bucket::refund(s, t, hits, now_us), ())
-                            });
-                        }
-                    }
-                    return Ok(Status {
-                        code: Code::OverLimit,
-                        limit: Some(limit),
-                        remaining: 0,
-                        reset_in: Some(reset_in),
-                        reason: Some(Reason::QuotaExceeded),
-                    });
-                }
-                quota_status = Some(Status {
-                    code: Code::Ok,
-                    limit: Some(limit),
-                    remaining: u32::try_from(effective - used).unwrap_or(u32::MAX),
-                    reset_in: Some(reset_in),
-                    reason: None,
-                });
+                keys.push(pd::quota_key(&p.id, &key.id, span.start));
+                keys.push(pd::daily_key(&p.id, &key.id, day.start));
+                Some((q, span, day, effective))
             }
-            _ => {
-                let day_start = now_s - now_s.rem_euclid(86_400);
-                let dkey = pd::daily_key(&p.id, &key.id, day_start);
-                self.store
-                    .add(&[CounterOp::new(
-                        &dkey,
-                        hits,
-                        expiry(day_start + 86_400 + retention),
-                    )])
-                    .await?;
+            _ => None,
+        };
+        // Sliding limits need the previous window's counter first.
+        let price = model.and_then(|m| usage::price_for(&p.prices, m));
+        let mut plans: Vec<LimitPlan<'_>> = Vec::with_capacity(p.limits.len());
+        for (i, l) in p.limits.iter().enumerate() {
+            let (pattern, lim) = usage::model_limit(l, model);
+            let cal = plan.limit_calendars.get(i).and_then(Option::as_ref);
+            let span = usage::window(l, cal, now_s);
+            let scope = usage::scope_id(l, &key.id, &key.customer_id);
+            let amount = if usage::touches(l, &usage) {
+                usage::amount(l, &usage, price)
+            } else {
+                0
+            };
+            let counter = usage::counter_key(&p.id, &l.name, scope, pattern, span.start);
+            let prev = l.window.sliding_secs().map(|len| {
+                (
+                    usage::counter_key(&p.id, &l.name, scope, pattern, span.start - len),
+                    usage::previous_weight_ppm(now_s, len),
+                )
+            });
+            plans.push(LimitPlan {
+                limit: l,
+                pattern,
+                lim,
+                span,
+                amount,
+                counter,
+                prev,
+                prev_share: 0,
+            });
+        }
+        let prev_idx: Vec<usize> = (0..plans.len())
+            .filter(|&i| plans[i].prev.is_some())
+            .collect();
+        if !prev_idx.is_empty() {
+            let values = {
+                let peeks: Vec<CounterOp<'_>> = prev_idx
+                    .iter()
+                    .filter_map(|&i| plans[i].prev.as_ref().map(|(k, _)| CounterOp::new(k, 0, 0)))
+                    .collect();
+                self.store.add(&peeks).await?
+            };
+            for (&i, v) in prev_idx.iter().zip(values) {
+                let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
+                plans[i].prev_share = usage::previous_share(v, w);
             }
         }
-        let throttle_status = throttled.map(|(_, _, o, limit)| Status {
-            code: Code::Ok,
-            limit: Some(limit.clone()),
-            remaining: u32::try_from(o.remaining).unwrap_or(u32::MAX),
-            reset_in: o.reset_in.map(pd::ceil_secs),
-            reason: None,
-        });
-        // Report the binding limit: the one with the least left.
-        Ok(match (throttle_status, quota_status) {
-            (Some(t), Some(q)) => {
-                if t.remaining <= q.remaining {
-                    t
-                } else {
-                    q
+        if let Some((_, span, day, effective)) = &quota {
+            ops.push(CounterOp::new(&keys[0], hits, expiry(span.end)).when(Cond::Cap(*effective)));
+            ops.push(
+                CounterOp::new(&keys[1], hits, expiry(day.end.saturating_add(retention)))
+                    .when(Cond::IfPrevApplied),
+            );
+            quota_at = Some(0);
+        } else if !charge && hits > 0 {
+            // No quota: still keep daily usage for GetUsage.
+            let day_start = now_s - now_s.rem_euclid(86_400);
+            keys.push(pd::daily_key(&p.id, &key.id, day_start));
+        }
+        let daily_only = quota.is_none() && !keys.is_empty();
+        if daily_only {
+            let day_start = now_s - now_s.rem_euclid(86_400);
+            ops.push(CounterOp::new(
+                &keys[0],
+                hits,
+                expiry(day_start + 86_400 + retention),
+            ));
+        }
+        let first_limit_op = ops.len();
+        for lp in &plans {
+            // Sliding windows live two windows (the next one reads this one).
+            let len = lp.span.end - lp.span.start;
+            let exp = if usage::is_sliding(lp.limit.window) {
+                lp.span.end + len
+            } else {
+                lp.span.end
+            };
+            let op = CounterOp::new(&lp.counter, lp.amount, expiry(exp));
+            ops.push(if charge || lp.amount == 0 {
+                op
+            } else {
+                op.when(Cond::Cap(lp.lim.saturating_sub(lp.prev_share)))
+            });
+        }
+        let values = if ops.is_empty() {
+            Vec::new()
+        } else {
+            self.store.add(&ops).await?
+        };
+
+        // 3. Judge.
+        let mut refused: Option<Status> = None;
+        let mut rollback: Vec<CounterOp<'_>> = Vec::new();
+        let mut statuses: Vec<Status> = Vec::new();
+        if let (Some(i), Some((q, span, _, effective))) = (quota_at, &quota) {
+            let used = values[i];
+            let limit = match &plan.quota_limit {
+                Some(l) if *effective == q.limit => l.clone(),
+                _ => pd::quota_limit(&p.name, q, *effective),
+            };
+            let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
+            states.push(LimitState::requests(
+                &limit,
+                effective.saturating_sub(used.min(*effective)),
+                Some(reset_in),
+            ));
+            if pd::quota_allows(used, hits, *effective) {
+                if hits > 0 {
+                    rollback.push(CounterOp::new(&keys[0], hits, 0).when(Cond::Sub));
+                    rollback.push(CounterOp::new(&keys[1], hits, 0).when(Cond::Sub));
+                }
+                statuses.push(ok_status(limit, effective - used, reset_in));
+            } else {
+                refused = Some(refusal(Some(limit), reset_in, Reason::QuotaExceeded));
+            }
+        }
+        for (j, lp) in plans.iter().enumerate() {
+            let value = values[first_limit_op + j];
+            let customer = lp.limit.scope == crate::plans::model::Scope::Customer;
+            let reason = match lp.limit.metric {
+                Metric::Requests => Reason::RequestLimit { customer },
+                Metric::Tokens => Reason::TokenLimit { customer },
+                Metric::Spend => Reason::BudgetExceeded { customer },
+            };
+            let reset_in = u64::try_from(lp.span.end - now_s).unwrap_or(0);
+            let limit = usage_limit_report(&p.name, lp);
+            // Usage "now": the counter (after this call's add, if applied) plus the sliding share.
+            let would = value.saturating_add(lp.prev_share);
+            let (allowed, used_now) = if charge {
+                (would <= lp.lim, would)
+            } else if lp.amount > 0 {
+                (
+                    would <= lp.lim,
+                    if would <= lp.lim {
+                        would
+                    } else {
+                        would - lp.amount
+                    },
+                )
+            } else {
+                // A check: passes while at least one unit is left.
+                (would < lp.lim, would)
+            };
+            let remaining = lp.lim.saturating_sub(used_now);
+            states.push(LimitState {
+                name: limit.name.as_deref().unwrap_or("").to_owned(),
+                tokens: lp.limit.metric != Metric::Requests,
+                limit: lp.lim,
+                remaining,
+                reset_in: Some(reset_in),
+                window: lp.span.end - lp.span.start,
+            });
+            if allowed {
+                if !charge && lp.amount > 0 {
+                    rollback.push(CounterOp::new(&lp.counter, lp.amount, 0).when(Cond::Sub));
+                }
+                statuses.push(ok_status(limit, remaining, reset_in));
+            } else if refused.is_none() {
+                refused = Some(refusal(Some(limit), reset_in.max(1), reason));
+            }
+        }
+        if let Some(r) = refused {
+            if !charge {
+                // Undo what this call counted, and give back its tokens.
+                if !rollback.is_empty() {
+                    self.store.add(&rollback).await?;
+                }
+                if let Some((bkey, t, _, _)) = &throttled {
+                    if hits > 0 {
+                        self.buckets.update(bkey, |s| {
+                            let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
+                            (bucket::refund(s, t, hits, now_us), ())
+                        });
+                    }
                 }
             }
-            (Some(s), None) | (None, Some(s)) => s,
-            (None, None) => Status {
+            return Ok(r);
+        }
+        if let Some((_, _, o, limit)) = throttled {
+            // First, so a tie reports the throttle.
+            statuses.insert(
+                0,
+                ok_status(
+                    limit.clone(),
+                    o.remaining,
+                    o.reset_in.map_or(0, pd::ceil_secs),
+                ),
+            );
+        }
+        // Report the binding limit: the one with the least left.
+        Ok(statuses
+            .into_iter()
+            .min_by_key(|s| s.remaining)
+            .unwrap_or(Status {
                 code: Code::Ok,
                 limit: None,
                 remaining: 0,
                 reset_in: None,
                 reason: None,
-            },
-        })
+            }))
     }
 
     /// The live state of a key's quota in a plan at `now` (Unix seconds);
@@ -493,6 +681,132 @@ impl<S: CounterStore> RateLimiter<S> {
     /// Drops token buckets that are full again at `now_us`.
     pub fn purge_buckets(&self, now_us: i64) -> usize {
         self.buckets.purge_full(now_us)
+    }
+}
+
+/// Descriptor entry naming the model (per-model limits and prices).
+pub const MODEL_ENTRY: &str = "model";
+/// Descriptor entry saying what `hits_addend` measures: absent or
+/// `requests` (a request), `input_tokens`, `output_tokens`, `total_tokens`
+/// (a charge of tokens after the response).
+pub const USAGE_ENTRY: &str = "usage";
+
+/// Governed descriptors decided together: plan, stage index, key, usage
+/// kind, and the descriptor indexes.
+type Group<'a> = (
+    &'a CompiledPlan,
+    usize,
+    &'a ApiKey,
+    Option<&'a str>,
+    Vec<usize>,
+);
+
+/// One usage limit as a call sees it.
+struct LimitPlan<'a> {
+    limit: &'a UsageLimit,
+    pattern: Option<&'a str>,
+    lim: u64,
+    span: period::Span,
+    amount: u64,
+    counter: Vec<u8>,
+    prev: Option<(Vec<u8>, u64)>,
+    prev_share: u64,
+}
+
+/// The state of one limit after a decision, for response headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitState {
+    /// Reported name ("plan/limit").
+    pub name: String,
+    /// A token or spend limit (else requests).
+    pub tokens: bool,
+    /// The limit per window.
+    pub limit: u64,
+    /// What is left.
+    pub remaining: u64,
+    /// Seconds until it resets (or refills).
+    pub reset_in: Option<u64>,
+    /// Window length in seconds.
+    pub window: i64,
+}
+
+impl LimitState {
+    /// A throttle: its capacity is the limit; its window, the time to refill it.
+    fn throttle(
+        limit: &engine::Limit,
+        t: &crate::plans::model::Throttle,
+        remaining: u64,
+        reset_in: Option<u64>,
+    ) -> LimitState {
+        let window = if t.rate_limit > 0.0 {
+            (f64::from(t.burst_limit) / t.rate_limit)
+                .ceil()
+                .min(i64::MAX as f64) as i64
+        } else {
+            i64::MAX
+        };
+        LimitState {
+            name: limit.name.as_deref().unwrap_or("").to_owned(),
+            tokens: false,
+            limit: u64::from(t.burst_limit),
+            remaining,
+            reset_in,
+            window: window.max(1),
+        }
+    }
+
+    fn requests(limit: &engine::Limit, remaining: u64, reset_in: Option<u64>) -> LimitState {
+        LimitState {
+            name: limit.name.as_deref().unwrap_or("").to_owned(),
+            tokens: false,
+            limit: u64::from(limit.requests_per_unit),
+            remaining,
+            reset_in,
+            window: i64::try_from(limit.unit.seconds()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+fn usage_limit_report(plan: &str, lp: &LimitPlan<'_>) -> Arc<engine::Limit> {
+    let scope = if lp.limit.scope == crate::plans::model::Scope::Customer {
+        "customer/"
+    } else {
+        ""
+    };
+    let name = match lp.pattern {
+        Some(m) => format!("{plan}/{scope}{}[{m}]", lp.limit.name),
+        None => format!("{plan}/{scope}{}", lp.limit.name),
+    };
+    Arc::new(engine::Limit {
+        requests_per_unit: u32::try_from(lp.lim).unwrap_or(u32::MAX),
+        unit: match lp.limit.window {
+            LimitWindow::Minute => engine::Unit::Minute,
+            LimitWindow::Hour => engine::Unit::Hour,
+            LimitWindow::Day => engine::Unit::Day,
+            LimitWindow::Week => engine::Unit::Week,
+            LimitWindow::Month => engine::Unit::Month,
+        },
+        name: Some(name.into()),
+    })
+}
+
+fn refusal(limit: Option<Arc<engine::Limit>>, reset_in: u64, reason: Reason) -> Status {
+    Status {
+        code: Code::OverLimit,
+        limit,
+        remaining: 0,
+        reset_in: Some(reset_in),
+        reason: Some(reason),
+    }
+}
+
+fn ok_status(limit: Arc<engine::Limit>, remaining: u64, reset_in: u64) -> Status {
+    Status {
+        code: Code::Ok,
+        limit: Some(limit),
+        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+        reset_in: Some(reset_in),
+        reason: None,
     }
 }
 

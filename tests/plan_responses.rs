@@ -88,7 +88,19 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
         .check(request("llm", vec![desc(&[("api_key", &value)])]))
         .await;
     assert_eq!(ok.overall_code, OK, "{ok:?}");
-    assert!(ok.response_headers_to_add.is_empty(), "{ok:?}");
+    assert_eq!(header(&ok, "x-sluice-reason"), None, "{ok:?}");
+    // The plan's default header style: OpenAI's, for the binding request limit.
+    assert_eq!(
+        header(&ok, "x-ratelimit-limit-requests"),
+        Some("1"),
+        "{ok:?}"
+    );
+    assert_eq!(
+        header(&ok, "x-ratelimit-remaining-requests"),
+        Some("0"),
+        "{ok:?}"
+    );
+    assert_eq!(header(&ok, "retry-after"), None, "{ok:?}");
     assert!(
         ok.raw_body.is_empty() && ok.dynamic_metadata.is_none(),
         "{ok:?}"
@@ -98,6 +110,11 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
         .check(request("llm", vec![desc(&[("api_key", &value)])]))
         .await;
     assert_refusal(&throttled, "throttled");
+    assert_eq!(
+        header(&throttled, "retry-after"),
+        Some("1000"),
+        "{throttled:?}"
+    );
 
     let invalid = server
         .check(request("llm", vec![desc(&[("api_key", "no-such-key")])]))

@@ -153,6 +153,23 @@ pub enum Reason {
     Throttled,
     /// The period's quota is used up.
     QuotaExceeded,
+    /// A request limit of the plan is reached.
+    RequestLimit {
+        /// The customer-level limit (shared by the customer's keys) refused.
+        customer: bool,
+    },
+    /// A token limit of the plan is used up.
+    TokenLimit {
+        /// The customer-level limit refused.
+        customer: bool,
+    },
+    /// A spend budget of the plan is used up.
+    BudgetExceeded {
+        /// The customer-level budget refused.
+        customer: bool,
+    },
+    /// The descriptor is malformed for a plan (e.g. an unknown `usage` kind).
+    InvalidRequest,
 }
 
 impl Reason {
@@ -162,6 +179,20 @@ impl Reason {
             Reason::InvalidKey => "invalid-key",
             Reason::Throttled => "throttled",
             Reason::QuotaExceeded => "quota-exceeded",
+            Reason::RequestLimit { .. } => "request-limit",
+            Reason::TokenLimit { .. } => "token-limit",
+            Reason::BudgetExceeded { .. } => "budget-exceeded",
+            Reason::InvalidRequest => "invalid-request",
+        }
+    }
+
+    /// Which level refused: "customer" for customer-level limits, else "key".
+    pub fn level(self) -> &'static str {
+        match self {
+            Reason::RequestLimit { customer: true }
+            | Reason::TokenLimit { customer: true }
+            | Reason::BudgetExceeded { customer: true } => "customer",
+            _ => "key",
         }
     }
 }
@@ -188,6 +219,8 @@ pub struct Decision {
     pub overall: Code,
     /// One status per request descriptor, in request order.
     pub statuses: Vec<Status>,
+    /// Rate-limit headers for the client (usage plans only).
+    pub headers: Vec<(String, String)>,
 }
 
 /// A matched limit before `replaces` is applied: (limit, shadow mode, share patterns).
@@ -338,7 +371,11 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
     } else {
         Code::Ok
     };
-    Decision { overall, statuses }
+    Decision {
+        overall,
+        statuses,
+        headers: Vec::new(),
+    }
 }
 
 #[cfg(test)]

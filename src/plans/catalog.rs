@@ -40,6 +40,9 @@ pub struct CompiledPlan {
     pub throttle_limit: Option<Arc<Limit>>,
     /// How the quota is reported when no grant changes it.
     pub quota_limit: Option<Arc<Limit>>,
+    /// The calendar of each usage limit (`None` for sliding windows), in
+    /// `plan.limits` order.
+    pub limit_calendars: Vec<Option<Calendar>>,
 }
 
 impl CompiledPlan {
@@ -75,12 +78,14 @@ impl CompiledPlan {
             .quota
             .as_ref()
             .map(|q| decide::quota_limit(&plan.name, q, q.limit));
+        let limit_calendars = plan.limits.iter().map(super::usage::calendar).collect();
         Ok(CompiledPlan {
             plan,
             calendar,
             method_keys,
             throttle_limit,
             quota_limit,
+            limit_calendars,
         })
     }
 }

@@ -10,15 +10,20 @@
 //!   plan for a domain/stage. Swapped atomically after each admin write, so
 //!   decisions never wait on the admin path.
 //! - [`decide`]: how a plan-governed descriptor is decided (pure parts).
+//! - [`usage`]: request, token and spend limits (pure): amounts, per-model
+//!   limits, prices, sliding and calendar windows, counter keys.
+//! - [`headers`]: OpenAI-style and IETF rate-limit headers for clients.
 //! - [`registry`]: the sled-backed store of plans, keys, bindings and quota
 //!   grants, and the admin operations on them.
 
 pub mod bucket;
 pub mod catalog;
 pub mod decide;
+pub mod headers;
 pub mod model;
 pub mod period;
 pub mod registry;
+pub mod usage;
 
 /// Why an admin operation failed. Each variant maps to one gRPC code in
 /// `server::status`.

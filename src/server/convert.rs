@@ -139,6 +139,8 @@ fn code(c: Code) -> i32 {
 
 /// Response header naming why a plan refused a call.
 pub const REASON_HEADER: &str = "x-sluice-reason";
+/// Response header naming the level (`key` or `customer`) whose limit refused.
+pub const SCOPE_HEADER: &str = "x-sluice-scope";
 
 /// The body Envoy sends with a plan refusal (`raw_body`), in the shape of
 /// OpenAI's error objects so LLM clients show it.
@@ -149,6 +151,10 @@ pub fn reason_body(r: Reason) -> String {
         }
         Reason::Throttled => "Too many requests: the API key's rate limit is exceeded.",
         Reason::QuotaExceeded => "The API key's quota for this period is used up.",
+        Reason::RequestLimit { .. } => "Too many requests: a request limit of the plan is reached.",
+        Reason::TokenLimit { .. } => "A token limit of the plan is used up.",
+        Reason::BudgetExceeded { .. } => "The spend budget of the plan is used up.",
+        Reason::InvalidRequest => "The request's usage descriptor is not valid for a usage plan.",
     };
     format!(
         "{{\"error\":{{\"message\":\"{message}\",\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
@@ -166,7 +172,15 @@ pub fn response_to_proto(d: Decision) -> RateLimitResponse {
         .iter()
         .find(|s| s.code == Code::OverLimit)
         .and_then(|s| s.reason);
-    let mut response_headers_to_add = Vec::new();
+    let mut response_headers_to_add: Vec<crate::proto::core::HeaderValue> = d
+        .headers
+        .iter()
+        .map(|(k, v)| crate::proto::core::HeaderValue {
+            key: k.clone(),
+            value: v.clone(),
+            ..Default::default()
+        })
+        .collect();
     let mut raw_body = Vec::new();
     let mut dynamic_metadata = None;
     if let Some(r) = reason {
@@ -176,6 +190,12 @@ pub fn response_to_proto(d: Decision) -> RateLimitResponse {
             ..Default::default()
         };
         response_headers_to_add.push(header(REASON_HEADER, r.as_str()));
+        if matches!(
+            r,
+            Reason::RequestLimit { .. } | Reason::TokenLimit { .. } | Reason::BudgetExceeded { .. }
+        ) {
+            response_headers_to_add.push(header(SCOPE_HEADER, r.level()));
+        }
         response_headers_to_add.push(header("content-type", "application/json"));
         raw_body = reason_body(r).into_bytes();
         // Envoy emits this under the filter's namespace

@@ -1,0 +1,165 @@
+//! Rate-limit headers for clients (pure): OpenAI's
+//! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` and the IETF
+//! draft's `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers),
+//! plus `retry-after` on refusals.
+
+use super::model::HeaderStyle;
+use crate::limiter::LimitState;
+
+/// OpenAI's duration format: `1s`, `6m0s`, `1h2m3s`.
+pub fn openai_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// A structured-field string: quotes and backslashes escaped, anything but
+/// printable ASCII replaced.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The headers for a decision's limit states.
+pub fn build(
+    style: HeaderStyle,
+    states: &[LimitState],
+    denied: bool,
+    retry_after: Option<u64>,
+) -> Vec<(String, String)> {
+    let mut h = Vec::new();
+    if matches!(style, HeaderStyle::Openai | HeaderStyle::Both) {
+        for (tokens, suffix) in [(false, "requests"), (true, "tokens")] {
+            let binding = states
+                .iter()
+                .filter(|s| s.tokens == tokens)
+                .min_by_key(|s| s.remaining);
+            if let Some(s) = binding {
+                h.push((format!("x-ratelimit-limit-{suffix}"), s.limit.to_string()));
+                h.push((
+                    format!("x-ratelimit-remaining-{suffix}"),
+                    s.remaining.to_string(),
+                ));
+                if let Some(r) = s.reset_in {
+                    h.push((format!("x-ratelimit-reset-{suffix}"), openai_duration(r)));
+                }
+            }
+        }
+    }
+    if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) && !states.is_empty() {
+        let policy: Vec<String> = states
+            .iter()
+            .map(|s| {
+                let unit = if s.tokens {
+                    ";sluice-unit=\"tokens\""
+                } else {
+                    ""
+                };
+                format!(
+                    "{};q={};w={}{unit}",
+                    sf_string(&s.name),
+                    s.limit,
+                    s.window.max(1)
+                )
+            })
+            .collect();
+        let current: Vec<String> = states
+            .iter()
+            .map(|s| match s.reset_in {
+                Some(t) => format!("{};r={};t={t}", sf_string(&s.name), s.remaining),
+                None => format!("{};r={}", sf_string(&s.name), s.remaining),
+            })
+            .collect();
+        h.push(("ratelimit-policy".into(), policy.join(", ")));
+        h.push(("ratelimit".into(), current.join(", ")));
+    }
+    if denied && style != HeaderStyle::None {
+        if let Some(r) = retry_after {
+            h.push(("retry-after".into(), r.max(1).to_string()));
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(name: &str, tokens: bool, limit: u64, remaining: u64, reset: u64) -> LimitState {
+        LimitState {
+            name: name.into(),
+            tokens,
+            limit,
+            remaining,
+            reset_in: Some(reset),
+            window: 60,
+        }
+    }
+
+    #[test]
+    fn openai_style_reports_the_binding_limit_per_kind() {
+        let states = [
+            st("p/throttle", false, 10, 19, 1),
+            st("p/rpm", false, 100, 7, 30),
+            st("p/tpm", true, 1000, 400, 42),
+            st("p/tpd", true, 100000, 90000, 3600),
+        ];
+        let h = build(HeaderStyle::Openai, &states, false, None);
+        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-ratelimit-limit-requests"), Some("100"));
+        assert_eq!(get("x-ratelimit-remaining-requests"), Some("7"));
+        assert_eq!(get("x-ratelimit-reset-requests"), Some("30s"));
+        assert_eq!(get("x-ratelimit-limit-tokens"), Some("1000"));
+        assert_eq!(get("x-ratelimit-remaining-tokens"), Some("400"));
+        assert_eq!(get("x-ratelimit-reset-tokens"), Some("42s"));
+        assert_eq!(get("retry-after"), None);
+        let h = build(HeaderStyle::Openai, &states, true, Some(0));
+        assert!(h.contains(&("retry-after".into(), "1".into())));
+        assert!(build(HeaderStyle::None, &states, true, Some(5)).is_empty());
+    }
+
+    #[test]
+    fn ietf_style_lists_every_policy() {
+        let states = [st("p/rpm", false, 100, 7, 30), st("p/\"x\"", true, 5, 0, 2)];
+        let h = build(HeaderStyle::Ietf, &states, false, None);
+        assert_eq!(
+            h,
+            vec![
+                (
+                    "ratelimit-policy".to_owned(),
+                    "\"p/rpm\";q=100;w=60, \"p/\\\"x\\\"\";q=5;w=60;sluice-unit=\"tokens\""
+                        .to_owned()
+                ),
+                (
+                    "ratelimit".to_owned(),
+                    "\"p/rpm\";r=7;t=30, \"p/\\\"x\\\"\";r=0;t=2".to_owned()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn durations_in_openai_format() {
+        assert_eq!(openai_duration(0), "0s");
+        assert_eq!(openai_duration(59), "59s");
+        assert_eq!(openai_duration(360), "6m0s");
+        assert_eq!(openai_duration(3723), "1h2m3s");
+    }
+}

@@ -1,0 +1,370 @@
+//! Usage limits for LLM traffic (pure): what a call counts against each
+//! limit, which per-model limit applies, windows, counter keys, and the
+//! sliding-window estimate.
+//!
+//! **Sliding windows** (MINUTE, HOUR) use the sliding-window counter: one
+//! counter per fixed window, and the usage "in the last 60 s" estimated as
+//! `current + previous * (overlap of the previous window with the last 60 s)`.
+//! A fixed window lets through up to 2x the limit around a window edge
+//! (limit at the end of one window, limit again at the start of the next);
+//! the estimate removes that edge burst as long as traffic in the previous
+//! window was spread evenly, and it needs only ordinary counters, which
+//! persist and restore like every other counter. (GCRA would bound bursts
+//! too, but cannot take the after-the-fact charges of streamed responses
+//! without letting a bucket's debt grow without limit.)
+
+use std::collections::BTreeMap;
+
+use super::model::{LimitWindow, Metric, Price, Scope, TokenCount, UsageLimit};
+use super::period::{Calendar, Period, Span};
+use crate::engine::wildcard_match;
+
+/// What one call counts: requests, and tokens split as the gateway knows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Requests.
+    pub requests: u64,
+    /// Input (prompt) tokens.
+    pub input: u64,
+    /// Output (completion) tokens.
+    pub output: u64,
+    /// Tokens reported only as a total (e.g. Envoy's `llm_total_token`).
+    pub total_only: u64,
+}
+
+impl Usage {
+    /// The usage reported by a descriptor whose entry `usage` is `kind`, with
+    /// `hits`: `None` if `kind` is unknown.
+    pub fn from_kind(kind: &str, hits: u64) -> Option<Usage> {
+        let mut u = Usage::default();
+        match kind {
+            "requests" => u.requests = hits,
+            "input_tokens" => u.input = hits,
+            "output_tokens" => u.output = hits,
+            "total_tokens" => u.total_only = hits,
+            _ => return None,
+        }
+        Some(u)
+    }
+
+    /// Whether nothing is counted (a check-only call).
+    pub fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+}
+
+/// The price of `model`: an exact key first, else the longest matching glob.
+pub fn price_for<'a>(prices: &'a BTreeMap<String, Price>, model: &str) -> Option<&'a Price> {
+    if let Some(p) = prices.get(model) {
+        return Some(p);
+    }
+    prices
+        .iter()
+        .filter(|(pat, _)| wildcard_match(pat, model))
+        .max_by_key(|(pat, _)| pat.len())
+        .map(|(_, p)| p)
+}
+
+/// The amount `usage` counts against `limit` (rounded up: never under-counts).
+/// Tokens reported only as a total count at weight 1 in token limits and at
+/// the output price in spend limits (the higher price, so budgets are not
+/// under-charged).
+pub fn amount(limit: &UsageLimit, usage: &Usage, price: Option<&Price>) -> u64 {
+    match limit.metric {
+        Metric::Requests => usage.requests,
+        Metric::Tokens => match limit.count {
+            TokenCount::Input => usage.input,
+            TokenCount::Output => usage.output,
+            TokenCount::Total => usage
+                .input
+                .saturating_add(usage.output)
+                .saturating_add(usage.total_only),
+            TokenCount::Weighted {
+                input_weight,
+                output_weight,
+            } => {
+                let w = usage.input as f64 * input_weight
+                    + usage.output as f64 * output_weight
+                    + usage.total_only as f64;
+                if w >= u64::MAX as f64 {
+                    u64::MAX
+                } else {
+                    w.ceil() as u64
+                }
+            }
+        },
+        Metric::Spend => {
+            let Some(p) = price else { return 0 };
+            let micros = u128::from(usage.input) * u128::from(p.input_per_million)
+                + u128::from(usage.output.saturating_add(usage.total_only))
+                    * u128::from(p.output_per_million);
+            u64::try_from(micros.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        }
+    }
+}
+
+/// Whether a call's usage touches `limit` at all (a request-only call does
+/// not touch token limits, a token report does not touch request limits).
+pub fn touches(limit: &UsageLimit, usage: &Usage) -> bool {
+    match limit.metric {
+        Metric::Requests => usage.requests > 0,
+        Metric::Tokens | Metric::Spend => {
+            usage.input > 0 || usage.output > 0 || usage.total_only > 0
+        }
+    }
+}
+
+/// The limit for `model` and the pattern that selected it (`None` = the
+/// default limit): an exact pattern first, else the longest matching glob.
+pub fn model_limit<'a>(limit: &'a UsageLimit, model: Option<&str>) -> (Option<&'a str>, u64) {
+    if let Some(m) = model {
+        if let Some((k, v)) = limit.model_limits.get_key_value(m) {
+            return (Some(k.as_str()), *v);
+        }
+        if let Some((k, v)) = limit
+            .model_limits
+            .iter()
+            .filter(|(pat, _)| wildcard_match(pat, m))
+            .max_by_key(|(pat, _)| pat.len())
+        {
+            return (Some(k.as_str()), *v);
+        }
+    }
+    (None, limit.limit)
+}
+
+/// A limit's calendar (for calendar windows).
+pub fn calendar(limit: &UsageLimit) -> Option<Calendar> {
+    let period: Period = limit.window.period()?;
+    Calendar::new(period, limit.anchor_day, &limit.time_zone).ok()
+}
+
+/// The current window of a limit at `now` (Unix seconds): the calendar
+/// period, or the fixed window of a sliding limit.
+pub fn window(limit: &UsageLimit, cal: Option<&Calendar>, now: i64) -> Span {
+    match (limit.window.sliding_secs(), cal) {
+        (Some(len), _) => {
+            let start = now - now.rem_euclid(len);
+            Span {
+                start,
+                end: start + len,
+            }
+        }
+        (None, Some(c)) => c.containing(now),
+        // A calendar window whose calendar does not build (validated away).
+        (None, None) => Span {
+            start: now - now.rem_euclid(86_400),
+            end: now - now.rem_euclid(86_400) + 86_400,
+        },
+    }
+}
+
+/// The previous window's weight in the sliding estimate at `now`: the part
+/// of it still inside the last `len` seconds, in millionths.
+pub fn previous_weight_ppm(now: i64, len: i64) -> u64 {
+    let into = now.rem_euclid(len);
+    u64::try_from((len - into) * 1_000_000 / len).unwrap_or(0)
+}
+
+/// The sliding estimate's share of the previous window (rounded up).
+pub fn previous_share(prev: u64, weight_ppm: u64) -> u64 {
+    u64::try_from((u128::from(prev) * u128::from(weight_ppm)).div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+}
+
+/// Whose counter: the key's id, or its customer id (a key without one is
+/// its own customer).
+pub fn scope_id<'a>(limit: &UsageLimit, key_id: &'a str, customer_id: &'a str) -> (u8, &'a str) {
+    match limit.scope {
+        Scope::Customer if !customer_id.is_empty() => (b'c', customer_id),
+        _ => (b'k', key_id),
+    }
+}
+
+/// The counter of a limit for one scope, model pattern and window.
+pub fn counter_key(
+    plan_id: &str,
+    limit_name: &str,
+    scope: (u8, &str),
+    pattern: Option<&str>,
+    window_start: i64,
+) -> Vec<u8> {
+    let pattern = pattern.unwrap_or("");
+    let mut k = Vec::with_capacity(
+        4 + plan_id.len() + limit_name.len() + scope.1.len() + pattern.len() + 8 + 8,
+    );
+    k.push(super::decide::PLAN_KEY_TAG);
+    k.push(b'l');
+    for part in [
+        plan_id.as_bytes(),
+        limit_name.as_bytes(),
+        &[scope.0],
+        scope.1.as_bytes(),
+    ] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part);
+    }
+    k.extend_from_slice(&(pattern.len() as u32).to_be_bytes());
+    k.extend_from_slice(pattern.as_bytes());
+    k.extend_from_slice(&window_start.to_be_bytes());
+    k
+}
+
+/// The key of a reported request id (for ReportUsage idempotency).
+pub fn report_key(plan_id: &str, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + 8 + plan_id.len() + request_id.len());
+    k.push(super::decide::PLAN_KEY_TAG);
+    k.push(b'r');
+    for part in [plan_id.as_bytes(), request_id.as_bytes()] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part);
+    }
+    k
+}
+
+/// Whether a window's limit is sliding.
+pub fn is_sliding(w: LimitWindow) -> bool {
+    w.sliding_secs().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(metric: Metric, count: TokenCount) -> UsageLimit {
+        UsageLimit {
+            name: "l".into(),
+            metric,
+            count,
+            limit: 100,
+            window: LimitWindow::Minute,
+            anchor_day: 0,
+            time_zone: "UTC".into(),
+            model_limits: BTreeMap::new(),
+            scope: Scope::Key,
+        }
+    }
+
+    #[test]
+    fn amounts_per_metric_and_count() {
+        let u = Usage {
+            requests: 1,
+            input: 10,
+            output: 3,
+            total_only: 0,
+        };
+        assert_eq!(
+            amount(&limit(Metric::Requests, TokenCount::Total), &u, None),
+            1
+        );
+        assert_eq!(
+            amount(&limit(Metric::Tokens, TokenCount::Input), &u, None),
+            10
+        );
+        assert_eq!(
+            amount(&limit(Metric::Tokens, TokenCount::Output), &u, None),
+            3
+        );
+        assert_eq!(
+            amount(&limit(Metric::Tokens, TokenCount::Total), &u, None),
+            13
+        );
+        let w = TokenCount::Weighted {
+            input_weight: 0.25,
+            output_weight: 1.5,
+        };
+        // 10 * 0.25 + 3 * 1.5 = 7
+        assert_eq!(amount(&limit(Metric::Tokens, w), &u, None), 7);
+        let price = Price {
+            input_per_million: 2_500_000,
+            output_per_million: 10_000_000,
+        };
+        // 10 tokens at 2.50/M + 3 at 10.00/M = 0.000025 + 0.000030 = 55 micro-units
+        assert_eq!(
+            amount(&limit(Metric::Spend, TokenCount::Total), &u, Some(&price)),
+            55
+        );
+        let one = Usage {
+            input: 1,
+            ..Usage::default()
+        };
+        // 1 token at 2.50/M = 2.5 micro-units: rounded up
+        assert_eq!(
+            amount(&limit(Metric::Spend, TokenCount::Total), &one, Some(&price)),
+            3
+        );
+        let big = Usage {
+            input: 1_000_000,
+            output: 500_000,
+            ..Usage::default()
+        };
+        // 2.50 + 5.00 = 7.50 = 7_500_000 micro-units, exactly
+        assert_eq!(
+            amount(&limit(Metric::Spend, TokenCount::Total), &big, Some(&price)),
+            7_500_000
+        );
+        assert_eq!(
+            amount(&limit(Metric::Spend, TokenCount::Total), &big, None),
+            0
+        );
+    }
+
+    #[test]
+    fn model_limits_and_prices_pick_exact_then_longest_glob() {
+        let mut l = limit(Metric::Tokens, TokenCount::Total);
+        l.model_limits = BTreeMap::from([
+            ("gpt-4o*".to_owned(), 10),
+            ("gpt-4o-mini*".to_owned(), 20),
+            ("o1".to_owned(), 30),
+        ]);
+        assert_eq!(model_limit(&l, Some("gpt-4o-2024")), (Some("gpt-4o*"), 10));
+        assert_eq!(
+            model_limit(&l, Some("gpt-4o-mini-x")),
+            (Some("gpt-4o-mini*"), 20)
+        );
+        assert_eq!(model_limit(&l, Some("o1")), (Some("o1"), 30));
+        assert_eq!(model_limit(&l, Some("claude")), (None, 100));
+        assert_eq!(model_limit(&l, None), (None, 100));
+        let p = |i| Price {
+            input_per_million: i,
+            output_per_million: 0,
+        };
+        let prices = BTreeMap::from([
+            ("gpt-4o*".to_owned(), p(1)),
+            ("gpt-4o".to_owned(), p(2)),
+            ("*".to_owned(), p(3)),
+        ]);
+        assert_eq!(price_for(&prices, "gpt-4o").unwrap().input_per_million, 2);
+        assert_eq!(
+            price_for(&prices, "gpt-4o-mini").unwrap().input_per_million,
+            1
+        );
+        assert_eq!(price_for(&prices, "other").unwrap().input_per_million, 3);
+    }
+
+    #[test]
+    fn sliding_weights() {
+        assert_eq!(previous_weight_ppm(120, 60), 1_000_000);
+        assert_eq!(previous_weight_ppm(150, 60), 500_000);
+        assert_eq!(previous_weight_ppm(179, 60), 16_666);
+        assert_eq!(previous_share(100, 500_000), 50);
+        assert_eq!(previous_share(3, 500_000), 2, "rounded up");
+        assert_eq!(previous_share(0, 1_000_000), 0);
+    }
+
+    #[test]
+    fn counter_keys_differ_by_every_part() {
+        let base = counter_key("p", "tpm", (b'k', "k1"), None, 60);
+        assert_ne!(base, counter_key("p", "tpm", (b'c', "k1"), None, 60));
+        assert_ne!(
+            base,
+            counter_key("p", "tpm", (b'k', "k1"), Some("gpt*"), 60)
+        );
+        assert_ne!(base, counter_key("p", "tpm", (b'k', "k1"), None, 120));
+        assert_ne!(base, counter_key("p", "tpd", (b'k', "k1"), None, 60));
+        assert_ne!(
+            counter_key("ab", "c", (b'k', "x"), None, 0),
+            counter_key("a", "bc", (b'k', "x"), None, 0)
+        );
+    }
+}
