@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "envoy/service/ratelimit/v3/rls.proto",
         "sluice/admin/v1/admin.proto",
+        "sluice/usage/v1/usage.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;

@@ -31,6 +31,21 @@
 //!         method_throttles:         # default {}
 //!           "/v1/chat/completions/POST": { rate_limit: 2, burst_limit: 5 }
 //!     tags: { team: platform }      # default {}
+//!     limits:                       # default []; compared in order
+//!       - name: tpm                 # required, unique in the plan
+//!         metric: TOKENS            # required: REQUESTS, TOKENS or SPEND
+//!         count: WEIGHTED           # TOKENS only: INPUT, OUTPUT, TOTAL (default) or WEIGHTED
+//!         input_weight: 0.5         # WEIGHTED only, then required
+//!         output_weight: 2.0        # WEIGHTED only, then required
+//!         limit: 100000             # required: requests, tokens or micro-units (SPEND)
+//!         window: MINUTE            # required: MINUTE, HOUR, DAY, WEEK or MONTH
+//!         anchor_day: 0             # WEEK/MONTH only, as the quota's; default 0
+//!         time_zone: UTC            # calendar windows; default UTC
+//!         model_limits: { "gpt-4o*": 30000 }   # default {}
+//!         scope: KEY                # KEY (default) or CUSTOMER
+//!     prices:                       # default {}; micro-units per million tokens
+//!       "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+//!     header_style: OPENAI          # OPENAI (default), IETF, BOTH or NONE
 //! api_keys:
 //!   - name: alice                   # required, the key's identity
 //!     description: ""               # default ""
@@ -44,13 +59,16 @@
 //! Both top-level lists are optional. Unknown fields are errors. Each
 //! resource listed is its full desired state: an omitted field means its
 //! default (an omitted `throttle` removes the plan's throttle, an omitted
-//! `usage_plans` unbinds the key from every plan). Resources on the server
+//! `limits` its limits, an omitted `usage_plans` unbinds the key from every
+//! plan). Resources on the server
 //! that the file does not list are left alone unless `prune` is set, in which
 //! case they are deleted (plans with `force`, which unbinds their keys).
 //!
 //! Checked before anything is changed: YAML syntax and field names (errors
-//! name the file, line and column), period spelling, RFC 3339 times, empty
-//! or duplicate names, a plan listed twice in one key's `usage_plans`, and
+//! name the file, line and column), period and enum spelling, RFC 3339
+//! times, empty or duplicate names (also of a plan's limits), `count` on a
+//! limit that is not TOKENS, weights without `count: WEIGHTED` (or missing
+//! with it), a plan listed twice in one key's `usage_plans`, and
 //! every `usage_plans` entry naming a plan that is in the file or on the
 //! server (and, with `prune`, in the file). Everything else is validated by
 //! the server; its message is reported with the resource's name.
@@ -62,7 +80,11 @@
 //! times as whole seconds. Stages are compared regardless of their order; an
 //! empty `key_entry`/`method_entry`/`path_entry` or `time_zone` from the
 //! server counts as its default, a MONTH `anchor_day` of 0 as 1, and a quota
-//! `offset` as the equivalent `anchor_day`.
+//! `offset` as the equivalent `anchor_day`. Limits are compared in order,
+//! each as the server uses it: a limit's `count` only for TOKENS limits (an
+//! unspecified count is TOTAL), its weights only for `count: WEIGHTED`, an
+//! empty `time_zone` as UTC and a MONTH window's `anchor_day` 0 as 1; prices
+//! regardless of their order.
 //!
 //! # Order of changes
 //!
@@ -80,6 +102,7 @@
 //! ```text
 //! + usage plan gold
 //! ~ usage plan gold: throttle, quota
+//! ~ usage plan silver: limits, header_style
 //! - usage plan old
 //! + api key alice
 //! ~ api key alice: enabled, tags
@@ -89,7 +112,8 @@
 //! ```
 //!
 //! The `~` line lists the changed top-level fields, in the order
-//! `description, throttle, quota, stages, tags` for plans and
+//! `description, throttle, quota, stages, tags, limits, prices, header_style`
+//! for plans and
 //! `description, enabled, customer_id, expire_time, tags` for keys. The
 //! [`ChangeSet`] listing (a dry run) ends with `1 change`, `N changes` or
 //! `no changes`. [`apply_changes`] prints each line once its call succeeded,
@@ -254,6 +278,15 @@ pub struct PlanSpec {
         serialize_with = "flow_map"
     )]
     pub tags: BTreeMap<String, String>,
+    /// Request, token and spend limits, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<LimitSpec>,
+    /// Model prices by glob on the model name, for SPEND limits.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, PriceSpec>,
+    /// Rate-limit headers added to responses; default OPENAI.
+    #[serde(default, skip_serializing_if = "HeaderStyleSpec::is_default")]
+    pub header_style: HeaderStyleSpec,
 }
 
 /// A token bucket: `rate_limit` per second, capacity `burst_limit`.
@@ -296,6 +329,151 @@ pub struct QuotaSpec {
     /// IANA time zone; default UTC.
     #[serde(default = "default_time_zone")]
     pub time_zone: String,
+}
+
+/// A limit on requests, tokens or spend per window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Unique in the plan; reported in headers.
+    pub name: String,
+    /// What is counted.
+    pub metric: MetricSpec,
+    /// Which tokens (TOKENS limits only); absent means TOTAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<CountSpec>,
+    /// Weight of an input token (`count: WEIGHTED` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_weight: Option<f64>,
+    /// Weight of an output token (`count: WEIGHTED` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_weight: Option<f64>,
+    /// Per window: requests, tokens, or micro-units for SPEND.
+    pub limit: i64,
+    /// The window.
+    pub window: WindowSpec,
+    /// WEEK: 0 = Sunday .. 6 = Saturday; MONTH: 1..31 (0 means 1); else 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub anchor_day: i32,
+    /// IANA time zone of a calendar window; default UTC.
+    #[serde(default = "default_time_zone", skip_serializing_if = "is_utc")]
+    pub time_zone: String,
+    /// Per-model limits by glob on the model name (`gpt-4o*`).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        serialize_with = "flow_map"
+    )]
+    pub model_limits: BTreeMap<String, i64>,
+    /// Whose usage is counted; default KEY.
+    #[serde(default, skip_serializing_if = "ScopeSpec::is_default")]
+    pub scope: ScopeSpec,
+}
+
+/// What a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetricSpec {
+    /// Requests.
+    #[serde(rename = "REQUESTS")]
+    Requests,
+    /// Tokens, as `count` says.
+    #[serde(rename = "TOKENS")]
+    Tokens,
+    /// Money in micro-units, from the plan's prices.
+    #[serde(rename = "SPEND")]
+    Spend,
+}
+
+/// Which tokens a TOKENS limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CountSpec {
+    /// Input tokens.
+    #[serde(rename = "INPUT")]
+    Input,
+    /// Output tokens.
+    #[serde(rename = "OUTPUT")]
+    Output,
+    /// Input + output.
+    #[serde(rename = "TOTAL")]
+    Total,
+    /// `ceil(input * input_weight + output * output_weight)`.
+    #[serde(rename = "WEIGHTED")]
+    Weighted,
+}
+
+/// The window of a limit: sliding (MINUTE, HOUR) or calendar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowSpec {
+    /// A sliding 60 s window.
+    #[serde(rename = "MINUTE")]
+    Minute,
+    /// A sliding 3600 s window.
+    #[serde(rename = "HOUR")]
+    Hour,
+    /// A calendar day (CALENDAR_DAY).
+    #[serde(rename = "DAY")]
+    Day,
+    /// A calendar week from the anchor weekday (CALENDAR_WEEK).
+    #[serde(rename = "WEEK")]
+    Week,
+    /// A calendar month from the anchor day (CALENDAR_MONTH).
+    #[serde(rename = "MONTH")]
+    Month,
+}
+
+/// Whose usage a limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScopeSpec {
+    /// Each key on its own.
+    #[default]
+    #[serde(rename = "KEY")]
+    Key,
+    /// All keys with the same customer_id together.
+    #[serde(rename = "CUSTOMER")]
+    Customer,
+}
+
+impl ScopeSpec {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_default(&self) -> bool {
+        *self == ScopeSpec::default()
+    }
+}
+
+/// Which rate-limit headers a plan's decisions add to responses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeaderStyleSpec {
+    /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+    #[default]
+    #[serde(rename = "OPENAI")]
+    Openai,
+    /// The IETF draft's `RateLimit-Policy` and `RateLimit`.
+    #[serde(rename = "IETF")]
+    Ietf,
+    /// Both.
+    #[serde(rename = "BOTH")]
+    Both,
+    /// None.
+    #[serde(rename = "NONE")]
+    None,
+}
+
+impl HeaderStyleSpec {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_default(&self) -> bool {
+        *self == HeaderStyleSpec::default()
+    }
+}
+
+/// A model's prices per million tokens, in micro-units (2.50 = 2500000).
+/// Written in flow style: `{ input_per_million: 2500000, output_per_million: 10000000 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSpec {
+    /// Per million input tokens.
+    pub input_per_million: i64,
+    /// Per million output tokens.
+    pub output_per_million: i64,
 }
 
 /// A domain (and optional stage) governed by a plan.
@@ -380,6 +558,9 @@ fn default_method_entry() -> String {
 }
 fn default_path_entry() -> String {
     DEFAULT_PATH_ENTRY.to_owned()
+}
+fn is_utc(s: &str) -> bool {
+    s == DEFAULT_TIME_ZONE
 }
 fn is_default_key_entry(s: &str) -> bool {
     s == DEFAULT_KEY_ENTRY
@@ -471,6 +652,23 @@ impl Serialize for QuotaSpec {
     }
 }
 
+/// The flow-style form of [`PriceSpec`].
+#[derive(Serialize)]
+struct PriceOut {
+    input_per_million: i64,
+    output_per_million: i64,
+}
+
+impl Serialize for PriceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_saphyr::FlowMap(PriceOut {
+            input_per_million: self.input_per_million,
+            output_per_million: self.output_per_million,
+        })
+        .serialize(s)
+    }
+}
+
 /// Only the names of a file, with their lines, for error messages.
 #[derive(Deserialize)]
 struct NamesOnly {
@@ -485,6 +683,13 @@ struct NamedOnly {
     name: serde_saphyr::Spanned<String>,
     #[serde(default)]
     usage_plans: Vec<serde_saphyr::Spanned<String>>,
+    #[serde(default)]
+    limits: Vec<LimitNameOnly>,
+}
+
+#[derive(Deserialize)]
+struct LimitNameOnly {
+    name: serde_saphyr::Spanned<String>,
 }
 
 /// Whether a YAML text has no content but comments and blank lines.
@@ -500,8 +705,9 @@ fn is_blank(text: &str) -> bool {
 /// # Errors
 /// [`Error::Parse`] for invalid YAML, unknown fields, wrong types, a bad
 /// period or time (naming the file, line and column); [`Error::Invalid`]
-/// for an empty or duplicate plan or key name, or a plan listed twice in one
-/// key's `usage_plans`.
+/// for an empty or duplicate plan, limit or key name, a `count` on a limit
+/// that is not TOKENS, weights without `count: WEIGHTED` (or missing with
+/// it), or a plan listed twice in one key's `usage_plans`.
 pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     if is_blank(text) {
         return Ok(Spec::default());
@@ -521,6 +727,13 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
             .as_ref()
             .and_then(|n| n.api_keys.get(i))
             .map(|k| k.name.referenced.line())
+    };
+    let line_of_limit = |i: usize, j: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.usage_plans.get(i))
+            .and_then(|p| p.limits.get(j))
+            .map(|l| l.name.referenced.line())
     };
     let line_of_binding = |i: usize, j: usize| {
         names
@@ -553,6 +766,65 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
                     at(line_of_plan(first))
                 ),
             ));
+        }
+        let mut limits: HashMap<&str, usize> = HashMap::new();
+        for (j, l) in p.limits.iter().enumerate() {
+            let line = line_of_limit(i, j);
+            let field = |f: &str| format!("usage_plans[{i}].limits[{j}].{f}");
+            if l.name.trim().is_empty() {
+                return Err(invalid(
+                    line,
+                    format!("{}: must not be empty", field("name")),
+                ));
+            }
+            if let Some(first) = limits.insert(&l.name, j) {
+                return Err(invalid(
+                    line,
+                    format!(
+                        "{}: usage plan {:?} lists limit {:?} twice (first{})",
+                        field("name"),
+                        p.name,
+                        l.name,
+                        at(line_of_limit(i, first))
+                    ),
+                ));
+            }
+            if l.count.is_some() && l.metric != MetricSpec::Tokens {
+                return Err(invalid(
+                    line,
+                    format!(
+                        "{}: limit {:?} is not a TOKENS limit, so it has no count",
+                        field("count"),
+                        l.name
+                    ),
+                ));
+            }
+            let weighted = l.count == Some(CountSpec::Weighted);
+            for (name, w) in [
+                ("input_weight", l.input_weight),
+                ("output_weight", l.output_weight),
+            ] {
+                if weighted && w.is_none() {
+                    return Err(invalid(
+                        line,
+                        format!(
+                            "{}: limit {:?} counts WEIGHTED tokens, so it needs {name}",
+                            field(name),
+                            l.name
+                        ),
+                    ));
+                }
+                if !weighted && w.is_some() {
+                    return Err(invalid(
+                        line,
+                        format!(
+                            "{}: only a limit with count: WEIGHTED has weights (limit {:?})",
+                            field(name),
+                            l.name
+                        ),
+                    ));
+                }
+            }
         }
     }
     let mut keys: HashMap<&str, usize> = HashMap::new();
@@ -625,6 +897,69 @@ fn throttle_to_proto(t: &ThrottleSpec) -> pb::Throttle {
     }
 }
 
+fn metric_to_proto(m: MetricSpec) -> pb::Metric {
+    match m {
+        MetricSpec::Requests => pb::Metric::Requests,
+        MetricSpec::Tokens => pb::Metric::Tokens,
+        MetricSpec::Spend => pb::Metric::Spend,
+    }
+}
+
+fn count_to_proto(c: CountSpec) -> pb::TokenCount {
+    match c {
+        CountSpec::Input => pb::TokenCount::Input,
+        CountSpec::Output => pb::TokenCount::Output,
+        CountSpec::Total => pb::TokenCount::Total,
+        CountSpec::Weighted => pb::TokenCount::Weighted,
+    }
+}
+
+fn window_to_proto(w: WindowSpec) -> pb::LimitWindow {
+    match w {
+        WindowSpec::Minute => pb::LimitWindow::Minute,
+        WindowSpec::Hour => pb::LimitWindow::Hour,
+        WindowSpec::Day => pb::LimitWindow::CalendarDay,
+        WindowSpec::Week => pb::LimitWindow::CalendarWeek,
+        WindowSpec::Month => pb::LimitWindow::CalendarMonth,
+    }
+}
+
+fn scope_to_proto(s: ScopeSpec) -> pb::Scope {
+    match s {
+        ScopeSpec::Key => pb::Scope::Key,
+        ScopeSpec::Customer => pb::Scope::Customer,
+    }
+}
+
+fn header_style_to_proto(h: HeaderStyleSpec) -> pb::HeaderStyle {
+    match h {
+        HeaderStyleSpec::Openai => pb::HeaderStyle::Openai,
+        HeaderStyleSpec::Ietf => pb::HeaderStyle::Ietf,
+        HeaderStyleSpec::Both => pb::HeaderStyle::Both,
+        HeaderStyleSpec::None => pb::HeaderStyle::None,
+    }
+}
+
+fn limit_to_proto(l: &LimitSpec) -> pb::UsageLimit {
+    pb::UsageLimit {
+        name: l.name.clone(),
+        metric: metric_to_proto(l.metric) as i32,
+        count: count_to_proto(l.count.unwrap_or(CountSpec::Total)) as i32,
+        input_weight: l.input_weight.unwrap_or(0.0),
+        output_weight: l.output_weight.unwrap_or(0.0),
+        limit: l.limit,
+        window: window_to_proto(l.window) as i32,
+        anchor_day: l.anchor_day,
+        time_zone: l.time_zone.clone(),
+        model_limits: l
+            .model_limits
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        scope: scope_to_proto(l.scope) as i32,
+    }
+}
+
 /// The plan the file asks for, as a proto message (no id or times).
 fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
     pb::UsagePlan {
@@ -655,6 +990,21 @@ fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
             })
             .collect(),
         tags: p.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        limits: p.limits.iter().map(limit_to_proto).collect(),
+        prices: p
+            .prices
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelPrice {
+                        input_per_million: v.input_per_million,
+                        output_per_million: v.output_per_million,
+                    },
+                )
+            })
+            .collect(),
+        header_style: header_style_to_proto(p.header_style) as i32,
         ..pb::UsagePlan::default()
     }
 }
@@ -748,6 +1098,59 @@ fn norm_stages(stages: &[pb::ApiStage]) -> Vec<StageNorm> {
     out
 }
 
+/// A usage limit in the form the comparison uses: equal iff the server
+/// treats the two alike.
+#[derive(Debug, PartialEq)]
+struct LimitNorm {
+    name: String,
+    metric: i32,
+    /// TOKENS limits only; unspecified is TOTAL.
+    count: Option<i32>,
+    /// WEIGHTED TOKENS limits only.
+    weights: Option<(f64, f64)>,
+    limit: i64,
+    window: i32,
+    anchor_day: i32,
+    time_zone: String,
+    model_limits: BTreeMap<String, i64>,
+    scope: i32,
+}
+
+fn norm_limit(l: &pb::UsageLimit) -> LimitNorm {
+    let tokens = l.metric == pb::Metric::Tokens as i32;
+    let count = if l.count == pb::TokenCount::Unspecified as i32 {
+        pb::TokenCount::Total as i32
+    } else {
+        l.count
+    };
+    let weighted = tokens && count == pb::TokenCount::Weighted as i32;
+    let anchor_day = if l.window == pb::LimitWindow::CalendarMonth as i32 && l.anchor_day == 0 {
+        1
+    } else {
+        l.anchor_day
+    };
+    LimitNorm {
+        name: l.name.clone(),
+        metric: l.metric,
+        count: tokens.then_some(count),
+        weights: weighted.then_some((l.input_weight, l.output_weight)),
+        limit: l.limit,
+        window: l.window,
+        anchor_day,
+        time_zone: or_default(&l.time_zone, DEFAULT_TIME_ZONE),
+        model_limits: l
+            .model_limits
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        scope: l.scope,
+    }
+}
+
+fn norm_limits(limits: &[pb::UsageLimit]) -> Vec<LimitNorm> {
+    limits.iter().map(norm_limit).collect()
+}
+
 fn norm_throttle(t: Option<&pb::Throttle>) -> Option<(f64, i32)> {
     t.map(|t| (t.rate_limit, t.burst_limit))
 }
@@ -773,6 +1176,15 @@ fn plan_fields_changed(want: &pb::UsagePlan, have: &pb::UsagePlan) -> Vec<&'stat
     }
     if want.tags != have.tags {
         fields.push("tags");
+    }
+    if norm_limits(&want.limits) != norm_limits(&have.limits) {
+        fields.push("limits");
+    }
+    if want.prices != have.prices {
+        fields.push("prices");
+    }
+    if want.header_style != have.header_style {
+        fields.push("header_style");
     }
     fields
 }
@@ -1082,6 +1494,74 @@ fn period_from_proto(plan: &str, p: i32) -> Result<PeriodSpec, Error> {
     }
 }
 
+fn limit_from_proto(plan: &str, l: &pb::UsageLimit) -> Result<LimitSpec, Error> {
+    let bad = |field: &str, value: i32| {
+        Error::Unexpected(format!(
+            "usage plan {plan:?} has a limit {:?} with {field} {value}, which the file format cannot express",
+            l.name
+        ))
+    };
+    let metric = match pb::Metric::try_from(l.metric) {
+        Ok(pb::Metric::Requests) => MetricSpec::Requests,
+        Ok(pb::Metric::Tokens) => MetricSpec::Tokens,
+        Ok(pb::Metric::Spend) => MetricSpec::Spend,
+        _ => return Err(bad("metric", l.metric)),
+    };
+    let (count, input_weight, output_weight) = if metric == MetricSpec::Tokens {
+        match pb::TokenCount::try_from(l.count) {
+            Ok(pb::TokenCount::Unspecified | pb::TokenCount::Total) => (None, None, None),
+            Ok(pb::TokenCount::Input) => (Some(CountSpec::Input), None, None),
+            Ok(pb::TokenCount::Output) => (Some(CountSpec::Output), None, None),
+            Ok(pb::TokenCount::Weighted) => (
+                Some(CountSpec::Weighted),
+                Some(l.input_weight),
+                Some(l.output_weight),
+            ),
+            Err(_) => return Err(bad("count", l.count)),
+        }
+    } else {
+        (None, None, None)
+    };
+    let window = match pb::LimitWindow::try_from(l.window) {
+        Ok(pb::LimitWindow::Minute) => WindowSpec::Minute,
+        Ok(pb::LimitWindow::Hour) => WindowSpec::Hour,
+        Ok(pb::LimitWindow::CalendarDay) => WindowSpec::Day,
+        Ok(pb::LimitWindow::CalendarWeek) => WindowSpec::Week,
+        Ok(pb::LimitWindow::CalendarMonth) => WindowSpec::Month,
+        _ => return Err(bad("window", l.window)),
+    };
+    let scope = match pb::Scope::try_from(l.scope) {
+        Ok(pb::Scope::Key) => ScopeSpec::Key,
+        Ok(pb::Scope::Customer) => ScopeSpec::Customer,
+        Err(_) => return Err(bad("scope", l.scope)),
+    };
+    Ok(LimitSpec {
+        name: l.name.clone(),
+        metric,
+        count,
+        input_weight,
+        output_weight,
+        limit: l.limit,
+        window,
+        anchor_day: l.anchor_day,
+        time_zone: or_default(&l.time_zone, DEFAULT_TIME_ZONE),
+        model_limits: sorted(&l.model_limits),
+        scope,
+    })
+}
+
+fn header_style_from_proto(plan: &str, h: i32) -> Result<HeaderStyleSpec, Error> {
+    match pb::HeaderStyle::try_from(h) {
+        Ok(pb::HeaderStyle::Openai) => Ok(HeaderStyleSpec::Openai),
+        Ok(pb::HeaderStyle::Ietf) => Ok(HeaderStyleSpec::Ietf),
+        Ok(pb::HeaderStyle::Both) => Ok(HeaderStyleSpec::Both),
+        Ok(pb::HeaderStyle::None) => Ok(HeaderStyleSpec::None),
+        Err(_) => Err(Error::Unexpected(format!(
+            "usage plan {plan:?} has header_style {h}, which is not OPENAI, IETF, BOTH or NONE"
+        ))),
+    }
+}
+
 fn sorted<K: Ord + Clone, V: Clone>(m: &HashMap<K, V>) -> BTreeMap<K, V> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
@@ -1090,8 +1570,8 @@ fn sorted<K: Ord + Clone, V: Clone>(m: &HashMap<K, V>) -> BTreeMap<K, V> {
 /// bindings as plan names (sorted), output-only fields dropped. Pure.
 ///
 /// # Errors
-/// [`Error::Unexpected`] for a quota period the format cannot express, or
-/// an expire time out of range.
+/// [`Error::Unexpected`] for a quota period, limit enum value or header
+/// style the format cannot express, or an expire time out of range.
 pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec, Error> {
     let plan_names: HashMap<&str, &str> = plans
         .iter()
@@ -1133,6 +1613,25 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
                 })
                 .collect(),
             tags: sorted(&p.tags),
+            limits: p
+                .limits
+                .iter()
+                .map(|l| limit_from_proto(&p.name, l))
+                .collect::<Result<_, _>>()?,
+            prices: p
+                .prices
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        PriceSpec {
+                            input_per_million: v.input_per_million,
+                            output_per_million: v.output_per_million,
+                        },
+                    )
+                })
+                .collect(),
+            header_style: header_style_from_proto(&p.name, p.header_style)?,
         });
     }
     usage_plans.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1515,6 +2014,9 @@ mod tests {
                 method_throttles: BTreeMap::new(),
             }],
             tags: BTreeMap::new(),
+            limits: Vec::new(),
+            prices: BTreeMap::new(),
+            header_style: HeaderStyleSpec::Openai,
         }
     }
 
@@ -1563,6 +2065,110 @@ mod tests {
                 .unwrap()
                 .as_second()
         );
+    }
+
+    #[test]
+    fn the_example_limits_parse_with_defaults_filled() {
+        let s = parse(EXAMPLE);
+        let gold = &s.usage_plans[0];
+        let names: Vec<&str> = gold.limits.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["tpm", "monthly-budget"]);
+        let tpm = &gold.limits[0];
+        assert_eq!(tpm.metric, MetricSpec::Tokens);
+        assert_eq!(tpm.count, Some(CountSpec::Total));
+        assert_eq!(tpm.window, WindowSpec::Minute);
+        assert_eq!(tpm.time_zone, "UTC");
+        assert_eq!(tpm.model_limits["gpt-4o*"], 30_000);
+        assert_eq!(tpm.scope, ScopeSpec::Key);
+        let budget = &gold.limits[1];
+        assert_eq!(budget.metric, MetricSpec::Spend);
+        assert_eq!(budget.count, None);
+        assert_eq!(
+            (budget.window, budget.anchor_day, budget.time_zone.as_str()),
+            (WindowSpec::Month, 1, "Europe/Paris")
+        );
+        assert_eq!(
+            gold.prices["gpt-4o*"],
+            PriceSpec {
+                input_per_million: 2_500_000,
+                output_per_million: 10_000_000
+            }
+        );
+        assert_eq!(gold.header_style, HeaderStyleSpec::Openai);
+        let silver = &s.usage_plans[1];
+        let daily = &silver.limits[0];
+        assert_eq!(daily.count, Some(CountSpec::Weighted));
+        assert_eq!(
+            (daily.input_weight, daily.output_weight),
+            (Some(1.0), Some(4.0))
+        );
+        assert_eq!(daily.window, WindowSpec::Day);
+        assert_eq!(daily.scope, ScopeSpec::Customer);
+        assert!(silver.prices.is_empty());
+        assert_eq!(silver.header_style, HeaderStyleSpec::Ietf);
+
+        // Everything omitted: the defaults.
+        let s = parse(
+            "usage_plans:\n  - name: p\n    limits:\n      - { name: rpm, metric: REQUESTS, limit: 5, window: MINUTE }\n",
+        );
+        let p = &s.usage_plans[0];
+        let l = &p.limits[0];
+        assert_eq!(
+            (l.count, l.input_weight, l.anchor_day, l.time_zone.as_str()),
+            (None, None, 0, "UTC")
+        );
+        assert!(l.model_limits.is_empty());
+        assert_eq!(l.scope, ScopeSpec::Key);
+        assert_eq!(p.header_style, HeaderStyleSpec::Openai);
+    }
+
+    #[test]
+    fn bad_limits_are_errors_with_their_lines() {
+        let plan =
+            |limit: &str| format!("usage_plans:\n  - name: p\n    limits:\n      - {limit}\n");
+        let e = parse_err(&plan(
+            "{ name: a, metric: TOKENS, limit: 1, window: MINUTE, scope: key }",
+        ));
+        assert!(e.contains("key") && e.contains("line 4"), "{e}");
+        let e = parse_err(&plan("{ name: a, metric: TOKENS, limit: 1, window: DAYS }"));
+        assert!(e.contains("DAYS") && e.contains("line 4"), "{e}");
+        let e = parse_err(&plan(
+            "{ name: a, metric: TOKENS, limit: 1, window: DAY, windw: DAY }",
+        ));
+        assert!(e.contains("windw"), "{e}");
+        let e = parse_err(&plan("{ name: a, metric: TOKENS, window: DAY }"));
+        assert!(e.contains("limit"), "{e}");
+        let e = parse_err(&plan(
+            "{ name: a, metric: REQUESTS, count: INPUT, limit: 1, window: DAY }",
+        ));
+        assert_eq!(
+            e,
+            "plans.yaml:4: usage_plans[0].limits[0].count: limit \"a\" is not a TOKENS limit, so it has no count"
+        );
+        let e = parse_err(&plan(
+            "{ name: a, metric: TOKENS, input_weight: 2, limit: 1, window: DAY }",
+        ));
+        assert!(
+            e.contains("limits[0].input_weight") && e.contains("WEIGHTED"),
+            "{e}"
+        );
+        let e = parse_err(&plan(
+            "{ name: a, metric: TOKENS, count: WEIGHTED, input_weight: 2, limit: 1, window: DAY }",
+        ));
+        assert!(e.contains("limits[0].output_weight"), "{e}");
+        let e = parse_err(
+            "usage_plans:\n  - name: p\n    limits:\n      - { name: a, metric: REQUESTS, limit: 1, window: DAY }\n      - { name: a, metric: TOKENS, limit: 1, window: DAY }\n",
+        );
+        assert_eq!(
+            e,
+            "plans.yaml:5: usage_plans[0].limits[1].name: usage plan \"p\" lists limit \"a\" twice (first at line 4)"
+        );
+        let e = parse_err("usage_plans:\n  - name: p\n    header_style: openai\n");
+        assert!(e.contains("openai") && e.contains("line 3"), "{e}");
+        let e = parse_err(
+            "usage_plans:\n  - name: p\n    prices:\n      m: { input_per_million: 1 }\n",
+        );
+        assert!(e.contains("output_per_million"), "{e}");
     }
 
     #[test]
@@ -1795,6 +2401,136 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_created_as_the_server_expects() {
+        let spec = parse(EXAMPLE);
+        let c = diff(&spec, &[], &[], false).unwrap();
+        let Change::CreatePlan { plan } = &c.changes[0] else {
+            panic!("{c}")
+        };
+        assert_eq!(plan.limits.len(), 2);
+        let tpm = &plan.limits[0];
+        assert_eq!(tpm.metric, pb::Metric::Tokens as i32);
+        assert_eq!(tpm.count, pb::TokenCount::Total as i32);
+        assert_eq!(tpm.window, pb::LimitWindow::Minute as i32);
+        assert_eq!(tpm.model_limits["gpt-4o*"], 30_000);
+        let budget = &plan.limits[1];
+        assert_eq!(budget.metric, pb::Metric::Spend as i32);
+        assert_eq!(budget.window, pb::LimitWindow::CalendarMonth as i32);
+        assert_eq!(budget.limit, 50_000_000);
+        assert_eq!(plan.prices["gpt-4o*"].output_per_million, 10_000_000);
+        assert_eq!(plan.header_style, pb::HeaderStyle::Openai as i32);
+        let Change::CreatePlan { plan } = &c.changes[1] else {
+            panic!("{c}")
+        };
+        let daily = &plan.limits[0];
+        assert_eq!(daily.count, pb::TokenCount::Weighted as i32);
+        assert_eq!((daily.input_weight, daily.output_weight), (1.0, 4.0));
+        assert_eq!(daily.window, pb::LimitWindow::CalendarDay as i32);
+        assert_eq!(daily.scope, pb::Scope::Customer as i32);
+        assert_eq!(plan.header_style, pb::HeaderStyle::Ietf as i32);
+    }
+
+    #[test]
+    fn server_limit_defaults_compare_equal_to_file_defaults() {
+        let spec = parse(
+            "usage_plans:
+  - name: p
+    limits:
+      - { name: rpm, metric: REQUESTS, limit: 5, window: MINUTE }
+      - { name: tpd, metric: TOKENS, limit: 5, window: DAY }
+      - { name: w, metric: TOKENS, count: WEIGHTED, input_weight: 0.5, output_weight: 2, limit: 5, window: MONTH }
+      - { name: spend, metric: SPEND, limit: 5, window: WEEK, anchor_day: 3, time_zone: Asia/Tokyo }
+    prices: { m: { input_per_million: 1, output_per_million: 2 } }
+",
+        );
+        let (mut plans, keys) = applied(&spec);
+        let l = &mut plans[0].limits;
+        // Unspecified count is TOTAL; counts and weights of other metrics
+        // and weights of other counts do not matter.
+        l[0].count = pb::TokenCount::Input as i32;
+        l[0].input_weight = 3.0;
+        l[1].count = pb::TokenCount::Unspecified as i32;
+        l[1].output_weight = 7.0;
+        // "" is UTC; a MONTH anchor 0 is 1.
+        l[1].time_zone.clear();
+        l[2].anchor_day = 1;
+        l[3].count = pb::TokenCount::Weighted as i32;
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert!(c.is_empty(), "{c}");
+
+        // What the server does use is compared.
+        for change in [
+            |l: &mut pb::UsageLimit| l.input_weight = 0.25,
+            |l: &mut pb::UsageLimit| l.count = pb::TokenCount::Total as i32,
+            |l: &mut pb::UsageLimit| l.scope = pb::Scope::Customer as i32,
+            |l: &mut pb::UsageLimit| l.time_zone = "Europe/Paris".into(),
+            |l: &mut pb::UsageLimit| {
+                l.model_limits.insert("x".into(), 1);
+            },
+        ] {
+            let (mut plans, keys) = applied(&spec);
+            change(&mut plans[0].limits[2]);
+            let c = diff(&spec, &plans, &keys, false).unwrap();
+            assert_eq!(lines(&c), ["~ usage plan p: limits"]);
+        }
+        // Order matters.
+        let (mut plans, keys) = applied(&spec);
+        plans[0].limits.swap(0, 1);
+        let c = diff(&spec, &plans, &keys, false).unwrap();
+        assert_eq!(lines(&c), ["~ usage plan p: limits"]);
+    }
+
+    #[test]
+    fn one_changed_limit_is_one_update_of_limits() {
+        let spec = parse(EXAMPLE);
+        let (plans, keys) = applied(&spec);
+        let mut spec2 = spec.clone();
+        spec2.usage_plans[0].limits[0].limit = 120_000;
+        let c = diff(&spec2, &plans, &keys, false).unwrap();
+        assert_eq!(lines(&c), ["~ usage plan gold: limits"]);
+        match &c.changes[0] {
+            Change::UpdatePlan { plan, fields } => {
+                assert_eq!(plan.id, "gold");
+                assert_eq!(fields, &["limits"]);
+                // The whole list is sent, the other limit unchanged.
+                assert_eq!(plan.limits.len(), 2);
+                assert_eq!(plan.limits[0].limit, 120_000);
+                assert_eq!(plan.limits[1], plans[0].limits[1]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Prices and header style are their own paths, after limits.
+        let mut spec3 = spec2.clone();
+        spec3.usage_plans[0]
+            .prices
+            .get_mut("gpt-4o*")
+            .unwrap()
+            .input_per_million = 1;
+        spec3.usage_plans[0].header_style = HeaderStyleSpec::None;
+        spec3.usage_plans[0].tags.clear();
+        let c = diff(&spec3, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            ["~ usage plan gold: tags, limits, prices, header_style"]
+        );
+
+        // Omitting them removes them.
+        let mut spec4 = spec.clone();
+        spec4.usage_plans[1].limits.clear();
+        spec4.usage_plans[1].header_style = HeaderStyleSpec::default();
+        let c = diff(&spec4, &plans, &keys, false).unwrap();
+        assert_eq!(lines(&c), ["~ usage plan silver: limits, header_style"]);
+        match &c.changes[0] {
+            Change::UpdatePlan { plan, .. } => {
+                assert!(plan.limits.is_empty());
+                assert_eq!(plan.header_style, pb::HeaderStyle::Openai as i32);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn times_compare_as_seconds() {
         let spec = parse(EXAMPLE);
         let (plans, mut keys) = applied(&spec);
@@ -1931,6 +2667,94 @@ mod tests {
         assert_eq!(back, exported, "{yaml}");
         let c = diff(&back, &plans, &keys, true).unwrap();
         assert!(c.is_empty(), "{c}\n{yaml}");
+    }
+
+    #[test]
+    fn limits_survive_an_export_and_omit_defaults() {
+        let mut p = plan_spec("p");
+        p.limits = vec![
+            LimitSpec {
+                name: "w".into(),
+                metric: MetricSpec::Tokens,
+                count: Some(CountSpec::Weighted),
+                input_weight: Some(1.0 / 3.0),
+                output_weight: Some(0.0),
+                limit: i64::MAX,
+                window: WindowSpec::Week,
+                anchor_day: 6,
+                time_zone: "America/New_York".into(),
+                model_limits: [("gpt-4o*".to_owned(), 7), ("null".to_owned(), 0)].into(),
+                scope: ScopeSpec::Customer,
+            },
+            LimitSpec {
+                name: "rpm".into(),
+                metric: MetricSpec::Requests,
+                count: None,
+                input_weight: None,
+                output_weight: None,
+                limit: 60,
+                window: WindowSpec::Minute,
+                anchor_day: 0,
+                time_zone: "UTC".into(),
+                model_limits: BTreeMap::new(),
+                scope: ScopeSpec::Key,
+            },
+        ];
+        p.prices.insert(
+            "claude-*: #x".into(),
+            PriceSpec {
+                input_per_million: 3_000_000,
+                output_per_million: 15_000_000,
+            },
+        );
+        p.header_style = HeaderStyleSpec::None;
+        let spec = Spec {
+            usage_plans: vec![p],
+            ..Spec::default()
+        };
+        let (plans, keys) = applied(&spec);
+        let exported = export_spec(&plans, &keys).unwrap();
+        assert_eq!(exported, spec);
+        let yaml = to_yaml(&exported).unwrap();
+        let back = parse_spec(Path::new("export.yaml"), &yaml).unwrap();
+        assert_eq!(back, exported, "{yaml}");
+        let c = diff(&back, &plans, &keys, true).unwrap();
+        assert!(c.is_empty(), "{c}\n{yaml}");
+        assert!(yaml.contains("header_style: NONE"), "{yaml}");
+        assert!(yaml.contains("model_limits: {"), "{yaml}");
+        assert!(
+            yaml.contains("{input_per_million: 3000000, output_per_million: 15000000}"),
+            "{yaml}"
+        );
+        let rpm: Vec<&str> = yaml
+            .lines()
+            .skip_while(|l| !l.contains("name: rpm"))
+            .take_while(|l| !l.contains("prices"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            rpm,
+            [
+                "- name: rpm",
+                "metric: REQUESTS",
+                "limit: 60",
+                "window: MINUTE"
+            ],
+            "{yaml}"
+        );
+
+        // What the server fills in is exported as the file's defaults.
+        let (mut plans, keys) = applied(&spec);
+        let l = &mut plans[0].limits[1];
+        l.count = pb::TokenCount::Unspecified as i32;
+        l.time_zone.clear();
+        let exported = export_spec(&plans, &keys).unwrap();
+        assert_eq!(exported, spec);
+
+        // A value the format cannot express is an error, not a silent drop.
+        plans[0].limits[1].window = 99;
+        let e = export_spec(&plans, &keys).unwrap_err().to_string();
+        assert!(e.contains("\"rpm\"") && e.contains("window 99"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,61 @@ pub struct RateLimiter<S> {
     catalog: Arc<ArcSwap<Catalog>>,
     buckets: Buckets,
     retention_days: u32,
+    reservations: std::sync::Mutex<std::collections::HashMap<String, Reservation>>,
+}
+
+/// A reservation waiting to be settled.
+#[derive(Debug)]
+struct Reservation {
+    reserved: Vec<Reserved>,
+    /// Unix second from which it is settled at its estimate (dropped).
+    expires_at: i64,
+}
+
+/// Why a usage call (ReportUsage, Reserve, Settle) cannot be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsageError {
+    /// No plan governs this domain and stage.
+    #[error("no usage plan governs domain {domain:?} stage {stage:?}")]
+    NotGoverned {
+        /// The domain.
+        domain: String,
+        /// The stage.
+        stage: String,
+    },
+    /// The key is unknown, disabled, expired or has no plan here.
+    #[error("invalid API key ({0:?})")]
+    InvalidKey(crate::plans::catalog::Refusal),
+    /// No such reservation (never made, settled, or expired: an expired
+    /// reservation stays charged at its estimate).
+    #[error("unknown, settled or expired reservation {0:?} (an expired reservation stays charged at its estimate)")]
+    UnknownReservation(String),
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+}
+
+/// The result of ReportUsage.
+#[derive(Debug)]
+pub struct ReportResult {
+    /// The request id was reported before: nothing was counted.
+    pub duplicate: bool,
+    /// The state of the plan's limits after the report.
+    pub states: Vec<LimitState>,
+}
+
+/// The result of Reserve.
+#[derive(Debug)]
+pub struct ReserveResult {
+    /// The decision.
+    pub status: Status,
+    /// The reservation id, when allowed.
+    pub id: Option<String>,
+    /// The state of the plan's limits.
+    pub states: Vec<LimitState>,
+    /// Headers for the client (the plan's style).
+    pub headers: Vec<(String, String)>,
 }
 
 /// One day of a key's usage.
@@ -91,6 +146,7 @@ impl<S: CounterStore> RateLimiter<S> {
             catalog: Arc::default(),
             buckets: Buckets::default(),
             retention_days: DEFAULT_USAGE_RETENTION_DAYS,
+            reservations: std::sync::Mutex::default(),
         }
     }
 
@@ -202,20 +258,53 @@ impl<S: CounterStore> RateLimiter<S> {
         }
         let mut states = Vec::new();
         let mut style = None;
-        for (plan, stage, key, _, members) in groups {
+        for (plan, stage, key, kind, members) in groups {
             let first = &req.descriptors[members[0]];
             let hits = first.hits(req.hits_addend);
-            let status = if members.len() == 1 {
-                self.decide_plan(plan, stage, key, &first.entries, hits, now_us, &mut states)
+            let call = match kind {
+                None | Some("requests") => Some(Call::Request { hits }),
+                Some(k) => Usage::from_kind(k, hits).map(|usage| Call::Charge {
+                    usage,
+                    dedupe: None,
+                }),
+            };
+            let mut out = CallOutcome::default();
+            let status = match call {
+                None => {
+                    tracing::debug!(kind, "unknown usage kind");
+                    refusal(None, 0, Reason::InvalidRequest)
+                }
+                Some(call) if members.len() == 1 => {
+                    self.decide_plan(
+                        plan,
+                        stage,
+                        key,
+                        &first.entries,
+                        call,
+                        now_us,
+                        &mut states,
+                        &mut out,
+                    )
                     .await?
-            } else {
-                // The method and path may come from any descriptor of the group.
-                let entries: Vec<Entry> = members
-                    .iter()
-                    .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
-                    .collect();
-                self.decide_plan(plan, stage, key, &entries, hits, now_us, &mut states)
+                }
+                Some(call) => {
+                    // The method and path may come from any descriptor of the group.
+                    let entries: Vec<Entry> = members
+                        .iter()
+                        .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
+                        .collect();
+                    self.decide_plan(
+                        plan,
+                        stage,
+                        key,
+                        &entries,
+                        call,
+                        now_us,
+                        &mut states,
+                        &mut out,
+                    )
                     .await?
+                }
             };
             style.get_or_insert(plan.plan.header_style);
             for &i in &members {
@@ -302,9 +391,10 @@ impl<S: CounterStore> RateLimiter<S> {
         stage: usize,
         key: &ApiKey,
         entries: &[Entry],
-        hits: u64,
+        call: Call,
         now_us: i64,
         states: &mut Vec<LimitState>,
+        out: &mut CallOutcome,
     ) -> Result<Status, storage::Error> {
         let p = &plan.plan;
         let now_s = now_us.div_euclid(1_000_000);
@@ -315,22 +405,28 @@ impl<S: CounterStore> RateLimiter<S> {
                 .map(|e| e.value.as_str())
         };
         let model = entry(MODEL_ENTRY);
-        let (charge, usage) = match entry(USAGE_ENTRY) {
-            None | Some("requests") => (
+        let (charge, hits, usage, dedupe) = match call {
+            Call::Request { hits } => (
                 false,
+                hits,
                 Usage {
                     requests: hits,
                     ..Usage::default()
                 },
+                None,
             ),
-            Some(kind) => match Usage::from_kind(kind, hits) {
-                Some(u) => (true, u),
-                None => {
-                    tracing::debug!(kind, "unknown usage kind");
-                    return Ok(refusal(None, 0, Reason::InvalidRequest));
-                }
-            },
+            Call::Reserve { estimate } => (
+                false,
+                1,
+                Usage {
+                    requests: 1,
+                    ..estimate
+                },
+                None,
+            ),
+            Call::Charge { usage, dedupe } => (true, 0, usage, dedupe),
         };
+        let reserve = matches!(call_kind(&usage, charge), Kind::Reserve);
 
         // 1. The throttle (requests only).
         let mut throttled: Option<(
@@ -444,6 +540,12 @@ impl<S: CounterStore> RateLimiter<S> {
                 expiry(day_start + 86_400 + retention),
             ));
         }
+        let dedupe_at = dedupe.as_ref().map(|k| {
+            // Remember the request id for a day; the charges below apply
+            // only if this is its first report.
+            ops.push(CounterOp::new(k, 1, expiry(now_s + 86_400)).when(Cond::Cap(1)));
+            ops.len() - 1
+        });
         let first_limit_op = ops.len();
         for lp in &plans {
             // Sliding windows live two windows (the next one reads this one).
@@ -454,7 +556,9 @@ impl<S: CounterStore> RateLimiter<S> {
                 lp.span.end
             };
             let op = CounterOp::new(&lp.counter, lp.amount, expiry(exp));
-            ops.push(if charge || lp.amount == 0 {
+            ops.push(if dedupe_at.is_some() {
+                op.when(Cond::IfPrevApplied)
+            } else if charge || lp.amount == 0 {
                 op
             } else {
                 op.when(Cond::Cap(lp.lim.saturating_sub(lp.prev_share)))
@@ -465,6 +569,11 @@ impl<S: CounterStore> RateLimiter<S> {
         } else {
             self.store.add(&ops).await?
         };
+        if let Some(i) = dedupe_at {
+            if values[i] > 1 {
+                out.duplicate = true;
+            }
+        }
 
         // 3. Judge.
         let mut refused: Option<Status> = None;
@@ -553,6 +662,25 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             }
             return Ok(r);
+        }
+        if reserve {
+            for lp in &plans {
+                if lp.limit.metric != Metric::Requests && lp.amount > 0 {
+                    let len = lp.span.end - lp.span.start;
+                    let exp = if usage::is_sliding(lp.limit.window) {
+                        lp.span.end + len
+                    } else {
+                        lp.span.end
+                    };
+                    out.reserved.push(Reserved {
+                        counter: lp.counter.clone(),
+                        limit: lp.limit.clone(),
+                        price: price.copied(),
+                        amount: lp.amount,
+                        expires_at: expiry(exp),
+                    });
+                }
+            }
         }
         if let Some((_, _, o, limit)) = throttled {
             // First, so a tie reports the throttle.
@@ -678,6 +806,197 @@ impl<S: CounterStore> RateLimiter<S> {
         Ok((days, LiveUsage { quota, throttle }))
     }
 
+    fn governed(
+        &self,
+        cat: &Catalog,
+        domain: &str,
+        stage: &str,
+        api_key: &str,
+        now_s: i64,
+    ) -> Result<(Arc<CompiledPlan>, usize, Arc<ApiKey>), UsageError> {
+        match cat.resolve_value(domain, stage, api_key, now_s) {
+            Resolved::NotGoverned => Err(UsageError::NotGoverned {
+                domain: domain.to_owned(),
+                stage: stage.to_owned(),
+            }),
+            Resolved::Refused(r) => Err(UsageError::InvalidKey(r)),
+            Resolved::Governed { plan, stage, key } => {
+                let plan = cat
+                    .plan(&plan.plan.id)
+                    .cloned()
+                    .ok_or(UsageError::InvalidKey(
+                        crate::plans::catalog::Refusal::NoPlan,
+                    ))?;
+                let key = cat.key(&key.id).cloned().ok_or(UsageError::InvalidKey(
+                    crate::plans::catalog::Refusal::Unknown,
+                ))?;
+                Ok((plan, stage, key))
+            }
+        }
+    }
+
+    /// Counts tokens a response used (a custom gateway's report). With a
+    /// `request_id`, a retried report counts once (ids are remembered for a
+    /// day). The tokens count whatever the limits say: they were spent.
+    ///
+    /// # Errors
+    /// [`UsageError`] for an ungoverned domain, an invalid key or storage.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn report_usage(
+        &self,
+        domain: &str,
+        stage: &str,
+        api_key: &str,
+        model: &str,
+        usage: Usage,
+        request_id: Option<&str>,
+        now_us: i64,
+    ) -> Result<ReportResult, UsageError> {
+        let cat = self.catalog.load_full();
+        let (plan, stage_i, key) =
+            self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
+        let entries = model_entries(model);
+        let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
+        let mut states = Vec::new();
+        let mut out = CallOutcome::default();
+        self.decide_plan(
+            &plan,
+            stage_i,
+            &key,
+            &entries,
+            Call::Charge { usage, dedupe },
+            now_us,
+            &mut states,
+            &mut out,
+        )
+        .await?;
+        Ok(ReportResult {
+            duplicate: out.duplicate,
+            states,
+        })
+    }
+
+    /// Decides a request and holds its estimated tokens and cost in every
+    /// token and spend limit (refused if they do not fit), until
+    /// [`RateLimiter::settle`] or `ttl_secs` (after which the estimate stays
+    /// charged).
+    ///
+    /// # Errors
+    /// [`UsageError`] for an ungoverned domain, an invalid key or storage.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reserve(
+        &self,
+        domain: &str,
+        stage: &str,
+        api_key: &str,
+        model: &str,
+        estimate: Usage,
+        ttl_secs: i64,
+        now_us: i64,
+    ) -> Result<ReserveResult, UsageError> {
+        let cat = self.catalog.load_full();
+        let now_s = now_us.div_euclid(1_000_000);
+        let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s)?;
+        let entries = model_entries(model);
+        let mut states = Vec::new();
+        let mut out = CallOutcome::default();
+        let status = self
+            .decide_plan(
+                &plan,
+                stage_i,
+                &key,
+                &entries,
+                Call::Reserve { estimate },
+                now_us,
+                &mut states,
+                &mut out,
+            )
+            .await?;
+        let denied = status.code == Code::OverLimit;
+        let headers = crate::plans::headers::build(
+            plan.plan.header_style,
+            &states,
+            denied,
+            if denied { status.reset_in } else { None },
+        );
+        let id = if denied {
+            None
+        } else {
+            let mut raw = [0u8; 16];
+            getrandom::fill(&mut raw)
+                .map_err(|e| storage::Error::Io(format!("no randomness from the OS: {e}")))?;
+            let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            self.reservations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    id.clone(),
+                    Reservation {
+                        reserved: out.reserved,
+                        expires_at: now_s.saturating_add(ttl_secs),
+                    },
+                );
+            Some(id)
+        };
+        Ok(ReserveResult {
+            status,
+            id,
+            states,
+            headers,
+        })
+    }
+
+    /// Settles a reservation with the actual usage: each held amount is
+    /// corrected (refund or extra charge) in the counter it was held in.
+    /// Returns, per held limit, (limit name, held, now charged).
+    ///
+    /// # Errors
+    /// [`UsageError::UnknownReservation`], or storage.
+    pub async fn settle(
+        &self,
+        id: &str,
+        actual: Usage,
+        now_us: i64,
+    ) -> Result<Vec<(String, u64, u64)>, UsageError> {
+        let r = self
+            .reservations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .filter(|r| r.expires_at > now_us.div_euclid(1_000_000))
+            .ok_or_else(|| UsageError::UnknownReservation(id.to_owned()))?;
+        let mut ops = Vec::with_capacity(r.reserved.len());
+        let mut settled = Vec::with_capacity(r.reserved.len());
+        for res in &r.reserved {
+            let want = usage::amount(&res.limit, &actual, res.price.as_ref());
+            settled.push((res.limit.name.clone(), res.amount, want));
+            if want > res.amount {
+                ops.push(CounterOp::new(
+                    &res.counter,
+                    want - res.amount,
+                    res.expires_at,
+                ));
+            } else if want < res.amount {
+                ops.push(
+                    CounterOp::new(&res.counter, res.amount - want, res.expires_at).when(Cond::Sub),
+                );
+            }
+        }
+        if !ops.is_empty() {
+            self.store.add(&ops).await?;
+        }
+        Ok(settled)
+    }
+
+    /// Drops reservations whose TTL ended (they stay charged at their
+    /// estimate); returns how many.
+    pub fn purge_reservations(&self, now_s: i64) -> usize {
+        let mut map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, r| r.expires_at > now_s);
+        before - map.len()
+    }
+
     /// Drops token buckets that are full again at `now_us`.
     pub fn purge_buckets(&self, now_us: i64) -> usize {
         self.buckets.purge_full(now_us)
@@ -690,6 +1009,66 @@ pub const MODEL_ENTRY: &str = "model";
 /// `requests` (a request), `input_tokens`, `output_tokens`, `total_tokens`
 /// (a charge of tokens after the response).
 pub const USAGE_ENTRY: &str = "usage";
+
+/// What a plan-governed call does.
+#[derive(Clone, Debug)]
+pub enum Call {
+    /// A request: `hits` requests (0 = check only); token and spend limits
+    /// are checked.
+    Request {
+        /// Requests.
+        hits: u64,
+    },
+    /// Tokens spent (after a response): counted whatever the limits say.
+    Charge {
+        /// The usage.
+        usage: Usage,
+        /// The counter key of a request id: charge only on its first report.
+        dedupe: Option<Vec<u8>>,
+    },
+    /// A request that also holds its estimated tokens and cost until settled.
+    Reserve {
+        /// The estimate.
+        estimate: Usage,
+    },
+}
+
+enum Kind {
+    Reserve,
+    Other,
+}
+
+fn call_kind(usage: &Usage, charge: bool) -> Kind {
+    if !charge && (usage.input > 0 || usage.output > 0 || usage.total_only > 0) {
+        Kind::Reserve
+    } else {
+        Kind::Other
+    }
+}
+
+/// A reserved amount in one counter, to settle later.
+#[derive(Clone, Debug)]
+pub struct Reserved {
+    /// The counter.
+    pub counter: Vec<u8>,
+    /// The limit it belongs to (its definition at reservation time).
+    pub limit: UsageLimit,
+    /// The model's price at reservation time.
+    pub price: Option<crate::plans::model::Price>,
+    /// What was added.
+    pub amount: u64,
+    /// The counter's expiry.
+    pub expires_at: u64,
+}
+
+/// Side results of a plan call.
+#[derive(Debug, Default)]
+pub struct CallOutcome {
+    /// A charge whose request id was already reported (nothing counted).
+    pub duplicate: bool,
+    /// What a successful reservation holds.
+    pub reserved: Vec<Reserved>,
+}
 
 /// Governed descriptors decided together: plan, stage index, key, usage
 /// kind, and the descriptor indexes.
@@ -807,6 +1186,14 @@ fn ok_status(limit: Arc<engine::Limit>, remaining: u64, reset_in: u64) -> Status
         remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
         reset_in: Some(reset_in),
         reason: None,
+    }
+}
+
+fn model_entries(model: &str) -> Vec<Entry> {
+    if model.is_empty() {
+        Vec::new()
+    } else {
+        vec![Entry::new(MODEL_ENTRY, model)]
     }
 }
 

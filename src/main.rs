@@ -350,7 +350,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tick.tick().await;
-                limiter.purge_buckets(sluice::storage::unix_now_us());
+                let now_us = sluice::storage::unix_now_us();
+                limiter.purge_buckets(now_us);
+                limiter.purge_reservations(now_us.div_euclid(1_000_000));
             }
         }
     });

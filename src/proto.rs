@@ -50,6 +50,13 @@ pub mod envoy {
 
 /// sluice's own packages.
 pub mod sluice {
+    /// `sluice.usage.*`
+    pub mod usage {
+        /// `sluice.usage.v1`: ReportUsage, Reserve, Settle.
+        pub mod v1 {
+            tonic::include_proto!("sluice.usage.v1");
+        }
+    }
     /// `sluice.admin.*`
     pub mod admin {
         /// `sluice.admin.v1`: usage plans, API keys and usage.
@@ -64,6 +71,7 @@ pub use envoy::extensions::common::ratelimit::v3 as common;
 pub use envoy::r#type::v3 as types;
 pub use envoy::service::ratelimit::v3 as rls;
 pub use sluice::admin::v1 as admin;
+pub use sluice::usage::v1 as usage;
 
 /// The encoded FileDescriptorSet of every proto sluice serves, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

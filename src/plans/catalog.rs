@@ -252,6 +252,21 @@ impl Catalog {
         Resolved::NotGoverned
     }
 
+    /// Matches an API key value for `domain` and `stage` ("" for the whole
+    /// domain), as a gateway names them outside a descriptor (ReportUsage,
+    /// Reserve). `NotGoverned` if no plan governs that domain and stage.
+    pub fn resolve_value(&self, domain: &str, stage: &str, value: &str, now: i64) -> Resolved<'_> {
+        if self
+            .stage_plans
+            .get(domain)
+            .and_then(|m| m.get(stage))
+            .is_none()
+        {
+            return Resolved::NotGoverned;
+        }
+        self.resolve_key(domain, stage, value, now)
+    }
+
     fn resolve_key(&self, domain: &str, stage: &str, value: &str, now: i64) -> Resolved<'_> {
         let hash = model::hash_value(value);
         let Some(r) = self.by_hash.get(&hash) else {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod convert;
 pub mod rls;
 pub mod status;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 /// "ratelimit" (what envoyproxy/ratelimit deployments probe) and the RLS name.
 pub const HEALTH_NAMES: [&str; 3] = ["", "ratelimit", RLS_SERVICE];
 
-/// Serves RLS, health and reflection on `listener` until `shutdown`
+/// Serves RLS, the usage API, health and reflection on `listener` until `shutdown`
 /// completes, then reports NOT_SERVING, stops accepting and waits for
 /// in-flight calls to finish. The caller closes the store afterwards.
 ///
@@ -49,6 +50,9 @@ pub async fn serve<S: CounterStore>(
             .await;
     }
     let (reflection_v1, reflection_v1alpha) = reflection();
+    let usage = crate::proto::usage::usage_service_server::UsageServiceServer::new(
+        usage::UsageServer::new(limiter.clone()),
+    );
     let rls = RateLimitServiceServer::new(rls::RlsService::new(limiter, limits));
 
     let drain = async move {
@@ -63,6 +67,7 @@ pub async fn serve<S: CounterStore>(
     tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(rls)
+        .add_service(usage)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
