@@ -213,3 +213,101 @@ async fn bad_files_and_bad_tokens_fail_clearly_and_change_nothing() {
     );
     s.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_limits_apply_idempotently_and_export_to_a_no_op() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let admin = s.admin_addr();
+
+    let text = r#"usage_plans:
+  - name: llm
+    stages:
+      - domain: llm-gateway
+    limits:
+      - name: tpm
+        metric: TOKENS
+        limit: 100000
+        window: MINUTE
+        model_limits: { "gpt-4o*": 30000 }
+      - name: weighted-daily
+        metric: TOKENS
+        count: WEIGHTED
+        input_weight: 0.5
+        output_weight: 2
+        limit: 200000
+        window: DAY
+        time_zone: UTC
+        scope: CUSTOMER
+      - name: monthly-budget
+        metric: SPEND
+        limit: 50000000
+        window: MONTH
+        anchor_day: 0
+        time_zone: Europe/Paris
+    prices:
+      "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+    header_style: BOTH
+"#;
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(&file, text).unwrap();
+    let apply = |path: &Path| sluice(&["apply", "-f", path.to_str().unwrap()], admin, &data);
+
+    let out = ok(&apply(&file)).to_owned();
+    assert!(out.lines().any(|l| l == "+ usage plan llm"), "{out}");
+    assert!(out.contains("1 change applied"), "{out}");
+    // Server defaults (count TOTAL, time_zone UTC, MONTH anchor 0) compare
+    // equal to the file's.
+    let out = ok(&apply(&file)).to_owned();
+    assert_eq!(out.trim(), "no changes");
+
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    for part in [
+        "name: tpm",
+        "name: weighted-daily",
+        "name: monthly-budget",
+        "scope: CUSTOMER",
+        "window: MONTH",
+        "header_style: BOTH",
+        "output_per_million: 10000000",
+    ] {
+        assert!(exported.contains(part), "missing {part:?} in:\n{exported}");
+    }
+    let exported_file = dir.path().join("exported.yaml");
+    std::fs::write(&exported_file, &exported).unwrap();
+    let out = ok(&apply(&exported_file)).to_owned();
+    assert_eq!(
+        out.trim(),
+        "no changes",
+        "export then apply must be a no-op:\n{exported}"
+    );
+
+    // One changed limit is an update of `limits` only, and lands.
+    let edited = dir.path().join("edited.yaml");
+    std::fs::write(&edited, text.replace("limit: 100000", "limit: 120000")).unwrap();
+    let out = ok(&apply(&edited)).to_owned();
+    assert!(
+        out.lines().any(|l| l == "~ usage plan llm: limits"),
+        "{out}"
+    );
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(exported.contains("limit: 120000"), "{exported}");
+
+    // Dropping the prices a SPEND limit needs: the server refuses, naming it.
+    let no_prices = dir.path().join("no-prices.yaml");
+    let text = text.replace(
+        "    prices:\n      \"gpt-4o*\": { input_per_million: 2500000, output_per_million: 10000000 }\n",
+        "",
+    );
+    assert!(!text.contains("prices"));
+    std::fs::write(&no_prices, text).unwrap();
+    let f = apply(&no_prices);
+    assert!(!f.success(), "{}", f.output());
+    assert!(
+        f.output().contains("INVALID_ARGUMENT") && f.output().contains("prices"),
+        "{}",
+        f.output()
+    );
+    s.terminate();
+}
