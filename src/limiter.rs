@@ -429,6 +429,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let reserve = matches!(call_kind(&usage, charge), Kind::Reserve);
 
         // 1. The throttle (requests only).
+        let mut throttle_state: Option<usize> = None;
         let mut throttled: Option<(
             Vec<u8>,
             &crate::plans::model::Throttle,
@@ -441,6 +442,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 let outcome = self
                     .buckets
                     .update(&bkey, |s| bucket::take(s, t, hits, now_us));
+                throttle_state = Some(states.len());
                 states.push(LimitState::throttle(
                     limit,
                     t,
@@ -578,6 +580,8 @@ impl<S: CounterStore> RateLimiter<S> {
         // 3. Judge.
         let mut refused: Option<Status> = None;
         let mut rollback: Vec<CounterOp<'_>> = Vec::new();
+        // States to give back their amount if the call is refused and rolled back.
+        let mut restore: Vec<(usize, u64)> = Vec::new();
         let mut statuses: Vec<Status> = Vec::new();
         if let (Some(i), Some((q, span, _, effective))) = (quota_at, &quota) {
             let used = values[i];
@@ -595,6 +599,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 if hits > 0 {
                     rollback.push(CounterOp::new(&keys[0], hits, 0).when(Cond::Sub));
                     rollback.push(CounterOp::new(&keys[1], hits, 0).when(Cond::Sub));
+                    restore.push((states.len() - 1, hits));
                 }
                 statuses.push(ok_status(limit, effective - used, reset_in));
             } else {
@@ -640,6 +645,7 @@ impl<S: CounterStore> RateLimiter<S> {
             if allowed {
                 if !charge && lp.amount > 0 {
                     rollback.push(CounterOp::new(&lp.counter, lp.amount, 0).when(Cond::Sub));
+                    restore.push((states.len() - 1, lp.amount));
                 }
                 statuses.push(ok_status(limit, remaining, reset_in));
             } else if refused.is_none() {
@@ -652,12 +658,19 @@ impl<S: CounterStore> RateLimiter<S> {
                 if !rollback.is_empty() {
                     self.store.add(&rollback).await?;
                 }
+                for (i, amount) in restore {
+                    let st = &mut states[i];
+                    st.remaining = st.remaining.saturating_add(amount).min(st.limit);
+                }
                 if let Some((bkey, t, _, _)) = &throttled {
                     if hits > 0 {
                         self.buckets.update(bkey, |s| {
                             let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
                             (bucket::refund(s, t, hits, now_us), ())
                         });
+                        if let Some(st) = throttle_state.and_then(|i| states.get_mut(i)) {
+                            st.remaining = st.remaining.saturating_add(hits).min(st.limit);
+                        }
                     }
                 }
             }
