@@ -272,7 +272,10 @@ impl<S: CounterStore> RateLimiter<S> {
             let status = match call {
                 None => {
                     tracing::debug!(kind, "unknown usage kind");
-                    refusal(None, 0, Reason::InvalidRequest)
+                    Status {
+                        reset_in: None,
+                        ..refusal(None, 0, Reason::InvalidRequest)
+                    }
                 }
                 Some(call) if members.len() == 1 => {
                     self.decide_plan(
@@ -502,6 +505,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 amount,
                 counter,
                 prev,
+                prev_value: 0,
                 prev_share: 0,
             });
         }
@@ -518,6 +522,7 @@ impl<S: CounterStore> RateLimiter<S> {
             };
             for (&i, v) in prev_idx.iter().zip(values) {
                 let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
+                plans[i].prev_value = v;
                 plans[i].prev_share = usage::previous_share(v, w);
             }
         }
@@ -649,7 +654,26 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 statuses.push(ok_status(limit, remaining, reset_in));
             } else if refused.is_none() {
-                refused = Some(refusal(Some(limit), reset_in.max(1), reason));
+                let retry = match lp.limit.window.sliding_secs() {
+                    Some(len) => {
+                        let cur = if !charge && lp.amount > 0 {
+                            value - lp.amount.min(value)
+                        } else {
+                            value
+                        };
+                        let need = if charge { 1 } else { lp.amount.max(1) };
+                        usage::sliding_retry_after(
+                            lp.prev_value,
+                            cur,
+                            need,
+                            lp.lim,
+                            now_s - lp.span.start,
+                            len,
+                        )
+                    }
+                    None => reset_in.max(1),
+                };
+                refused = Some(refusal(Some(limit), retry, reason));
             }
         }
         if let Some(r) = refused {
@@ -1102,6 +1126,7 @@ struct LimitPlan<'a> {
     amount: u64,
     counter: Vec<u8>,
     prev: Option<(Vec<u8>, u64)>,
+    prev_value: u64,
     prev_share: u64,
 }
 

@@ -66,9 +66,10 @@ pub fn price_for<'a>(prices: &'a BTreeMap<String, Price>, model: &str) -> Option
 }
 
 /// The amount `usage` counts against `limit` (rounded up: never under-counts).
-/// Tokens reported only as a total count at weight 1 in token limits and at
-/// the output price in spend limits (the higher price, so budgets are not
-/// under-charged).
+/// Tokens reported only as a total count at weight 1 in TOTAL and WEIGHTED
+/// token limits (an INPUT or OUTPUT limit cannot tell which they were, so
+/// they count 0 there), and at the output price in spend limits (the higher
+/// price, so budgets are not under-charged).
 pub fn amount(limit: &UsageLimit, usage: &Usage, price: Option<&Price>) -> u64 {
     match limit.metric {
         Metric::Requests => usage.requests,
@@ -170,6 +171,34 @@ pub fn previous_weight_ppm(now: i64, len: i64) -> u64 {
 pub fn previous_share(prev: u64, weight_ppm: u64) -> u64 {
     u64::try_from((u128::from(prev) * u128::from(weight_ppm)).div_ceil(1_000_000))
         .unwrap_or(u64::MAX)
+}
+
+/// Seconds until a sliding limit lets `need` units through (at least 1):
+/// the previous window's share shrinks as it slides out, and once the
+/// current window ends, the current count becomes the sliding share.
+/// `prev` and `cur` are the counts of the previous and current fixed windows
+/// (without the refused call), `into` the seconds into the current window.
+pub fn sliding_retry_after(prev: u64, cur: u64, need: u64, lim: u64, into: i64, len: i64) -> u64 {
+    let need = need.max(1);
+    let len_u = u64::try_from(len).unwrap_or(1).max(1);
+    let into_u = u64::try_from(into.clamp(0, len)).unwrap_or(0);
+    // When, into a window, a share of `count` has shrunk to at most `room`.
+    let when = |count: u64, room: u64| -> u64 {
+        if count == 0 {
+            return 0;
+        }
+        let keep = u128::from(room) * u128::from(len_u) / u128::from(count);
+        len_u.saturating_sub(u64::try_from(keep).unwrap_or(u64::MAX))
+    };
+    if cur.saturating_add(need) <= lim {
+        let t = when(prev, lim - cur - need);
+        t.saturating_sub(into_u).max(1)
+    } else if need <= lim {
+        (len_u - into_u) + when(cur, lim - need)
+    } else {
+        // Never fits one window: say one full window.
+        len_u.max(1)
+    }
 }
 
 /// Whose counter: the key's id, or its customer id (a key without one is
@@ -350,6 +379,19 @@ mod tests {
         assert_eq!(previous_share(100, 500_000), 50);
         assert_eq!(previous_share(3, 500_000), 2, "rounded up");
         assert_eq!(previous_share(0, 1_000_000), 0);
+    }
+
+    #[test]
+    fn sliding_retry_after_follows_the_estimate() {
+        // 10 in the previous minute, none now, limit 10, 1 s into the window:
+        // ceil(10 * (60 - t) / 60) <= 9 from t = 6 s, so 5 s from now.
+        assert_eq!(sliding_retry_after(10, 0, 1, 10, 1, 60), 5);
+        // Current window full (10 of 10): wait for its end, then until its
+        // share is <= 9: 50 s + 6 s.
+        assert_eq!(sliding_retry_after(0, 10, 1, 10, 10, 60), 56);
+        // More than the limit never fits: one window.
+        assert_eq!(sliding_retry_after(0, 0, 11, 10, 0, 60), 60);
+        assert_eq!(sliding_retry_after(3, 0, 1, 10, 0, 60), 1, "at least 1 s");
     }
 
     #[test]
