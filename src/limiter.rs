@@ -30,7 +30,7 @@ use crate::plans::catalog::{Catalog, CompiledPlan, Resolved};
 use crate::plans::decide as pd;
 use crate::plans::model::ApiKey;
 use crate::plans::model::{LimitWindow, Metric, UsageLimit};
-use crate::plans::usage::{self, Usage};
+use crate::plans::usage::{self, ModelMetric, Usage};
 use crate::plans::{bucket, period};
 use crate::storage::buckets::Buckets;
 use crate::storage::{self, Cond, CounterOp, CounterStore};
@@ -54,6 +54,16 @@ pub struct RateLimiter<S> {
 #[derive(Debug)]
 struct Reservation {
     reserved: Vec<Reserved>,
+    /// Where the settled tokens and spend are recorded per model:
+    /// (plan id, key id, model, day start, counter expiry, price).
+    usage_at: Option<(
+        String,
+        String,
+        String,
+        i64,
+        u64,
+        Option<crate::plans::model::Price>,
+    )>,
     /// Unix second from which it is settled at its estimate (dropped).
     expires_at: i64,
 }
@@ -547,6 +557,47 @@ impl<S: CounterStore> RateLimiter<S> {
                 expiry(day_start + 86_400 + retention),
             ));
         }
+        // Per-model daily usage for GetUsage: requests when counted, tokens
+        // and spend when charged.
+        let (day_start, day_end) = match &plan.calendar {
+            Some(c) => {
+                let d = c.day_containing(now_s);
+                (d.start, d.end)
+            }
+            None => {
+                let d = now_s - now_s.rem_euclid(86_400);
+                (d, d + 86_400)
+            }
+        };
+        let model_name = model.unwrap_or("");
+        let mut model_ops: Vec<(Vec<u8>, u64)> = Vec::new();
+        if charge {
+            let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
+            for (m, v) in [
+                (ModelMetric::Input, usage.input),
+                (ModelMetric::Output, usage.output),
+                (ModelMetric::Total, usage.total_only),
+                (ModelMetric::Spend, spend),
+            ] {
+                if v > 0 {
+                    model_ops.push((
+                        usage::model_usage_key(&p.id, &key.id, day_start, m, model_name),
+                        v,
+                    ));
+                }
+            }
+        } else if hits > 0 {
+            model_ops.push((
+                usage::model_usage_key(
+                    &p.id,
+                    &key.id,
+                    day_start,
+                    ModelMetric::Requests,
+                    model_name,
+                ),
+                hits,
+            ));
+        }
         let dedupe_at = dedupe.as_ref().map(|k| {
             // Remember the request id for a day; the charges below apply
             // only if this is its first report.
@@ -569,6 +620,15 @@ impl<S: CounterStore> RateLimiter<S> {
                 op
             } else {
                 op.when(Cond::Cap(lp.lim.saturating_sub(lp.prev_share)))
+            });
+        }
+        let model_exp = expiry(day_end.saturating_add(retention));
+        for (k, v) in &model_ops {
+            let op = CounterOp::new(k, *v, model_exp);
+            ops.push(if dedupe_at.is_some() {
+                op.when(Cond::IfPrevApplied)
+            } else {
+                op
             });
         }
         let values = if ops.is_empty() {
@@ -678,6 +738,9 @@ impl<S: CounterStore> RateLimiter<S> {
         }
         if let Some(r) = refused {
             if !charge {
+                for (k, v) in &model_ops {
+                    rollback.push(CounterOp::new(k, *v, 0).when(Cond::Sub));
+                }
                 // Undo what this call counted, and give back its tokens.
                 if !rollback.is_empty() {
                     self.store.add(&rollback).await?;
@@ -701,6 +764,7 @@ impl<S: CounterStore> RateLimiter<S> {
             return Ok(r);
         }
         if reserve {
+            out.usage_day = Some((day_start, model_exp, price.copied()));
             for lp in &plans {
                 if lp.limit.metric != Metric::Requests && lp.amount > 0 {
                     let len = lp.span.end - lp.span.start;
@@ -970,6 +1034,16 @@ impl<S: CounterStore> RateLimiter<S> {
                     id.clone(),
                     Reservation {
                         reserved: out.reserved,
+                        usage_at: out.usage_day.map(|(day, exp, price)| {
+                            (
+                                plan.plan.id.clone(),
+                                key.id.clone(),
+                                model.to_owned(),
+                                day,
+                                exp,
+                                price,
+                            )
+                        }),
                         expires_at: now_s.saturating_add(ttl_secs),
                     },
                 );
@@ -1019,6 +1093,28 @@ impl<S: CounterStore> RateLimiter<S> {
                 );
             }
         }
+        let mut usage_keys: Vec<(Vec<u8>, u64, u64)> = Vec::new();
+        if let Some((plan_id, key_id, model, day, exp, price)) = &r.usage_at {
+            let spend = price.as_ref().map_or(0, |p| usage::spend(&actual, p));
+            for (m, v) in [
+                (ModelMetric::Input, actual.input),
+                (ModelMetric::Output, actual.output),
+                (ModelMetric::Spend, spend),
+            ] {
+                if v > 0 {
+                    usage_keys.push((
+                        usage::model_usage_key(plan_id, key_id, *day, m, model),
+                        v,
+                        *exp,
+                    ));
+                }
+            }
+        }
+        ops.extend(
+            usage_keys
+                .iter()
+                .map(|(k, v, exp)| CounterOp::new(k, *v, *exp)),
+        );
         if !ops.is_empty() {
             self.store.add(&ops).await?;
         }
@@ -1032,6 +1128,117 @@ impl<S: CounterStore> RateLimiter<S> {
         let before = map.len();
         map.retain(|_, r| r.expires_at > now_s);
         before - map.len()
+    }
+
+    /// A key's per-model usage on `dates` (local dates of the quota's time
+    /// zone, UTC without a quota): (date, model, metric, value), sorted.
+    pub fn model_usage(
+        &self,
+        plan: &CompiledPlan,
+        key_id: &str,
+        dates: &[jiff::civil::Date],
+    ) -> Vec<(jiff::civil::Date, String, ModelMetric, u64)> {
+        let utc;
+        let cal = match &plan.calendar {
+            Some(c) => c,
+            None => {
+                utc = period::Calendar::new(period::Period::Day, 0, "UTC")
+                    .expect("UTC with anchor 0 is a valid day calendar");
+                &utc
+            }
+        };
+        let wanted: std::collections::HashMap<i64, jiff::civil::Date> =
+            dates.iter().map(|d| (cal.day_span(*d).start, *d)).collect();
+        let prefix = usage::model_usage_prefix(&plan.plan.id, key_id);
+        let mut out: Vec<_> = self
+            .store
+            .scan_prefix(&prefix)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let (day, metric, model) = usage::decode_model_usage(&k[prefix.len()..])?;
+                let date = *wanted.get(&day)?;
+                Some((date, model, metric, v))
+            })
+            .collect();
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        out
+    }
+
+    /// The state of every usage limit of `plan` for `key` at `now_s`: one
+    /// entry per limit and per model pattern (the default counter first).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn limit_usage(
+        &self,
+        plan: &CompiledPlan,
+        key: &ApiKey,
+        now_s: i64,
+    ) -> Result<Vec<(String, Metric, u64, u64, i64)>, storage::Error> {
+        let p = &plan.plan;
+        let mut rows = Vec::new();
+        let mut keys: Vec<(Vec<u8>, Option<Vec<u8>>, u64)> = Vec::new();
+        for (i, l) in p.limits.iter().enumerate() {
+            let cal = plan.limit_calendars.get(i).and_then(Option::as_ref);
+            let span = usage::window(l, cal, now_s);
+            let scope = usage::scope_id(l, &key.id, &key.customer_id);
+            let patterns = std::iter::once((None, l.limit))
+                .chain(l.model_limits.iter().map(|(k, v)| (Some(k.as_str()), *v)));
+            for (pattern, lim) in patterns {
+                let lp = LimitPlan {
+                    limit: l,
+                    pattern,
+                    lim,
+                    span,
+                    amount: 0,
+                    counter: Vec::new(),
+                    prev: None,
+                    prev_value: 0,
+                    prev_share: 0,
+                };
+                let name = usage_limit_report(&p.name, &lp)
+                    .name
+                    .as_deref()
+                    .unwrap_or("")
+                    .to_owned();
+                rows.push((name, l.metric, lim, span.end));
+                let prev = l.window.sliding_secs().map(|len| {
+                    (
+                        usage::counter_key(&p.id, &l.name, scope, pattern, span.start - len),
+                        usage::previous_weight_ppm(now_s, len),
+                    )
+                });
+                keys.push((
+                    usage::counter_key(&p.id, &l.name, scope, pattern, span.start),
+                    prev.as_ref().map(|(k, _)| k.clone()),
+                    prev.map_or(0, |(_, w)| w),
+                ));
+            }
+        }
+        let mut ops = Vec::new();
+        for (cur, prev, _) in &keys {
+            ops.push(CounterOp::new(cur, 0, 0));
+            if let Some(pk) = prev {
+                ops.push(CounterOp::new(pk, 0, 0));
+            }
+        }
+        let values = if ops.is_empty() {
+            Vec::new()
+        } else {
+            self.store.add(&ops).await?
+        };
+        let mut vi = values.into_iter();
+        let mut out = Vec::with_capacity(rows.len());
+        for ((name, metric, lim, end), (_, prev, w)) in rows.into_iter().zip(&keys) {
+            let cur = vi.next().unwrap_or(0);
+            let share = if prev.is_some() {
+                usage::previous_share(vi.next().unwrap_or(0), *w)
+            } else {
+                0
+            };
+            out.push((name, metric, lim, cur.saturating_add(share), end));
+        }
+        Ok(out)
     }
 
     /// Drops token buckets that are full again at `now_us`.
@@ -1105,6 +1312,9 @@ pub struct CallOutcome {
     pub duplicate: bool,
     /// What a successful reservation holds.
     pub reserved: Vec<Reserved>,
+    /// Where a reservation's settled usage is recorded per model: (day
+    /// start, counter expiry, price).
+    pub usage_day: Option<(i64, u64, Option<crate::plans::model::Price>)>,
 }
 
 /// Governed descriptors decided together: plan, stage index, key, usage

@@ -1948,7 +1948,7 @@ async fn get_usage_reports_days_and_live_state_and_checks_dates() {
             },
         ]
     );
-    let live = k.live.expect("live");
+    let live = k.live.clone().expect("live");
     assert_eq!(
         (live.quota_used, live.quota_remaining, live.quota_limit),
         (3, 2, 5)
@@ -2011,7 +2011,7 @@ async fn update_usage_grants_and_revokes_quota_for_the_current_day() {
         "revoke",
         try_update_usage(&mut admin, "u", "alice", 0).await,
     );
-    let live = k.live.expect("live");
+    let live = k.live.clone().expect("live");
     assert_eq!(
         (live.quota_used, live.quota_remaining, live.quota_limit),
         (3, 0, 3)
@@ -2027,7 +2027,7 @@ async fn update_usage_grants_and_revokes_quota_for_the_current_day() {
         "grant",
         try_update_usage(&mut admin, "u", "alice", 10).await,
     );
-    let live = k.live.expect("live");
+    let live = k.live.clone().expect("live");
     assert_eq!(
         (live.quota_used, live.quota_remaining, live.quota_limit),
         (3, 10, 13)
@@ -2619,7 +2619,7 @@ async fn quota_periods_follow_the_anchor_day_and_time_zone() {
             (day.as_str(), 1),
             "{name}"
         );
-        let live = k.live.expect("live");
+        let live = k.live.clone().expect("live");
         assert_eq!(
             (
                 live.period_start.expect("period_start").seconds,

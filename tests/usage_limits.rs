@@ -11,6 +11,23 @@
 //! `total_tokens` whose `hits_addend` is the token count, sent after the
 //! response. Requests count in request limits and only check token and
 //! spend limits; charges count in token and spend limits, even over them.
+//!
+//! Refusals by a sliding (MINUTE/HOUR) limit: `reset_in` (and
+//! `retry-after`) is the time until the sliding estimate lets the call
+//! through (`sluice::plans::usage::sliding_retry_after`), not the end of the
+//! fixed window. With `prev`/`cur` the previous/current fixed windows'
+//! counts (`cur` without the refused call), `need` its amount (at least 1;
+//! 1 for a charge, whose `cur` includes it), limit `L`, `into` seconds into
+//! the current window (len 60):
+//! - if `cur + need <= L`: wait until the previous share
+//!   `ceil(prev * (60 - t) / 60)` is `<= L - cur - need`, i.e. until
+//!   `t = 60 - floor((L - cur - need) * 60 / prev)` (0 if `prev` = 0);
+//!   `reset_in = max(t - into, 1)`;
+//! - else: to the window's end (`60 - into`), then until the current
+//!   count's own share is `<= L - need`: `+ 60 - floor((L - need) * 60 / cur)`.
+//!
+//! OK statuses, and refusals by calendar windows, keep "seconds to the end of
+//! the current window".
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -367,17 +384,21 @@ async fn request_limit_refuses_the_fourth_and_does_not_count_refusals() {
     for want in [2, 1, 0] {
         assert_eq!(sum(&env.request(&v, None, 1, w(10)).await), ok(want, 50));
     }
+    // Refused: cur 3 + 1 > 3, so wait for the window's end (50 s), then
+    // until ceil(3 * (60 - t) / 60) <= 2: t = 60 - floor(2 * 60 / 3) = 20;
+    // 50 + 20 = 70 (at W+80).
     let s = env.request(&v, None, 1, w(10)).await;
-    assert_eq!(sum(&s), over(50, REQ_LIMIT));
+    assert_eq!(sum(&s), over(70, REQ_LIMIT));
     assert_eq!(lim(&s), l(3, Unit::Minute, "rl/rpm"));
-    // More refusals, later in the same window (reset_in 60 - 20 = 40).
+    // More refusals, later in the same window: (60 - 20) + 20 = 60 (still
+    // W+80).
     assert_eq!(
         sum(&env.request(&v, None, 1, w(20)).await),
-        over(40, REQ_LIMIT)
+        over(60, REQ_LIMIT)
     );
     assert_eq!(
         sum(&env.request(&v, None, 1, w(20)).await),
-        over(40, REQ_LIMIT)
+        over(60, REQ_LIMIT)
     );
 
     // W+90: the previous window [W, W+60) weighs 30/60. Counted: 3 (the 3
@@ -385,15 +406,19 @@ async fn request_limit_refuses_the_fourth_and_does_not_count_refusals() {
     // request fits: 1 + 2 = 3. (Had the refusals counted, the previous
     // counter would be 6, its share 3, and nothing would fit.)
     assert_eq!(sum(&env.request(&v, None, 1, w(90)).await), ok(0, 30));
+    // Refused: prev 3, cur 1, 1 + 1 <= 3: wait until ceil(3 * (60 - t) / 60)
+    // <= 3 - 1 - 1 = 1: t = 60 - floor(1 * 60 / 3) = 40; 40 - 30 = 10.
     assert_eq!(
         sum(&env.request(&v, None, 1, w(90)).await),
-        over(30, REQ_LIMIT)
+        over(10, REQ_LIMIT)
     );
 
     // W+150: previous window [W+60, W+120) holds 1 (the refusal at W+90 is
     // not counted), weight 30/60: share ceil(0.5) = 1; two requests fit.
     assert_eq!(sum(&env.request(&v, None, 1, w(150)).await), ok(1, 30));
     assert_eq!(sum(&env.request(&v, None, 1, w(150)).await), ok(0, 30));
+    // Refused: prev 1, cur 2, 2 + 1 <= 3: the share must reach 3 - 2 - 1 = 0:
+    // t = 60 - floor(0 * 60 / 1) = 60; 60 - 30 = 30 (the window's end).
     assert_eq!(
         sum(&env.request(&v, None, 1, w(150)).await),
         over(30, REQ_LIMIT)
@@ -456,18 +481,23 @@ async fn sliding_minute_removes_the_fixed_window_edge_burst() {
         assert_eq!(sum(&env.request(&v, None, 1, w(50)).await), ok(want, 10));
         allowed.push((w_secs() + 50, 1));
     }
+    // Refused: cur 10 + 1 > 10: 10 s to the window's end, then until
+    // ceil(10 * (60 - t) / 60) <= 9: t = 60 - floor(9 * 60 / 10) = 6;
+    // 10 + 6 = 16 (at W+66).
     assert_eq!(
         sum(&env.request(&v, None, 1, w(50)).await),
-        over(10, REQ_LIMIT)
+        over(16, REQ_LIMIT)
     );
 
     // W+61, 1 s into the next window: the previous one weighs 59/60
     // (983_333 ppm), share ceil(10 * 0.983333) = 10: nothing passes.
     // A fixed one-minute window would let 10 more through here: 20
     // requests within 11 s (W+50 .. W+61).
+    // reset_in: prev 10, cur 0: share <= 10 - 0 - 1 = 9 from t = 6 (as
+    // above): 6 - 1 = 5 (W+66 again).
     assert_eq!(
         sum(&env.request(&v, None, 1, w(61)).await),
-        over(59, REQ_LIMIT)
+        over(5, REQ_LIMIT)
     );
     assert_eq!(burst(&env, &v, 61, 5, &mut allowed).await, 0);
 
@@ -477,9 +507,11 @@ async fn sliding_minute_removes_the_fixed_window_edge_burst() {
         assert_eq!(sum(&env.request(&v, None, 1, w(90)).await), ok(want, 30));
         allowed.push((w_secs() + 90, 1));
     }
+    // reset_in: prev 10, cur 5: share <= 10 - 5 - 1 = 4 from
+    // t = 60 - floor(4 * 60 / 10) = 36: 36 - 30 = 6.
     assert_eq!(
         sum(&env.request(&v, None, 1, w(90)).await),
-        over(30, REQ_LIMIT)
+        over(6, REQ_LIMIT)
     );
 
     // W+120, the start of the window after: the previous window (holding
@@ -506,6 +538,51 @@ async fn sliding_minute_removes_the_fixed_window_edge_burst() {
     assert_eq!(allowed.len(), 25);
 }
 
+#[tokio::test]
+async fn sliding_refusal_retry_after_is_when_the_call_fits() {
+    let env = Env::new();
+    // Refused at W+`secs` with reset_in `want`: a call `want` - 1 s later is
+    // still refused, one exactly `want` s later passes.
+    async fn check(env: &Env, v: &str, secs: i64, want: u64) {
+        let s = env.request(v, None, 1, w(secs)).await;
+        assert_eq!(sum(&s), over(want, REQ_LIMIT), "refusal at W+{secs}");
+        let r = i64::try_from(s.reset_in.unwrap()).unwrap();
+        assert!(r > 1);
+        assert_eq!(
+            env.request(v, None, 1, w(secs + r - 1)).await.reason,
+            Some(REQ_LIMIT),
+            "1 s early, at W+{}",
+            secs + r - 1
+        );
+        assert_eq!(
+            env.request(v, None, 1, w(secs + r)).await.code,
+            Code::Ok,
+            "on time, at W+{}",
+            secs + r
+        );
+    }
+
+    // Previous window full: 10 of 10 at W+50, refused at W+61 (prev 10,
+    // cur 0): the share ceil(10 * (60 - t) / 60) <= 10 - 0 - 1 = 9 from
+    // t = 60 - floor(9 * 60 / 10) = 6, so 6 - 1 = 5 s (W+66). At W+65 the
+    // share is ceil(10 * 55 / 60) = ceil(9.17) = 10 (refused); at W+66 it
+    // is ceil(10 * 54 / 60) = 9 (passes).
+    let (_, _, a) = env.plan_and_key(plan("rp", vec![rpm("rpm", 10)])).await;
+    for _ in 0..10 {
+        assert_eq!(env.request(&a, None, 1, w(50)).await.code, Code::Ok);
+    }
+    check(&env, &a, 61, 5).await;
+
+    // Current window full: 10 of 10 at W+10 (previous window empty),
+    // refused at W+10: 50 s to the window's end, then the same 6 s for the
+    // 10 to shrink to a share of 9: 56 s (W+66 again).
+    let (_, _, b) = env.plan_and_key(plan("rc", vec![rpm("rpm", 10)])).await;
+    for _ in 0..10 {
+        assert_eq!(env.request(&b, None, 1, w(10)).await.code, Code::Ok);
+    }
+    check(&env, &b, 10, 56).await;
+}
+
 // ------------------------------------------------- 3: token limits --
 
 #[tokio::test]
@@ -520,23 +597,29 @@ async fn token_limit_checks_requests_and_counts_charges_even_over_it() {
         assert_eq!(lim(&s), l(1000, Unit::Minute, "tok/tpm"));
     }
     // A charge of 1200 (the tokens were spent) is counted over the limit.
+    // reset_in: cur 1200 (with the charge), need 1: 55 s to the window's
+    // end, then until ceil(1200 * (60 - t) / 60) <= 999:
+    // t = 60 - floor(999 * 60 / 1200) = 60 - floor(49.95) = 11; 55 + 11 = 66
+    // (at W+71).
     let s = env.charge(&v, "total_tokens", None, 1200, w(5)).await;
-    assert_eq!(sum(&s), over(55, TOK_LIMIT));
+    assert_eq!(sum(&s), over(66, TOK_LIMIT));
     assert_eq!(lim(&s), l(1000, Unit::Minute, "tok/tpm"));
-    // The next requests are refused.
+    // The next requests are refused (need 1, cur 1200, still W+71):
+    // 54 + 11 = 65 and 1 + 11 = 12.
     assert_eq!(
         sum(&env.request(&v, None, 1, w(6)).await),
-        over(54, TOK_LIMIT)
+        over(65, TOK_LIMIT)
     );
     assert_eq!(
         sum(&env.request(&v, None, 1, w(59)).await),
-        over(1, TOK_LIMIT)
+        over(12, TOK_LIMIT)
     );
     // W+70 (10 s into the next window): weight 50/60 = 833_333 ppm,
     // share ceil(1200 * 0.833333) = ceil(999.9996) = 1000: still refused.
+    // reset_in: prev 1200, cur 0: t = 11 (as above), 11 - 10 = 1.
     assert_eq!(
         sum(&env.request(&v, None, 1, w(70)).await),
-        over(50, TOK_LIMIT)
+        over(1, TOK_LIMIT)
     );
     // W+71: weight 49/60 = 816_666 ppm, share ceil(979.9992) = 980: passes,
     // 20 tokens left.
@@ -546,9 +629,11 @@ async fn token_limit_checks_requests_and_counts_charges_even_over_it() {
         sum(&env.charge(&v, "total_tokens", None, 20, w(71)).await),
         ok(0, 49)
     );
+    // reset_in: prev 1200, cur 20: share <= 1000 - 20 - 1 = 979 from
+    // t = 60 - floor(979 * 60 / 1200) = 60 - floor(48.95) = 12: 12 - 11 = 1.
     assert_eq!(
         sum(&env.request(&v, None, 1, w(71)).await),
-        over(49, TOK_LIMIT)
+        over(1, TOK_LIMIT)
     );
 }
 
@@ -622,13 +707,16 @@ async fn total_counts_input_and_output_and_input_limits_ignore_output() {
         );
     }
     // Output 486 -> 972 > 971 left: counted, over the limit.
+    // reset_in: cur 29 + 972 = 1001, need 1: 30 s to the window's end, then
+    // t = 60 - floor(999 * 60 / 1001) = 60 - floor(59.88) = 1: 30 + 1 = 31
+    // (the same for the request after it).
     assert_eq!(
         sum(&env.charge(&wt, "output_tokens", None, 486, t).await),
-        over(30, TOK_LIMIT)
+        over(31, TOK_LIMIT)
     );
     assert_eq!(
         sum(&env.request(&wt, None, 1, t).await),
-        over(30, TOK_LIMIT)
+        over(31, TOK_LIMIT)
     );
 }
 
@@ -652,8 +740,10 @@ async fn check_only_requests_pass_while_one_is_left_and_count_nothing() {
     for want in [2, 1, 0] {
         assert_eq!(sum(&env.request(&v, None, 1, t).await), ok(want, 50));
     }
-    // Now a check is refused: it needs at least one left.
-    assert_eq!(sum(&env.request(&v, None, 0, t).await), over(50, REQ_LIMIT));
+    // Now a check is refused: it needs at least one left. reset_in: need 1,
+    // cur 3: 50 s to the window's end, then t = 60 - floor(2 * 60 / 3) = 20:
+    // 50 + 20 = 70.
+    assert_eq!(sum(&env.request(&v, None, 0, t).await), over(70, REQ_LIMIT));
     assert_eq!(env.quota(&p.id, &k.id, t / S).await.used, 3);
     // The request-level hits_addend 0 means 1 (only a descriptor's own 0
     // checks), so this is a real request, refused.
@@ -667,7 +757,8 @@ async fn check_only_requests_pass_while_one_is_left_and_count_nothing() {
         hits_addend: 0,
     };
     let d = env.limiter.decide(&req, t).await.unwrap();
-    assert_eq!(sum(&d.statuses[0]), over(50, REQ_LIMIT));
+    // The same wait (need 1, cur 3 without it): 70.
+    assert_eq!(sum(&d.statuses[0]), over(70, REQ_LIMIT));
 }
 
 // ---------------------------------------------- 5: calendar windows --
@@ -804,8 +895,10 @@ async fn per_model_limits_have_their_own_counters() {
             .await),
         ok(0, 40)
     );
+    // reset_in: cur 100 of 100, need 1: 40 s to the window's end, then
+    // t = 60 - floor(99 * 60 / 100) = 60 - floor(59.4) = 1: 40 + 1 = 41.
     let s = env.request(&v, Some("gpt-4o-2024-08-06"), 1, now).await;
-    assert_eq!(sum(&s), over(40, TOK_LIMIT));
+    assert_eq!(sum(&s), over(41, TOK_LIMIT));
     assert_eq!(lim(&s), gpt4o);
     assert_eq!(
         sum(&env.request(&v, Some("gpt-4o-mini"), 1, now).await),
@@ -817,18 +910,20 @@ async fn per_model_limits_have_their_own_counters() {
     );
     // The default counter over (40 + 15 = 55 > 50): every unlisted model
     // and model-less request is refused; gpt-4o-mini still passes.
+    // reset_in: cur 55, need 1: 40 + (60 - floor(49 * 60 / 55)) =
+    // 40 + (60 - floor(53.45)) = 40 + 7 = 47.
     let s = env
         .charge(&v, "total_tokens", Some("llama-3"), 15, now)
         .await;
-    assert_eq!(sum(&s), over(40, TOK_LIMIT));
+    assert_eq!(sum(&s), over(47, TOK_LIMIT));
     assert_eq!(lim(&s), default);
     assert_eq!(
         sum(&env.request(&v, None, 1, now).await),
-        over(40, TOK_LIMIT)
+        over(47, TOK_LIMIT)
     );
     assert_eq!(
         sum(&env.request(&v, Some("claude-3-5-sonnet"), 1, now).await),
-        over(40, TOK_LIMIT)
+        over(47, TOK_LIMIT)
     );
     assert_eq!(
         sum(&env.request(&v, Some("gpt-4o-mini"), 1, now).await),
@@ -968,8 +1063,10 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
     let s = env.charge(&a, "total_tokens", None, 60, now).await;
     assert_eq!(sum(&s), ok(0, 30));
     assert_eq!(lim(&s), l(60, Unit::Minute, "cs/per-key"));
+    // reset_in: cur 60 of 60, need 1: 30 s to the window's end, then
+    // t = 60 - floor(59 * 60 / 60) = 1: 30 + 1 = 31.
     let s = env.request(&a, None, 1, now).await;
-    assert_eq!(sum(&s), over(30, TOK_LIMIT));
+    assert_eq!(sum(&s), over(31, TOK_LIMIT));
     assert_eq!(lim(&s), l(60, Unit::Minute, "cs/per-key"));
 
     // B: its own per-key counter, acme's shared one (40 left).
@@ -987,13 +1084,15 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
         sum(&env.charge(&b, "total_tokens", None, 40, now).await),
         ok(0, 30)
     );
+    // reset_in: cur 100 of 100, need 1: 30 + (60 - floor(99 * 60 / 100)) =
+    // 30 + (60 - floor(59.4)) = 31.
     let s = env.request(&b, None, 1, now).await;
-    assert_eq!(sum(&s), over(30, TOK_LIMIT_CUSTOMER));
+    assert_eq!(sum(&s), over(31, TOK_LIMIT_CUSTOMER));
     assert_eq!(lim(&s), l(100, Unit::Minute, "cs/customer/cust"));
-    // ... and so is A (the customer limit is listed first).
+    // ... and so is A (the customer limit is listed first; also 31).
     assert_eq!(
         sum(&env.request(&a, None, 1, now).await),
-        over(30, TOK_LIMIT_CUSTOMER)
+        over(31, TOK_LIMIT_CUSTOMER)
     );
 
     // C and D have no customer_id: each is its own customer.
@@ -1001,10 +1100,11 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
     assert_eq!(sum(&dec.statuses[0]), ok(60, 30));
     assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=100;t=30"));
     // C charges 70: over its per-key limit (70 > 60), within its own
-    // customer limit (70 <= 100).
+    // customer limit (70 <= 100). reset_in: cur 70, need 1:
+    // 30 + (60 - floor(59 * 60 / 70)) = 30 + (60 - floor(50.57)) = 40.
     assert_eq!(
         sum(&env.charge(&c, "total_tokens", None, 70, now).await),
-        over(30, TOK_LIMIT)
+        over(40, TOK_LIMIT)
     );
     let dec = env.request_d(&d, None, 1, now).await;
     assert_eq!(sum(&dec.statuses[0]), ok(60, 30));
@@ -1035,9 +1135,11 @@ async fn charges_do_not_touch_throttle_or_quota() {
     let s = env.charge(&v, "total_tokens", None, 300, now).await;
     assert_eq!(sum(&s), ok(700, 30));
     assert_eq!(lim(&s), l(1000, Unit::Minute, "nt/tpm"));
+    // 300 + 800 = 1100 > 1000. reset_in: cur 1100, need 1:
+    // 30 + (60 - floor(999 * 60 / 1100)) = 30 + (60 - floor(54.49)) = 36.
     assert_eq!(
         sum(&env.charge(&v, "output_tokens", None, 800, now).await),
-        over(30, TOK_LIMIT)
+        over(36, TOK_LIMIT)
     );
     // The quota is unchanged.
     assert_eq!(env.quota(&p.id, &k.id, now / S).await.used, 1);
@@ -1060,9 +1162,10 @@ async fn token_refusal_rolls_back_quota_request_limit_and_throttle() {
         ok(0, 30)
     );
     // The throttle, quota and rpm admit it; tpm (100 of 100) refuses.
+    // reset_in: cur 100, need 1: 30 + (60 - floor(99 * 60 / 100)) = 31.
     assert_eq!(
         sum(&env.request(&v, None, 1, now).await),
-        over(30, TOK_LIMIT)
+        over(31, TOK_LIMIT)
     );
     assert_eq!(env.quota(&p.id, &k.id, now / S).await.used, 0);
 
@@ -1120,7 +1223,8 @@ async fn unknown_usage_kind_is_an_invalid_request_and_counts_nothing() {
             code: Code::OverLimit,
             limit: None,
             remaining: 0,
-            reset_in: Some(0),
+            // An invalid request carries no reset (no retry-after).
+            reset_in: None,
             reason: Some(Reason::InvalidRequest),
         }
     );
@@ -1176,10 +1280,12 @@ async fn openai_headers_report_the_binding_limits_and_tokens_go_down() {
         ])
     );
     assert_eq!(hdr(&d, "retry-after"), None);
-    // Over the token limit (750 + 800 = 1550 > 1000).
+    // Over the token limit (250 + 800 = 1050 > 1000). retry-after: cur
+    // 1050, need 1: 35 + (60 - floor(999 * 60 / 1050)) =
+    // 35 + (60 - floor(57.09)) = 38.
     let d = env.charge_d(&v, "output_tokens", None, 800, w(25)).await;
     assert_eq!(hdr(&d, "x-ratelimit-remaining-tokens"), Some("0"));
-    assert_eq!(hdr(&d, "retry-after"), Some("35"));
+    assert_eq!(hdr(&d, "retry-after"), Some("38"));
 }
 
 #[tokio::test]
@@ -1195,9 +1301,11 @@ async fn openai_headers_on_a_refusal_report_what_is_left_after_rollback() {
     );
     // Refused by tpm: the request's rpm count is rolled back, so 2 requests
     // are left, as the next check-only call confirms.
+    // reset_in: cur 1000, need 1: 34 + (60 - floor(999 * 60 / 1000)) =
+    // 34 + (60 - floor(59.94)) = 35.
     let d = env.request_d(&v, None, 1, w(26)).await;
-    assert_eq!(sum(&d.statuses[0]), over(34, TOK_LIMIT));
-    assert_eq!(hdr(&d, "retry-after"), Some("34"));
+    assert_eq!(sum(&d.statuses[0]), over(35, TOK_LIMIT));
+    assert_eq!(hdr(&d, "retry-after"), Some("35"));
     assert_eq!(hdr(&d, "x-ratelimit-remaining-tokens"), Some("0"));
     let check = env.request_d(&v, None, 0, w(26)).await;
     assert_eq!(hdr(&check, "x-ratelimit-remaining-requests"), Some("2"));
@@ -1226,11 +1334,12 @@ async fn ietf_headers_list_every_policy_and_none_adds_nothing() {
             ("ratelimit", "\"hi/rpm\";r=2;t=40, \"hi/tpm\";r=1000;t=40"),
         ])
     );
-    // A refusal adds retry-after.
+    // A refusal adds retry-after: cur 3 of 3, need 1:
+    // 40 + (60 - floor(2 * 60 / 3)) = 40 + 20 = 60.
     env.request(&v, None, 2, w(20)).await;
     let d = env.request_d(&v, None, 1, w(20)).await;
-    assert_eq!(sum(&d.statuses[0]), over(40, REQ_LIMIT));
-    assert_eq!(hdr(&d, "retry-after"), Some("40"));
+    assert_eq!(sum(&d.statuses[0]), over(60, REQ_LIMIT));
+    assert_eq!(hdr(&d, "retry-after"), Some("60"));
     assert!(hdr(&d, "x-ratelimit-limit-requests").is_none());
 
     // Both styles.
@@ -1256,8 +1365,10 @@ async fn ietf_headers_list_every_policy_and_none_adds_nothing() {
     let d = env.request_d(&vn, None, 1, w(20)).await;
     assert_eq!(sum(&d.statuses[0]), ok(0, 40));
     assert!(d.headers.is_empty(), "{:?}", d.headers);
+    // reset_in: cur 1 of 1, need 1: 40 + (60 - floor(0 * 60 / 1)) = 100
+    // (the one request must slide out entirely: W+120).
     let d = env.request_d(&vn, None, 1, w(20)).await;
-    assert_eq!(sum(&d.statuses[0]), over(40, REQ_LIMIT));
+    assert_eq!(sum(&d.statuses[0]), over(100, REQ_LIMIT));
     assert!(d.headers.is_empty(), "{:?}", d.headers);
 }
 

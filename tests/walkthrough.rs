@@ -1,4 +1,5 @@
-//! The README's usage-plan walk-through, run as written: its `sh` blocks are
+//! The README's walk-throughs, run as written: the usage-plan one and the LLM
+//! one (tokens, money, ReportUsage, Reserve/Settle). Their `sh` blocks are
 //! read from README.md at test time and run by bash, with the real `grpcurl`
 //! first on PATH, against the real `sluice serve` started in a fresh
 //! directory (so `data/admin-token` is created there, as the README says).
@@ -20,23 +21,28 @@ use serde_json::Value;
 
 const START: &str = "<!-- walkthrough:start -->";
 const END: &str = "<!-- walkthrough:end -->";
+const LLM_START: &str = "<!-- llm-walkthrough:start -->";
+const LLM_END: &str = "<!-- llm-walkthrough:end -->";
 /// The addresses the README uses; replaced by the real ones.
 const README_RLS: &str = "127.0.0.1:8081";
 const README_ADMIN: &str = "127.0.0.1:8082";
 /// Bound on the whole bash run.
 const BASH_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The ```sh blocks between the walk-through markers, in order. Panics if the
-/// markers or the blocks are missing.
-fn walkthrough_blocks(readme: &str) -> Vec<String> {
+/// The ```sh blocks between the markers `start_mark` and `end_mark`, in
+/// order. Panics if the markers or the blocks are missing.
+fn walkthrough_blocks(readme: &str, start_mark: &str, end_mark: &str) -> Vec<String> {
     let start = readme
-        .find(START)
-        .unwrap_or_else(|| panic!("README.md has no {START} marker"));
+        .find(start_mark)
+        .unwrap_or_else(|| panic!("README.md has no {start_mark} marker"));
     let end = readme
-        .find(END)
-        .unwrap_or_else(|| panic!("README.md has no {END} marker"));
-    assert!(start < end, "{END} comes before {START} in README.md");
-    let section = &readme[start + START.len()..end];
+        .find(end_mark)
+        .unwrap_or_else(|| panic!("README.md has no {end_mark} marker"));
+    assert!(
+        start < end,
+        "{end_mark} comes before {start_mark} in README.md"
+    );
+    let section = &readme[start + start_mark.len()..end];
     let mut blocks = Vec::new();
     let mut cur: Option<Vec<&str>> = None;
     for line in section.lines() {
@@ -52,11 +58,11 @@ fn walkthrough_blocks(readme: &str) -> Vec<String> {
     }
     assert!(
         cur.is_none(),
-        "an ```sh block of the walk-through is not closed"
+        "an ```sh block between {start_mark} and {end_mark} is not closed"
     );
     assert!(
         !blocks.is_empty(),
-        "no ```sh blocks between the walk-through markers"
+        "no ```sh blocks between {start_mark} and {end_mark}"
     );
     blocks
 }
@@ -146,24 +152,45 @@ fn today_utc() -> String {
         .to_string()
 }
 
-#[test]
-fn readme_walkthrough_runs_as_written() {
+fn read_readme() -> String {
     let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let readme = std::fs::read_to_string(&readme_path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", readme_path.display()));
-    let blocks = walkthrough_blocks(&readme);
-    assert_eq!(
-        blocks.len(),
-        8,
-        "the walk-through's ```sh blocks changed; update this test:\n{blocks:#?}"
-    );
+    std::fs::read_to_string(&readme_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", readme_path.display()))
+}
+
+/// One run of a walk-through: each block's output, in order.
+struct Walk {
+    blocks: Vec<String>,
+    /// What each block printed to stdout, in order (one per block).
+    outputs: Vec<String>,
+    /// What `epilogue` printed after the last block.
+    epilogue: String,
+    /// bash's stderr (grpcurl's errors), for messages.
+    stderr: String,
+    /// The server, still running.
+    sluice: Sluice,
+    _tmp: tempfile::TempDir,
+}
+
+impl Walk {
+    /// Block `i`, its output and bash's stderr, for messages.
+    fn ctx(&self, i: usize) -> String {
+        format!(
+            "block {i}:\n{}\n--- output ---\n{}\n--- stderr ---\n{}",
+            self.blocks[i], self.outputs[i], self.stderr
+        )
+    }
+}
+
+/// Starts the real `sluice serve` in a fresh directory and runs `blocks` as
+/// written (only the two addresses replaced) in one bash process, followed by
+/// `epilogue` (test-only lines, e.g. printing variables the blocks set).
+/// Panics if bash fails.
+fn run_walkthrough(blocks: Vec<String>, epilogue: &str) -> Walk {
     let all = blocks.concat();
     for addr in [README_RLS, README_ADMIN] {
         assert!(all.contains(addr), "the walk-through never uses {addr}");
     }
-
-    // The quota is per UTC day: do not straddle midnight.
-    avoid_window_edge(86_400, 150);
 
     let tmp = tempdir();
     // `--data-dir data` relative to the cwd is the default; the config dir
@@ -191,6 +218,7 @@ fn readme_walkthrough_runs_as_written() {
             .replace(README_ADMIN, &admin.to_string());
         script.push_str(&format!("echo '@@block {i}@@'\n{b}\n"));
     }
+    script.push_str(&format!("echo '@@epilogue@@'\n{epilogue}\n"));
     script.push_str("echo '@@end@@'\n");
     let done = run_bash(&script, tmp.path(), &bin);
     assert!(
@@ -201,19 +229,51 @@ fn readme_walkthrough_runs_as_written() {
         done.stderr
     );
     let (out, _) = done.stdout.split_once("@@end@@").expect("checked above");
-    let mut parts = out.split("@@block ").skip(1).map(|p| {
+    let (out, epilogue_out) = out.split_once("@@epilogue@@\n").expect("epilogue marker");
+    let mut outputs = Vec::new();
+    for (i, p) in out.split("@@block ").skip(1).enumerate() {
         let (n, text) = p.split_once("@@\n").expect("marker line");
-        (n.to_owned(), text)
-    });
+        assert_eq!(n, i.to_string(), "block markers out of order");
+        outputs.push(text.to_owned());
+    }
+    assert_eq!(outputs.len(), blocks.len(), "one output per block");
+    Walk {
+        blocks,
+        outputs,
+        epilogue: epilogue_out.to_owned(),
+        stderr: done.stderr,
+        sluice: s,
+        _tmp: tmp,
+    }
+}
+
+#[test]
+fn readme_walkthrough_runs_as_written() {
+    let readme = read_readme();
+    let blocks = walkthrough_blocks(&readme, START, END);
+    assert_eq!(
+        blocks.len(),
+        8,
+        "the walk-through's ```sh blocks changed; update this test:\n{blocks:#?}"
+    );
+
+    // The quota is per UTC day: do not straddle midnight.
+    avoid_window_edge(86_400, 150);
+
+    let mut w = run_walkthrough(blocks, "");
+    let outputs = std::mem::take(&mut w.outputs);
+    let mut parts = outputs.iter().enumerate();
     let mut next = |want: usize| {
         let (n, text) = parts.next().expect("one output per block");
-        assert_eq!(n, want.to_string());
-        text
+        assert_eq!(n, want);
+        text.as_str()
     };
+    let blocks = &w.blocks;
+    let stderr = &w.stderr;
     let ctx = |i: usize, text: &str| {
         format!(
             "block {i}:\n{}\n--- output ---\n{text}\n--- stderr ---\n{}",
-            blocks[i], done.stderr
+            blocks[i], stderr
         )
     };
 
@@ -323,5 +383,107 @@ fn readme_walkthrough_runs_as_written() {
     assert_eq!(day["used"], "2", "{}", ctx(7, text));
     assert!(parts.next().is_none(), "more output than blocks");
 
-    assert!(s.is_running(), "sluice died:\n{}", s.stderr());
+    assert!(w.sluice.is_running(), "sluice died:\n{}", w.sluice.stderr());
+}
+
+/// The limit status named `name` in a ReportUsage response.
+fn limit_status<'a>(resp: &'a Value, name: &str) -> Option<&'a Value> {
+    resp["limits"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == name)
+}
+
+#[test]
+fn readme_llm_walkthrough_runs_as_written() {
+    let readme = read_readme();
+    let blocks = walkthrough_blocks(&readme, LLM_START, LLM_END);
+    assert_eq!(
+        blocks.len(),
+        3,
+        "the LLM walk-through's ```sh blocks changed; update this test:\n{blocks:#?}"
+    );
+
+    // `tpd` is a CALENDAR_DAY and `budget` a CALENDAR_MONTH (anchor day 1)
+    // window, both in UTC: do not straddle UTC midnight. Every month
+    // boundary in UTC is a UTC midnight, so this guards both.
+    avoid_window_edge(86_400, 150);
+
+    // Test-only, after the blocks: the values of the variables they set
+    // (block 0 stores the key's value in KEY without printing it).
+    let w = run_walkthrough(blocks, r#"printf 'KEY=%s\nRES=%s\n' "$KEY" "$RES""#);
+    let var = |name: &str| {
+        w.epilogue
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in the epilogue:\n{}", w.epilogue))
+            .to_owned()
+    };
+
+    // 0: the plan "llm" with its two limits, then the binding of "bob".
+    let docs = json_docs(&w.outputs[0], &w.ctx(0));
+    assert_eq!(docs.len(), 2, "{}", w.ctx(0));
+    let plan = &docs[0];
+    assert_eq!(plan["name"], "llm", "{}", w.ctx(0));
+    assert!(
+        plan["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{}",
+        w.ctx(0)
+    );
+    assert_eq!(plan["stages"][0]["domain"], "llm-gateway", "{}", w.ctx(0));
+    let limits = plan["limits"].as_array().expect("limits");
+    assert_eq!(limits.len(), 2, "{}", w.ctx(0));
+    assert_eq!(limits[0]["name"], "tpd", "{}", w.ctx(0));
+    assert_eq!(limits[0]["window"], "CALENDAR_DAY", "{}", w.ctx(0));
+    assert_eq!(limits[1]["name"], "budget", "{}", w.ctx(0));
+    assert_eq!(limits[1]["window"], "CALENDAR_MONTH", "{}", w.ctx(0));
+    let binding = &docs[1];
+    assert_eq!(binding["keyName"], "bob", "{}", w.ctx(0));
+    assert_eq!(binding["usagePlanId"], plan["id"], "{}", w.ctx(0));
+    let key = var("KEY");
+    assert!(
+        key.starts_with("slk_") && key.len() > 4,
+        "KEY should be the new key's value, got {key:?}: {}",
+        w.ctx(0)
+    );
+
+    // 1: 1200 in + 300 out = 1500 tokens of 100000: 98500 left; spend
+    // 1200 * 2.5 + 300 * 10 = 6000 micro-units of 5000000: 4994000 left.
+    // The retry with the same requestId counts nothing.
+    let docs = json_docs(&w.outputs[1], &w.ctx(1));
+    assert_eq!(docs.len(), 2, "{}", w.ctx(1));
+    for (n, r) in docs.iter().enumerate() {
+        let duplicate = r["duplicate"].as_bool().unwrap_or(false);
+        assert_eq!(duplicate, n == 1, "report {n}: {}", w.ctx(1));
+        let tpd = limit_status(r, "llm/tpd").unwrap_or_else(|| panic!("{}", w.ctx(1)));
+        assert_eq!(tpd["remaining"], "98500", "report {n}: {}", w.ctx(1));
+        let budget = limit_status(r, "llm/budget").unwrap_or_else(|| panic!("{}", w.ctx(1)));
+        assert_eq!(budget["remaining"], "4994000", "report {n}: {}", w.ctx(1));
+    }
+
+    // 2: Reserve holds the estimate, Settle charges the actual usage:
+    // tpd held 1000 in + 4000 out = 5000 tokens, charged 1000 + 250 = 1250;
+    // budget held 1000 * 2.5 + 4000 * 10 = 42500 micro-units, charged
+    // 1000 * 2.5 + 250 * 10 = 5000.
+    assert!(
+        !var("RES").is_empty(),
+        "Reserve returned no reservationId: {}",
+        w.ctx(2)
+    );
+    let settle = one_doc(&w.outputs[2], &w.ctx(2));
+    let settled = settle["limits"].as_array().expect("limits");
+    let find = |name: &str| {
+        settled
+            .iter()
+            .find(|l| l["limit"] == name)
+            .unwrap_or_else(|| panic!("no {name} in Settle: {}", w.ctx(2)))
+    };
+    assert_eq!(settled.len(), 2, "{}", w.ctx(2));
+    assert_eq!(find("tpd")["held"], "5000", "{}", w.ctx(2));
+    assert_eq!(find("tpd")["charged"], "1250", "{}", w.ctx(2));
+    assert_eq!(find("budget")["held"], "42500", "{}", w.ctx(2));
+    assert_eq!(find("budget")["charged"], "5000", "{}", w.ctx(2));
+
+    let mut sluice = w.sluice;
+    assert!(sluice.is_running(), "sluice died:\n{}", sluice.stderr());
 }

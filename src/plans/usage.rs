@@ -94,14 +94,94 @@ pub fn amount(limit: &UsageLimit, usage: &Usage, price: Option<&Price>) -> u64 {
                 }
             }
         },
-        Metric::Spend => {
-            let Some(p) = price else { return 0 };
-            let micros = u128::from(usage.input) * u128::from(p.input_per_million)
-                + u128::from(usage.output.saturating_add(usage.total_only))
-                    * u128::from(p.output_per_million);
-            u64::try_from(micros.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        Metric::Spend => price.map_or(0, |p| spend(usage, p)),
+    }
+}
+
+/// The cost of `usage` at `price`, in micro-units, rounded up.
+pub fn spend(usage: &Usage, p: &Price) -> u64 {
+    let micros = u128::from(usage.input) * u128::from(p.input_per_million)
+        + u128::from(usage.output.saturating_add(usage.total_only))
+            * u128::from(p.output_per_million);
+    u64::try_from(micros.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+/// What a per-model usage counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelMetric {
+    /// Requests allowed.
+    Requests,
+    /// Input tokens.
+    Input,
+    /// Output tokens.
+    Output,
+    /// Tokens reported only as a total.
+    Total,
+    /// Spend in micro-units.
+    Spend,
+}
+
+impl ModelMetric {
+    /// Every metric.
+    pub const ALL: [ModelMetric; 5] = [
+        ModelMetric::Requests,
+        ModelMetric::Input,
+        ModelMetric::Output,
+        ModelMetric::Total,
+        ModelMetric::Spend,
+    ];
+
+    fn tag(self) -> u8 {
+        match self {
+            ModelMetric::Requests => b'r',
+            ModelMetric::Input => b'i',
+            ModelMetric::Output => b'o',
+            ModelMetric::Total => b't',
+            ModelMetric::Spend => b's',
         }
     }
+
+    fn from_tag(t: u8) -> Option<ModelMetric> {
+        ModelMetric::ALL.into_iter().find(|m| m.tag() == t)
+    }
+}
+
+/// The prefix of a key's per-model daily usage counters in a plan.
+pub fn model_usage_prefix(plan_id: &str, key_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + plan_id.len() + key_id.len());
+    k.push(super::decide::PLAN_KEY_TAG);
+    k.push(b'm');
+    for part in [plan_id.as_bytes(), key_id.as_bytes()] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part);
+    }
+    k
+}
+
+/// A per-model daily usage counter: prefix, day start, metric, model.
+pub fn model_usage_key(
+    plan_id: &str,
+    key_id: &str,
+    day_start: i64,
+    metric: ModelMetric,
+    model: &str,
+) -> Vec<u8> {
+    let mut k = model_usage_prefix(plan_id, key_id);
+    k.extend_from_slice(&day_start.to_be_bytes());
+    k.push(metric.tag());
+    k.extend_from_slice(model.as_bytes());
+    k
+}
+
+/// Decodes the part of a per-model usage counter key after its prefix.
+pub fn decode_model_usage(rest: &[u8]) -> Option<(i64, ModelMetric, String)> {
+    if rest.len() < 9 {
+        return None;
+    }
+    let day = i64::from_be_bytes(rest[..8].try_into().ok()?);
+    let metric = ModelMetric::from_tag(rest[8])?;
+    let model = String::from_utf8(rest[9..].to_vec()).ok()?;
+    Some((day, metric, model))
 }
 
 /// Whether a call's usage touches `limit` at all (a request-only call does
@@ -392,6 +472,19 @@ mod tests {
         // More than the limit never fits: one window.
         assert_eq!(sliding_retry_after(0, 0, 11, 10, 0, 60), 60);
         assert_eq!(sliding_retry_after(3, 0, 1, 10, 0, 60), 1, "at least 1 s");
+    }
+
+    #[test]
+    fn model_usage_keys_round_trip() {
+        let prefix = model_usage_prefix("p", "k");
+        let k = model_usage_key("p", "k", -86_400, ModelMetric::Spend, "gpt-4o");
+        assert!(k.starts_with(&prefix));
+        assert_eq!(
+            decode_model_usage(&k[prefix.len()..]),
+            Some((-86_400, ModelMetric::Spend, "gpt-4o".to_owned()))
+        );
+        assert_eq!(decode_model_usage(b"short"), None);
+        assert!(!model_usage_key("p", "k2", 0, ModelMetric::Input, "").starts_with(&prefix));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::plans::catalog::CompiledPlan;
 use crate::plans::model::{self, PeriodKind};
 use crate::plans::period::{self, Calendar};
 use crate::plans::registry::{self, Registry};
+use crate::plans::usage::ModelMetric;
 use crate::plans::Error;
 use crate::proto::admin as pb;
 use crate::proto::admin::admin_service_server::AdminService;
@@ -686,9 +687,52 @@ impl<S: CounterStore> AdminServer<S> {
             .await
             .map_err(super::status::from_storage)?;
         let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let limits = self
+            .limiter
+            .limit_usage(plan, key, now())
+            .await
+            .map_err(super::status::from_storage)?
+            .into_iter()
+            .map(|(name, metric, limit, used, end)| pb::LimitUsage {
+                name,
+                metric: match metric {
+                    model::Metric::Requests => pb::Metric::Requests,
+                    model::Metric::Tokens => pb::Metric::Tokens,
+                    model::Metric::Spend => pb::Metric::Spend,
+                } as i32,
+                limit: to_i64(limit),
+                used: to_i64(used),
+                remaining: to_i64(limit.saturating_sub(used)),
+                window_end: ts(end),
+            })
+            .collect();
+        let mut models: Vec<pb::ModelUsage> = Vec::new();
+        for (date, model, metric, v) in self.limiter.model_usage(plan, &key.id, dates) {
+            let date = date.to_string();
+            let row = match models.last_mut() {
+                Some(m) if m.date == date && m.model == model => m,
+                _ => {
+                    models.push(pb::ModelUsage {
+                        date,
+                        model,
+                        ..Default::default()
+                    });
+                    models.last_mut().expect("just pushed")
+                }
+            };
+            let v = to_i64(v);
+            match metric {
+                ModelMetric::Requests => row.requests = v,
+                ModelMetric::Input => row.input_tokens = v,
+                ModelMetric::Output => row.output_tokens = v,
+                ModelMetric::Total => row.total_tokens = v,
+                ModelMetric::Spend => row.spend = v,
+            }
+        }
         Ok(pb::KeyUsage {
             key_id: key.id.clone(),
             key_name: key.name.clone(),
+            models,
             days: days
                 .into_iter()
                 .map(|d| pb::DailyUsage {
@@ -710,6 +754,7 @@ impl<S: CounterStore> AdminServer<S> {
                 throttle_burst: live
                     .throttle
                     .map_or(0, |t| i32::try_from(t.1).unwrap_or(i32::MAX)),
+                limits,
             }),
         })
     }

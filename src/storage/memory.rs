@@ -177,6 +177,22 @@ impl MemoryCounters {
         self.len() == 0
     }
 
+    /// Every counter whose key starts with `prefix` (a full scan).
+    pub fn scan(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                shard
+                    .map
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, c)| (k.to_vec(), c.value)),
+            );
+        }
+        out
+    }
+
     /// Loads a counter read back from disk (not marked changed).
     pub fn restore(&self, key: &[u8], value: u64, expires_at: u64) {
         let mut shard = self.shard(key);
@@ -245,6 +261,10 @@ impl CounterStore for MemoryCounters {
         ops: &[CounterOp<'_>],
     ) -> impl std::future::Future<Output = Result<Vec<u64>, Error>> + Send {
         std::future::ready(Ok(self.add_now(ops)))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {
+        self.scan(prefix)
     }
 }
 

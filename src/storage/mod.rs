@@ -74,6 +74,10 @@ pub trait CounterStore: Send + Sync + 'static {
     /// # Errors
     /// [`Error`] when the store cannot make the update (durable mode only).
     fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Vec<u64>, Error>> + Send;
+
+    /// Every live counter whose key starts with `prefix`, with its value.
+    /// A full scan: for the admin path (usage reports), never for decisions.
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)>;
 }
 
 /// A storage error.

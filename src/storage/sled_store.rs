@@ -306,6 +306,10 @@ impl CounterStore for SledCounters {
         }
         Ok(values)
     }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {
+        self.shared.mem.scan(prefix)
+    }
 }
 
 async fn flush_once(shared: &Shared) -> Result<(), Error> {
