@@ -418,6 +418,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 .map(|e| e.value.as_str())
         };
         let model = entry(MODEL_ENTRY);
+        let reserve = matches!(call, Call::Reserve { .. });
         let (charge, hits, usage, dedupe) = match call {
             Call::Request { hits } => (
                 false,
@@ -439,7 +440,6 @@ impl<S: CounterStore> RateLimiter<S> {
             ),
             Call::Charge { usage, dedupe } => (true, 0, usage, dedupe),
         };
-        let reserve = matches!(call_kind(&usage, charge), Kind::Reserve);
 
         // 1. The throttle (requests only).
         let mut throttle_state: Option<usize> = None;
@@ -766,7 +766,9 @@ impl<S: CounterStore> RateLimiter<S> {
         if reserve {
             out.usage_day = Some((day_start, model_exp, price.copied()));
             for lp in &plans {
-                if lp.limit.metric != Metric::Requests && lp.amount > 0 {
+                // Every token and spend limit, 0 held included: settling
+                // charges what the actual usage adds to each.
+                if lp.limit.metric != Metric::Requests {
                     let len = lp.span.end - lp.span.start;
                     let exp = if usage::is_sliding(lp.limit.window) {
                         lp.span.end + len
@@ -1275,19 +1277,6 @@ pub enum Call {
         /// The estimate.
         estimate: Usage,
     },
-}
-
-enum Kind {
-    Reserve,
-    Other,
-}
-
-fn call_kind(usage: &Usage, charge: bool) -> Kind {
-    if !charge && (usage.input > 0 || usage.output > 0 || usage.total_only > 0) {
-        Kind::Reserve
-    } else {
-        Kind::Other
-    }
 }
 
 /// A reserved amount in one counter, to settle later.

@@ -131,8 +131,10 @@ impl<S: CounterStore> UsageService for UsageServer<S> {
         };
         let ttl = match r.ttl {
             None => DEFAULT_TTL_SECS,
-            Some(d) if d.seconds <= 0 && d.nanos <= 0 => {
-                return Err(Status::invalid_argument("ttl: must be positive"))
+            Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+                return Err(Status::invalid_argument(
+                    "ttl: must be positive (seconds and nanos >= 0, not both 0)",
+                ))
             }
             Some(d) if d.seconds > MAX_TTL_SECS || (d.seconds == MAX_TTL_SECS && d.nanos > 0) => {
                 return Err(Status::invalid_argument(format!(
