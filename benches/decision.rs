@@ -129,6 +129,7 @@ fn bench_plan() -> Plan {
             key_entry: "api_key".into(),
             method_entry: "method".into(),
             path_entry: "path".into(),
+            default_usage: String::new(),
         }],
         tags: BTreeMap::new(),
         create_time: 0,

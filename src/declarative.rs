@@ -503,9 +503,25 @@ pub struct StageSpec {
         skip_serializing_if = "is_default_path_entry"
     )]
     pub path_entry: String,
+    /// What hits_addend measures without a `usage` entry: `requests`
+    /// (default), `input_tokens`, `output_tokens` or `total_tokens`.
+    #[serde(default, skip_serializing_if = "is_requests")]
+    pub default_usage: String,
     /// Per-method throttles keyed "/path/METHOD".
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub method_throttles: BTreeMap<String, ThrottleSpec>,
+}
+
+fn is_requests(s: &str) -> bool {
+    s.is_empty() || s == "requests"
+}
+
+fn norm_usage(s: &str) -> String {
+    if is_requests(s) {
+        String::new()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// An API key in the file (never its value).
@@ -987,6 +1003,7 @@ fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
                 key_entry: s.key_entry.clone(),
                 method_entry: s.method_entry.clone(),
                 path_entry: s.path_entry.clone(),
+                default_usage: norm_usage(&s.default_usage),
             })
             .collect(),
         tags: p.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -1075,6 +1092,7 @@ struct StageNorm {
     key_entry: String,
     method_entry: String,
     path_entry: String,
+    default_usage: String,
     method_throttles: BTreeMap<String, (f64, i32)>,
 }
 
@@ -1087,6 +1105,7 @@ fn norm_stages(stages: &[pb::ApiStage]) -> Vec<StageNorm> {
             key_entry: or_default(&s.key_entry, DEFAULT_KEY_ENTRY),
             method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
             path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
+            default_usage: norm_usage(&s.default_usage),
             method_throttles: s
                 .method_throttles
                 .iter()
@@ -1605,6 +1624,7 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
                     key_entry: or_default(&s.key_entry, DEFAULT_KEY_ENTRY),
                     method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
                     path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
+                    default_usage: norm_usage(&s.default_usage),
                     method_throttles: s
                         .method_throttles
                         .iter()
@@ -2011,6 +2031,7 @@ mod tests {
                 key_entry: default_key_entry(),
                 method_entry: default_method_entry(),
                 path_entry: default_path_entry(),
+                default_usage: String::new(),
                 method_throttles: BTreeMap::new(),
             }],
             tags: BTreeMap::new(),

@@ -249,11 +249,13 @@ impl<S: CounterStore> RateLimiter<S> {
                     })
                 }
                 Resolved::Governed { plan, stage, key } => {
+                    let default = plan.plan.stages[stage].default_usage.as_str();
                     let kind = d
                         .entries
                         .iter()
                         .find(|e| e.key == USAGE_ENTRY)
-                        .map(|e| e.value.as_str());
+                        .map(|e| e.value.as_str())
+                        .or((!default.is_empty()).then_some(default));
                     match groups
                         .iter_mut()
                         .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id && g.3 == kind)

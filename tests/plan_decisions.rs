@@ -177,6 +177,7 @@ fn stage(domain: &str) -> Stage {
         key_entry: DEFAULT_KEY_ENTRY.into(),
         method_entry: DEFAULT_METHOD_ENTRY.into(),
         path_entry: DEFAULT_PATH_ENTRY.into(),
+        default_usage: String::new(),
     }
 }
 

@@ -232,6 +232,7 @@ fn stage(domain: &str) -> Stage {
         key_entry: DEFAULT_KEY_ENTRY.into(),
         method_entry: DEFAULT_METHOD_ENTRY.into(),
         path_entry: DEFAULT_PATH_ENTRY.into(),
+        default_usage: String::new(),
     }
 }
 
@@ -1487,4 +1488,34 @@ proptest! {
             prop_assert!(e <= limit_n * 60, "second {s}: estimate {e}/60 > {limit_n}");
         }
     }
+}
+
+// ------------------- a stage's default usage: the Envoy AI Gateway case --
+
+/// Envoy AI Gateway sends the same descriptors twice: at request time with
+/// hits_addend 0 and when the stream is done with the token count, with no
+/// entry to tell them apart. A stage with `default_usage: total_tokens`
+/// reads the first as a check and the second as a charge.
+#[tokio::test]
+async fn a_stage_default_usage_turns_plain_descriptors_into_checks_and_charges() {
+    let env = Env::new();
+    let mut p = plan("aigw", vec![tpm("tpm", 1000)]);
+    p.stages[0].default_usage = "total_tokens".into();
+    let (_, _, v) = env.plan_and_key(p).await;
+    let t = w(10);
+    let call = |hits: u64| env.decide(vec![desc(&[("api_key", &v)], hits)], t);
+    // Request time (hits 0): a check, 1000 left, nothing counted.
+    let d = call(0).await;
+    assert_eq!(sum(&d.statuses[0]), ok(1000, 50));
+    // Stream done with 600 tokens: a charge.
+    let d = call(600).await;
+    assert_eq!(sum(&d.statuses[0]), ok(400, 50));
+    assert_eq!(sum(&call(0).await.statuses[0]), ok(400, 50));
+    // Another 600 tokens are counted even though they exceed the limit.
+    let d = call(600).await;
+    assert_eq!(d.statuses[0].code, sluice::engine::Code::OverLimit);
+    // The next request-time check is refused: 1200 of 1000 used.
+    let d = call(0).await;
+    assert_eq!(d.statuses[0].code, sluice::engine::Code::OverLimit);
+    assert_eq!(d.statuses[0].reason, Some(TOK_LIMIT));
 }

@@ -112,6 +112,9 @@ pub struct Stage {
     pub method_entry: String,
     /// Entry with the path.
     pub path_entry: String,
+    /// What hits_addend measures without a `usage` entry ("" = requests).
+    #[serde(default)]
+    pub default_usage: String,
 }
 
 /// What a usage limit counts.
@@ -556,6 +559,23 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
                 return Err(Error::invalid(f(name), "must not be empty"));
             }
         }
+        if ![
+            "",
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+        ]
+        .contains(&s.default_usage.as_str())
+        {
+            return Err(Error::invalid(
+                f("default_usage"),
+                format!(
+                    "must be requests, input_tokens, output_tokens or total_tokens, got {:?}",
+                    s.default_usage
+                ),
+            ));
+        }
         for (k, t) in &s.method_throttles {
             let field = f(&format!("method_throttles[{k:?}]"));
             MethodKey::parse(k).map_err(|m| Error::invalid(field.clone(), m))?;
@@ -691,6 +711,7 @@ mod tests {
                 key_entry: DEFAULT_KEY_ENTRY.into(),
                 method_entry: DEFAULT_METHOD_ENTRY.into(),
                 path_entry: DEFAULT_PATH_ENTRY.into(),
+                default_usage: String::new(),
             }],
             tags: BTreeMap::new(),
             create_time: 0,

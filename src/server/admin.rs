@@ -257,6 +257,11 @@ fn stage_from(i: usize, s: &pb::ApiStage) -> Result<model::Stage, Error> {
         key_entry: or_default(&s.key_entry, model::DEFAULT_KEY_ENTRY),
         method_entry: or_default(&s.method_entry, model::DEFAULT_METHOD_ENTRY),
         path_entry: or_default(&s.path_entry, model::DEFAULT_PATH_ENTRY),
+        default_usage: if s.default_usage == "requests" {
+            String::new()
+        } else {
+            s.default_usage.clone()
+        },
     })
 }
 
@@ -272,6 +277,7 @@ fn stage_to(s: &model::Stage) -> pb::ApiStage {
         key_entry: s.key_entry.clone(),
         method_entry: s.method_entry.clone(),
         path_entry: s.path_entry.clone(),
+        default_usage: s.default_usage.clone(),
     }
 }
 
