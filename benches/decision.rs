@@ -11,7 +11,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sluice::config;
 use sluice::engine::{self, Descriptor, Entry, Request};
 use sluice::limiter::{counter_ops, RateLimiter};
-use sluice::plans::model::{PeriodKind, Plan, Quota, Stage, Throttle};
+use sluice::plans::model::{
+    LimitWindow, Metric, PeriodKind, Plan, Price, Quota, Scope, Stage, Throttle, TokenCount,
+    UsageLimit,
+};
 use sluice::plans::registry::{parse_import_csv, Registry};
 use sluice::storage::memory::MemoryCounters;
 
@@ -211,6 +214,73 @@ fn bench_plans(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % keyed.len();
             rt.block_on(limiter.decide(&keyed[i], now_us))
+                .expect("memory store never fails")
+        })
+    });
+    // A plan with a throttle, a quota and token limits (a sliding TPM and a
+    // calendar TPD with a per-model limit, and a monthly budget).
+    rt.block_on(async {
+        let mut p = bench_plan();
+        p.name = "bench-tokens".into();
+        p.stages[0].domain = "bench-tokens".into();
+        let tokens = |name: &str, window| UsageLimit {
+            name: name.into(),
+            metric: Metric::Tokens,
+            count: TokenCount::Total,
+            limit: u64::MAX / 4,
+            window,
+            anchor_day: 0,
+            time_zone: "UTC".into(),
+            model_limits: BTreeMap::from([("gpt-4o*".to_owned(), u64::MAX / 4)]),
+            scope: Scope::Key,
+        };
+        p.limits = vec![
+            tokens("tpm", LimitWindow::Minute),
+            tokens("tpd", LimitWindow::Day),
+            UsageLimit {
+                metric: Metric::Spend,
+                window: LimitWindow::Month,
+                anchor_day: 1,
+                ..tokens("budget", LimitWindow::Month)
+            },
+        ];
+        p.prices = BTreeMap::from([(
+            "gpt-4o*".to_owned(),
+            Price {
+                input_per_million: 2_500_000,
+                output_per_million: 10_000_000,
+            },
+        )]);
+        registry.create_plan(p, now_s).await.expect("token plan");
+        registry
+            .bind("bench-tokens", "k1", now_s)
+            .await
+            .expect("bind");
+    });
+    let token_req = |usage: Option<&str>| Request {
+        domain: "bench-tokens".into(),
+        descriptors: vec![Descriptor {
+            entries: [("api_key", "bench-key-value-00000001"), ("model", "gpt-4o")]
+                .into_iter()
+                .chain(usage.map(|u| ("usage", u)))
+                .map(|(k, v)| Entry::new(k, v))
+                .collect(),
+            hits_addend: usage.map(|_| 100),
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    };
+    let check = token_req(None);
+    c.bench_function("limiter/plan decision with 3 token limits, request", |b| {
+        b.iter(|| {
+            rt.block_on(limiter.decide(black_box(&check), now_us))
+                .expect("memory store never fails")
+        })
+    });
+    let charge = token_req(Some("total_tokens"));
+    c.bench_function("limiter/plan decision with 3 token limits, charge", |b| {
+        b.iter(|| {
+            rt.block_on(limiter.decide(black_box(&charge), now_us))
                 .expect("memory store never fails")
         })
     });
