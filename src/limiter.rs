@@ -490,7 +490,13 @@ impl<S: CounterStore> RateLimiter<S> {
             _ => None,
         };
         // Sliding limits need the previous window's counter first.
-        let price = model.and_then(|m| usage::price_for(&p.prices, m));
+        let cat_prices = self.catalog.load();
+        let price = model.and_then(|m| {
+            usage::price_for(&p.prices, m)
+                .or_else(|| usage::price_for(cat_prices.shared_prices(), m))
+                .copied()
+        });
+        let price = price.as_ref();
         let mut plans: Vec<LimitPlan<'_>> = Vec::with_capacity(p.limits.len());
         for (i, l) in p.limits.iter().enumerate() {
             let (pattern, lim) = usage::model_limit(l, model);

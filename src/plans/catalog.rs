@@ -149,6 +149,7 @@ pub struct Catalog {
     selectors: Map<String, Vec<Selector>>,
     stage_plans: Map<String, Map<String, Vec<String>>>,
     grants: HashMap<(String, String, i64), i64>,
+    shared_prices: BTreeMap<String, super::model::Price>,
 }
 
 impl Catalog {
@@ -355,6 +356,16 @@ impl Catalog {
             .get(&(plan_id.to_owned(), key_id.to_owned(), start))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Sets the shared price table (used for models a plan has no price for).
+    pub fn set_shared_prices(&mut self, prices: BTreeMap<String, super::model::Price>) {
+        self.shared_prices = prices;
+    }
+
+    /// The shared price table.
+    pub fn shared_prices(&self) -> &BTreeMap<String, super::model::Price> {
+        &self.shared_prices
     }
 
     /// Every stored grant.

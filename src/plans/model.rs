@@ -654,14 +654,44 @@ pub fn validate_limits(p: &Plan) -> Result<(), Error> {
                 ));
             }
         }
-        if l.metric == Metric::Spend && p.prices.is_empty() {
+    }
+    for k in p.prices.keys() {
+        if k.is_empty() || k.len() > 256 {
             return Err(Error::invalid(
-                f("metric"),
-                "a SPEND limit needs prices in the plan",
+                "prices",
+                "model patterns must be 1 to 256 bytes",
             ));
         }
     }
-    for k in p.prices.keys() {
+    Ok(())
+}
+
+/// Checks that a plan with a SPEND limit has prices: its own, or the
+/// shared price table's.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the SPEND limit.
+pub fn validate_spend_prices(
+    p: &Plan,
+    shared_prices: &BTreeMap<String, Price>,
+) -> Result<(), Error> {
+    if p.prices.is_empty() && shared_prices.is_empty() {
+        if let Some(i) = p.limits.iter().position(|l| l.metric == Metric::Spend) {
+            return Err(Error::invalid(
+                format!("limits[{i}].metric"),
+                "a SPEND limit needs prices, in the plan or in the shared price table",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a shared price table.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bad entry.
+pub fn validate_prices(prices: &BTreeMap<String, Price>) -> Result<(), Error> {
+    for k in prices.keys() {
         if k.is_empty() || k.len() > 256 {
             return Err(Error::invalid(
                 "prices",

@@ -26,6 +26,8 @@ use crate::storage;
 const PLANS: &str = "plans";
 const KEYS: &str = "api_keys";
 const GRANTS: &str = "quota_grants";
+const PRICES: &str = "prices";
+const PRICE_TABLE: &[u8] = b"shared";
 /// Longest grace period of a rotated key value.
 pub const MAX_GRACE_SECS: i64 = 30 * 86_400;
 
@@ -38,6 +40,8 @@ struct Changes {
     keys_del: Vec<String>,
     grants_put: Vec<((String, String, i64), i64)>,
     grants_del: Vec<(String, String, i64)>,
+    /// A new shared price table.
+    prices: Option<BTreeMap<String, model::Price>>,
 }
 
 /// Plans, keys and grants: persisted in sled, served from a [`Catalog`].
@@ -47,6 +51,7 @@ pub struct Registry {
     plans: sled::Tree,
     keys: sled::Tree,
     grants: sled::Tree,
+    prices: sled::Tree,
     path: PathBuf,
     catalog: Arc<ArcSwap<Catalog>>,
     write: tokio::sync::Mutex<()>,
@@ -109,6 +114,7 @@ impl Registry {
             })
         };
         let (plans, keys, grants) = (open(PLANS)?, open(KEYS)?, open(GRANTS)?);
+        let prices = open(PRICES)?;
         let corrupt = |detail: String| storage::Error::Corrupt {
             path: path.clone(),
             detail,
@@ -148,8 +154,13 @@ impl Registry {
             grant_list.push((id, i64::from_be_bytes(v)));
         }
         let (np, nk) = (plan_list.len(), key_list.len());
-        let catalog = Catalog::build(plan_list, key_list, grant_list)
+        let mut catalog = Catalog::build(plan_list, key_list, grant_list)
             .map_err(|e| corrupt(format!("stored plans or keys are invalid: {e}")))?;
+        if let Some(v) = prices.get(PRICE_TABLE).map_err(io)? {
+            let table = serde_json::from_slice(&v)
+                .map_err(|e| corrupt(format!("shared price table: {e}")))?;
+            catalog.set_shared_prices(table);
+        }
         tracing::info!(plans = np, keys = nk, "plans and keys loaded");
         Ok(Registry {
             db,
@@ -158,6 +169,7 @@ impl Registry {
             grants,
             path,
             catalog: Arc::new(ArcSwap::from_pointee(catalog)),
+            prices,
             write: tokio::sync::Mutex::new(()),
         })
     }
@@ -214,6 +226,13 @@ impl Registry {
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
         result.map_err(|e| storage::Error::Io(format!("admin write failed: {e:?}")))?;
+        if let Some(p) = &changes.prices {
+            let v = serde_json::to_vec(p)
+                .map_err(|e| storage::Error::Io(format!("encoding the price table: {e}")))?;
+            self.prices
+                .insert(PRICE_TABLE, v)
+                .map_err(|e| storage::Error::Io(format!("admin write failed: {e}")))?;
+        }
         self.db
             .flush_async()
             .await
@@ -248,7 +267,11 @@ impl Registry {
         grants.extend(changes.grants_put);
         // Records were validated before the write, so this cannot fail; if
         // it did, keep serving the old catalog and report it.
-        let catalog = Catalog::build(plans.into_values(), keys.into_values(), grants)?;
+        let mut catalog = Catalog::build(plans.into_values(), keys.into_values(), grants)?;
+        catalog.set_shared_prices(match changes.prices {
+            Some(p) => p,
+            None => old.shared_prices().clone(),
+        });
         self.catalog.store(Arc::new(catalog));
         Ok(())
     }
@@ -297,6 +320,7 @@ impl Registry {
         plan.create_time = now;
         plan.update_time = now;
         model::validate_plan(&plan)?;
+        model::validate_spend_prices(&plan, self.catalog.load().shared_prices())?;
         if self.catalog.load().plan(&plan.name).is_some() {
             return Err(Error::AlreadyExists(format!(
                 "a usage plan named {:?} already exists",
@@ -332,6 +356,7 @@ impl Registry {
         p.create_time = created;
         p.update_time = now;
         model::validate_plan(&p)?;
+        model::validate_spend_prices(&p, cat.shared_prices())?;
         if let Some(other) = cat.plan(&p.name) {
             if other.plan.id != p.id {
                 return Err(Error::AlreadyExists(format!(
@@ -617,6 +642,34 @@ impl Registry {
             ..Changes::default()
         })
         .await
+    }
+
+    /// Replaces the shared price table (prices for models a plan does not
+    /// price itself). Refused if it would leave a SPEND limit without prices.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`], [`Error::FailedPrecondition`], or storage.
+    pub async fn set_shared_prices(
+        &self,
+        prices: BTreeMap<String, model::Price>,
+    ) -> Result<BTreeMap<String, model::Price>, Error> {
+        model::validate_prices(&prices)?;
+        let _w = self.write.lock().await;
+        let cat = self.catalog.load_full();
+        for p in cat.plans_by_name() {
+            if model::validate_spend_prices(&p.plan, &prices).is_err() {
+                return Err(Error::FailedPrecondition(format!(
+                    "usage plan {:?} has a SPEND limit and no prices of its own: the shared price table cannot be emptied",
+                    p.plan.name
+                )));
+            }
+        }
+        self.commit(Changes {
+            prices: Some(prices.clone()),
+            ..Changes::default()
+        })
+        .await?;
+        Ok(prices)
     }
 
     /// Stores the extra quota of a key's period starting at `start`, and

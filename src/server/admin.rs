@@ -430,6 +430,23 @@ fn prices_from(
     Ok(out)
 }
 
+fn price_table_to(prices: &BTreeMap<String, model::Price>) -> pb::PriceTable {
+    pb::PriceTable {
+        prices: prices
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelPrice {
+                        input_per_million: i64::try_from(v.input_per_million).unwrap_or(i64::MAX),
+                        output_per_million: i64::try_from(v.output_per_million).unwrap_or(i64::MAX),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
 fn header_style_from(v: i32) -> Result<model::HeaderStyle, Error> {
     match pb::HeaderStyle::try_from(v) {
         Ok(pb::HeaderStyle::Openai) => Ok(model::HeaderStyle::Openai),
@@ -1109,6 +1126,27 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             items,
             next_page_token: next,
         }))
+    }
+
+    async fn get_price_table(
+        &self,
+        _req: Request<pb::GetPriceTableRequest>,
+    ) -> Res<pb::PriceTable> {
+        let cat = self.registry.catalog();
+        Ok(Response::new(price_table_to(cat.shared_prices())))
+    }
+
+    async fn update_price_table(
+        &self,
+        req: Request<pb::UpdatePriceTableRequest>,
+    ) -> Res<pb::PriceTable> {
+        require_write(&req, "UpdatePriceTable")?;
+        let req = req.into_inner();
+        let table = required("price_table", req.price_table.as_ref())?;
+        let prices = prices_from(&table.prices)?;
+        let prices = self.registry.set_shared_prices(prices).await?;
+        tracing::info!(models = prices.len(), "shared price table updated");
+        Ok(Response::new(price_table_to(&prices)))
     }
 
     async fn update_usage(&self, req: Request<pb::UpdateUsageRequest>) -> Res<pb::KeyUsage> {
