@@ -1365,3 +1365,110 @@ async fn an_expired_reservation_stays_charged_at_its_estimate() {
     assert_eq!(peek(&mut u, &key, "", "exp/tpd").await, 200);
     s.shutdown().await;
 }
+
+// ------------------------------------------- GetUsage: per model, live --
+
+/// GetUsage reports, per day and model, the requests, input and output
+/// tokens and spend of a key, and the live state of every usage limit.
+#[tokio::test]
+async fn get_usage_reports_per_model_usage_and_every_limit() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let mut p = usage_plan(
+        "metered",
+        DOMAIN,
+        vec![
+            tokens_per_day("tpd", 100_000),
+            limit(
+                "budget",
+                Metric::Spend,
+                10_000_000,
+                LimitWindow::CalendarMonth,
+            ),
+        ],
+    );
+    p.limits[0].model_limits = [("gpt-4o*".to_owned(), 50_000)].into();
+    p.prices = [(
+        "gpt-4o*".to_owned(),
+        ModelPrice {
+            input_per_million: 2_500_000,
+            output_per_million: 10_000_000,
+        },
+    )]
+    .into();
+    let key = plan_with_key(&mut admin, p, "alice").await;
+    let mut u = usage_client(&s).await;
+
+    // Two requests for gpt-4o and one without a model, through ShouldRateLimit.
+    assert_allowed(&call(&s, &key, &[("model", "gpt-4o")]).await, "gpt-4o 1");
+    assert_allowed(&call(&s, &key, &[("model", "gpt-4o")]).await, "gpt-4o 2");
+    assert_allowed(&call(&s, &key, &[]).await, "no model");
+    // Usage: gpt-4o 1000 in + 500 out (twice, one a retried id), claude 300 in.
+    report(&mut u, &key, "gpt-4o", 1000, 500, "r1").await;
+    report(&mut u, &key, "gpt-4o", 1000, 500, "r1").await;
+    report(&mut u, &key, "gpt-4o", 1000, 500, "r2").await;
+    report(&mut u, &key, "claude-3", 300, 0, "r3").await;
+
+    let today = {
+        let secs = unix_now();
+        let days = i64::try_from(secs / DAY_SECS).unwrap();
+        jiff::civil::Date::new(1970, 1, 1)
+            .unwrap()
+            .checked_add(jiff::Span::new().days(days))
+            .unwrap()
+            .to_string()
+    };
+    let usage = ok(
+        "GetUsage",
+        admin
+            .get_usage(GetUsageRequest {
+                plan: "metered".into(),
+                start_date: today.clone(),
+                end_date: today.clone(),
+                ..Default::default()
+            })
+            .await,
+    );
+    let k = &usage.items[0];
+    let row = |model: &str| {
+        k.models
+            .iter()
+            .find(|m| m.model == model)
+            .unwrap_or_else(|| panic!("no row for {model:?}: {:?}", k.models))
+    };
+    let g = row("gpt-4o");
+    assert_eq!(g.date, today);
+    assert_eq!(
+        (g.requests, g.input_tokens, g.output_tokens),
+        (2, 2000, 1000)
+    );
+    // 2000 in at 2.50/M = 5000; 1000 out at 10.00/M = 10000 micro-units.
+    assert_eq!(g.spend, 15_000);
+    let c = row("claude-3");
+    assert_eq!(
+        (c.requests, c.input_tokens, c.spend),
+        (0, 300, 0),
+        "unpriced"
+    );
+    assert_eq!(row("").requests, 1, "requests without a model");
+
+    let live = k.live.clone().expect("live");
+    let state = |name: &str| {
+        live.limits
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no live state for {name}: {:?}", live.limits))
+    };
+    // The default tpd counter holds claude's 300; the gpt-4o* one 3000.
+    assert_eq!(
+        (state("metered/tpd").used, state("metered/tpd").remaining),
+        (300, 99_700)
+    );
+    let g = state("metered/tpd[gpt-4o*]");
+    assert_eq!((g.limit, g.used, g.remaining), (50_000, 3000, 47_000));
+    assert_eq!(state("metered/budget").used, 15_000);
+    assert_eq!(state("metered/budget").metric, Metric::Spend as i32);
+    drop(admin);
+    drop(u);
+    s.shutdown().await;
+}
