@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 RUNS=${RUNS:-3}
+OUT=${OUT:-benches/load}   # where results.csv and chart.svg are written
 MODES=${MODES:-"pinned unpinned 1x1"}
 N=${N:-200000}            # requests per run (32x16 modes)
 N1=${N1:-20000}           # requests per run (1x1 mode)
@@ -73,6 +74,7 @@ load() {
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-9s %-6s %12s %10s %10s\n' mode server req/s p50_us p99_us
+echo "mode,server,rps,p50_us,p99_us" > "$work/results.csv"
 for mode in $MODES; do
   case $mode in
     pinned) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
@@ -98,6 +100,30 @@ for mode in $MODES; do
     rps=$(cut -d' ' -f1 "$work/runs" | median); p50=$(cut -d' ' -f2 "$work/runs" | median); p99=$(cut -d' ' -f3 "$work/runs" | median)
     result[$server]=$rps
     printf '%-9s %-6s %12s %10s %10s\n' "$mode" "$server" "$rps" "$p50" "$p99"
+    echo "$mode,$server,$rps,$p50,$p99" >> "$work/results.csv"
   done
   awk -v s="${result[sluice]}" -v n="${result[noop]}" -v m="$mode" 'BEGIN {printf "%-9s ratio  %12.3f\n", m, s / n}'
 done
+
+# The chart: req/s per mode, do-nothing server beside sluice, from the CSV.
+cp "$work/results.csv" "$OUT/results.csv"
+awk -F, -v runs="$RUNS" -v when="$(date -u +%FT%TZ)" -v cpu="$(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" '
+  NR == 1 { next }
+  { mode[++n] = $1; server[n] = $2; rps[n] = $3; if ($3 > max) max = $3 }
+  END {
+    w = 640; h = 360; left = 70; bottom = 300; top = 40; bw = 60
+    printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", w, h
+    printf "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", w, h
+    printf "<text x=\"%d\" y=\"20\" font-size=\"14\">ShouldRateLimit req/s, median of %s runs (h2load; %s; %s)</text>\n", left, runs, cpu, when
+    printf "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", left, bottom, w - 20, bottom
+    for (i = 1; i <= n; i++) {
+      group = int((i - 1) / 2); x = left + 20 + group * 180 + ((i - 1) % 2) * (bw + 10)
+      bh = (bottom - top) * rps[i] / max; color = (server[i] == "sluice") ? "#2b7bb9" : "#aaaaaa"
+      printf "<rect x=\"%d\" y=\"%.1f\" width=\"%d\" height=\"%.1f\" fill=\"%s\"/>\n", x, bottom - bh, bw, bh, color
+      printf "<text x=\"%d\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>\n", x + bw / 2, bottom - bh - 4, rps[i]
+      printf "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", x + bw / 2, bottom + 16, server[i]
+      if (i % 2 == 0) printf "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" font-weight=\"bold\">%s (%.3fx)</text>\n", x - 5, bottom + 34, mode[i], rps[i] / rps[i - 1]
+    }
+    print "</svg>"
+  }' "$work/results.csv" > "$OUT/chart.svg"
+echo "wrote $OUT/results.csv and $OUT/chart.svg"
