@@ -29,7 +29,7 @@ use crate::engine::{self, Code, Decision, Entry, Reason, Request, Slot, Status};
 use crate::plans::catalog::{Catalog, CompiledPlan, Resolved};
 use crate::plans::decide as pd;
 use crate::plans::model::ApiKey;
-use crate::plans::model::{LimitWindow, Metric, UsageLimit};
+use crate::plans::model::{Metric, UsageLimit};
 use crate::plans::usage::{self, ModelMetric, Usage};
 use crate::plans::{bucket, period};
 use crate::storage::buckets::Buckets;
@@ -517,7 +517,7 @@ impl<S: CounterStore> RateLimiter<S> {
             });
             plans.push(LimitPlan {
                 limit: l,
-                pattern,
+                report: plan.limit_report(i, pattern),
                 lim,
                 span,
                 amount,
@@ -688,7 +688,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 Metric::Spend => Reason::BudgetExceeded { customer },
             };
             let reset_in = u64::try_from(lp.span.end - now_s).unwrap_or(0);
-            let limit = usage_limit_report(&p.name, lp);
+            let limit = lp.report.clone();
             // Usage "now": the counter (after this call's add, if applied) plus the sliding share.
             let would = value.saturating_add(lp.prev_share);
             let (allowed, used_now) = if charge {
@@ -708,7 +708,7 @@ impl<S: CounterStore> RateLimiter<S> {
             };
             let remaining = lp.lim.saturating_sub(used_now);
             states.push(LimitState {
-                name: limit.name.as_deref().unwrap_or("").to_owned(),
+                name: limit.name.clone().unwrap_or_default(),
                 tokens: lp.limit.metric != Metric::Requests,
                 limit: lp.lim,
                 remaining,
@@ -1195,18 +1195,8 @@ impl<S: CounterStore> RateLimiter<S> {
             let patterns = std::iter::once((None, l.limit))
                 .chain(l.model_limits.iter().map(|(k, v)| (Some(k.as_str()), *v)));
             for (pattern, lim) in patterns {
-                let lp = LimitPlan {
-                    limit: l,
-                    pattern,
-                    lim,
-                    span,
-                    amount: 0,
-                    counter: Vec::new(),
-                    prev: None,
-                    prev_value: 0,
-                    prev_share: 0,
-                };
-                let name = usage_limit_report(&p.name, &lp)
+                let name = plan
+                    .limit_report(i, pattern)
                     .name
                     .as_deref()
                     .unwrap_or("")
@@ -1327,7 +1317,8 @@ type Group<'a> = (
 /// One usage limit as a call sees it.
 struct LimitPlan<'a> {
     limit: &'a UsageLimit,
-    pattern: Option<&'a str>,
+    /// How it is reported (built once per plan).
+    report: Arc<engine::Limit>,
     lim: u64,
     span: period::Span,
     amount: u64,
@@ -1341,7 +1332,7 @@ struct LimitPlan<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitState {
     /// Reported name ("plan/limit").
-    pub name: String,
+    pub name: Arc<str>,
     /// A token or spend limit (else requests).
     pub tokens: bool,
     /// The limit per window.
@@ -1370,7 +1361,7 @@ impl LimitState {
             i64::MAX
         };
         LimitState {
-            name: limit.name.as_deref().unwrap_or("").to_owned(),
+            name: limit.name.clone().unwrap_or_default(),
             tokens: false,
             limit: u64::from(t.burst_limit),
             remaining,
@@ -1381,7 +1372,7 @@ impl LimitState {
 
     fn requests(limit: &engine::Limit, remaining: u64, reset_in: Option<u64>) -> LimitState {
         LimitState {
-            name: limit.name.as_deref().unwrap_or("").to_owned(),
+            name: limit.name.clone().unwrap_or_default(),
             tokens: false,
             limit: u64::from(limit.requests_per_unit),
             remaining,
@@ -1389,29 +1380,6 @@ impl LimitState {
             window: i64::try_from(limit.unit.seconds()).unwrap_or(i64::MAX),
         }
     }
-}
-
-fn usage_limit_report(plan: &str, lp: &LimitPlan<'_>) -> Arc<engine::Limit> {
-    let scope = if lp.limit.scope == crate::plans::model::Scope::Customer {
-        "customer/"
-    } else {
-        ""
-    };
-    let name = match lp.pattern {
-        Some(m) => format!("{plan}/{scope}{}[{m}]", lp.limit.name),
-        None => format!("{plan}/{scope}{}", lp.limit.name),
-    };
-    Arc::new(engine::Limit {
-        requests_per_unit: u32::try_from(lp.lim).unwrap_or(u32::MAX),
-        unit: match lp.limit.window {
-            LimitWindow::Minute => engine::Unit::Minute,
-            LimitWindow::Hour => engine::Unit::Hour,
-            LimitWindow::Day => engine::Unit::Day,
-            LimitWindow::Week => engine::Unit::Week,
-            LimitWindow::Month => engine::Unit::Month,
-        },
-        name: Some(name.into()),
-    })
 }
 
 fn refusal(limit: Option<Arc<engine::Limit>>, reset_in: u64, reason: Reason) -> Status {

@@ -26,6 +26,9 @@ pub struct MethodThrottle {
     pub limit: Arc<Limit>,
 }
 
+/// How one usage limit is reported: its default limit, and per model pattern.
+pub type LimitReports = (Arc<Limit>, BTreeMap<String, Arc<Limit>>);
+
 /// A plan ready for decisions: parsed and with its reported limits built
 /// once, so a decision allocates none of them.
 #[derive(Debug)]
@@ -43,6 +46,21 @@ pub struct CompiledPlan {
     /// The calendar of each usage limit (`None` for sliding windows), in
     /// `plan.limits` order.
     pub limit_calendars: Vec<Option<Calendar>>,
+    /// How each usage limit is reported: its default limit, and each model
+    /// pattern's, in `plan.limits` order.
+    pub limit_reports: Vec<LimitReports>,
+}
+
+impl CompiledPlan {
+    /// The reported limit of usage limit `i` for `pattern` (`None` = the
+    /// default limit).
+    pub fn limit_report(&self, i: usize, pattern: Option<&str>) -> Arc<Limit> {
+        let (default, patterns) = &self.limit_reports[i];
+        pattern
+            .and_then(|p| patterns.get(p))
+            .unwrap_or(default)
+            .clone()
+    }
 }
 
 impl CompiledPlan {
@@ -79,6 +97,19 @@ impl CompiledPlan {
             .as_ref()
             .map(|q| decide::quota_limit(&plan.name, q, q.limit));
         let limit_calendars = plan.limits.iter().map(super::usage::calendar).collect();
+        let limit_reports = plan
+            .limits
+            .iter()
+            .map(|l| {
+                let default = decide::usage_limit(&plan.name, l, None, l.limit);
+                let patterns = l
+                    .model_limits
+                    .iter()
+                    .map(|(m, v)| (m.clone(), decide::usage_limit(&plan.name, l, Some(m), *v)))
+                    .collect();
+                (default, patterns)
+            })
+            .collect();
         Ok(CompiledPlan {
             plan,
             calendar,
@@ -86,6 +117,7 @@ impl CompiledPlan {
             throttle_limit,
             quota_limit,
             limit_calendars,
+            limit_reports,
         })
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::catalog::CompiledPlan;
-use super::model::{PeriodKind, Quota, Throttle};
+use super::model::{LimitWindow, PeriodKind, Quota, Scope, Throttle, UsageLimit};
 use crate::engine::{Entry, Limit, Unit};
 
 /// First byte of every plan counter key. Config-rule counter keys start with
@@ -124,6 +124,31 @@ pub fn quota_limit(plan_name: &str, q: &Quota, effective: u64) -> Arc<Limit> {
             PeriodKind::Month => Unit::Month,
         },
         name: Some(format!("{plan_name}/quota").into()),
+    })
+}
+
+/// How a usage limit is reported: "plan/limit", "plan/customer/limit" for a
+/// customer-level one, with "[pattern]" for a per-model limit.
+pub fn usage_limit(plan_name: &str, l: &UsageLimit, pattern: Option<&str>, lim: u64) -> Arc<Limit> {
+    let scope = if l.scope == Scope::Customer {
+        "customer/"
+    } else {
+        ""
+    };
+    let name = match pattern {
+        Some(m) => format!("{plan_name}/{scope}{}[{m}]", l.name),
+        None => format!("{plan_name}/{scope}{}", l.name),
+    };
+    Arc::new(Limit {
+        requests_per_unit: u32::try_from(lim).unwrap_or(u32::MAX),
+        unit: match l.window {
+            LimitWindow::Minute => Unit::Minute,
+            LimitWindow::Hour => Unit::Hour,
+            LimitWindow::Day => Unit::Day,
+            LimitWindow::Week => Unit::Week,
+            LimitWindow::Month => Unit::Month,
+        },
+        name: Some(name.into()),
     })
 }
 

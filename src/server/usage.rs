@@ -59,7 +59,7 @@ fn limits(states: &[LimitState]) -> Vec<pb::LimitStatus> {
     states
         .iter()
         .map(|s| pb::LimitStatus {
-            name: s.name.clone(),
+            name: s.name.to_string(),
             tokens: s.tokens,
             limit: i64::try_from(s.limit).unwrap_or(i64::MAX),
             remaining: i64::try_from(s.remaining).unwrap_or(i64::MAX),
