@@ -128,7 +128,7 @@ pub fn quota_limit(plan_name: &str, q: &Quota, effective: u64) -> Arc<Limit> {
 }
 
 /// How a usage limit is reported: "plan/limit", "plan/customer/limit" for a
-/// customer-level one, with "[pattern]" for a per-model limit.
+/// customer-level one, with `[pattern]` for a per-model limit.
 pub fn usage_limit(plan_name: &str, l: &UsageLimit, pattern: Option<&str>, lim: u64) -> Arc<Limit> {
     let scope = if l.scope == Scope::Customer {
         "customer/"
