@@ -14,7 +14,7 @@
 mod rules;
 mod window;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use rules::{wildcard_match, DomainRules, DuplicateKey, Level, Limit, Match, Node, RuleLimit};
@@ -223,23 +223,22 @@ pub struct Decision {
     pub headers: Vec<(String, String)>,
 }
 
-/// A matched limit before `replaces` is applied: (limit, shadow mode, share patterns).
-type Found<'a> = (Arc<Limit>, bool, Vec<Option<&'a str>>);
-
 /// All domains' rules: one immutable snapshot of the config.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
-    domains: HashMap<String, DomainRules>,
+    domains: HashMap<String, DomainRules, foldhash::fast::RandomState>,
 }
 
 impl RuleSet {
     /// A rule set from domains.
     pub fn new(domains: HashMap<String, DomainRules>) -> Self {
-        RuleSet { domains }
+        RuleSet {
+            domains: domains.into_iter().collect(),
+        }
     }
 
     /// The domains, by name.
-    pub fn domains(&self) -> &HashMap<String, DomainRules> {
+    pub fn domains(&self) -> &HashMap<String, DomainRules, foldhash::fast::RandomState> {
         &self.domains
     }
 
@@ -248,71 +247,81 @@ impl RuleSet {
         let Some(rules) = self.domains.get(&req.domain) else {
             return vec![Slot::NoLimit; req.descriptors.len()];
         };
-        let mut found: Vec<Option<Found<'_>>> = Vec::with_capacity(req.descriptors.len());
-        let mut unlimited = vec![false; req.descriptors.len()];
-        let mut replaced: HashSet<&str> = HashSet::new();
-        for (i, d) in req.descriptors.iter().enumerate() {
-            if let Some(o) = d.limit {
-                // Upstream: an override applies for a known domain whether or
-                // not a rule matches, never in shadow mode.
-                let limit = Arc::new(Limit {
-                    requests_per_unit: o.requests_per_unit,
-                    unit: o.unit,
-                    name: None,
-                });
-                found.push(Some((limit, false, Vec::new())));
-                continue;
-            }
-            match rules.lookup(&d.entries) {
-                None => found.push(None),
-                Some(Match {
-                    limit: RuleLimit::Unlimited { replaces },
-                    ..
-                }) => {
-                    replaced.extend(replaces.iter().map(|r| &**r));
-                    unlimited[i] = true;
-                    found.push(None);
-                }
-                Some(Match {
-                    limit:
-                        RuleLimit::Limited {
-                            limit,
-                            shadow_mode,
-                            replaces,
-                        },
-                    share_patterns,
-                }) => {
-                    replaced.extend(replaces.iter().map(|r| &**r));
-                    found.push(Some((limit.clone(), *shadow_mode, share_patterns)));
-                }
-            }
+        thread_local! {
+            /// Scratch space for lookups' `key_value` strings, so the hot
+            /// path allocates nothing for them.
+            static SCRATCH: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(128));
         }
-        found
-            .into_iter()
-            .zip(&req.descriptors)
-            .zip(unlimited)
-            .map(|((f, d), unlimited)| {
-                if unlimited {
-                    return Slot::Unlimited;
-                }
-                let Some((limit, shadow_mode, shares)) = f else {
-                    return Slot::NoLimit;
-                };
-                if limit.name.as_deref().is_some_and(|n| replaced.contains(n)) {
-                    return Slot::NoLimit;
-                }
-                let window = Window::containing(limit.unit, now);
-                let parts = d.entries.iter().enumerate().map(|(i, e)| {
-                    let v = shares.get(i).copied().flatten().unwrap_or(&e.value);
-                    (e.key.as_str(), v)
-                });
-                Slot::Counted(Counted {
-                    key: CounterKey::build(&req.domain, parts, window),
-                    hits: d.hits(req.hits_addend),
-                    limit,
-                    window,
-                    shadow_mode,
+        // Names of limits replaced by a matched rule: rare and few, so a Vec.
+        let mut replaced: Vec<&str> = Vec::new();
+        let slots: Vec<Slot> = SCRATCH.with_borrow_mut(|scratch| {
+            req.descriptors
+                .iter()
+                .map(|d| {
+                    let (limit, shadow_mode, shares) = if let Some(o) = d.limit {
+                        // Upstream: an override applies for a known domain whether or
+                        // not a rule matches, never in shadow mode.
+                        let limit = Arc::new(Limit {
+                            requests_per_unit: o.requests_per_unit,
+                            unit: o.unit,
+                            name: None,
+                        });
+                        (limit, false, Vec::new())
+                    } else {
+                        match rules.lookup_with(&d.entries, scratch) {
+                            None => return Slot::NoLimit,
+                            Some(Match {
+                                limit: RuleLimit::Unlimited { replaces },
+                                ..
+                            }) => {
+                                replaced.extend(replaces.iter().map(|r| &**r));
+                                return Slot::Unlimited;
+                            }
+                            Some(Match {
+                                limit:
+                                    RuleLimit::Limited {
+                                        limit,
+                                        shadow_mode,
+                                        replaces,
+                                    },
+                                share_patterns,
+                            }) => {
+                                replaced.extend(replaces.iter().map(|r| &**r));
+                                (limit.clone(), *shadow_mode, share_patterns)
+                            }
+                        }
+                    };
+                    let window = Window::containing(limit.unit, now);
+                    let parts = d.entries.iter().enumerate().map(|(i, e)| {
+                        let v = shares.get(i).copied().flatten().unwrap_or(&e.value);
+                        (e.key.as_str(), v)
+                    });
+                    Slot::Counted(Counted {
+                        key: CounterKey::build(&req.domain, parts, window),
+                        hits: d.hits(req.hits_addend),
+                        limit,
+                        window,
+                        shadow_mode,
+                    })
                 })
+                .collect()
+        });
+        if replaced.is_empty() {
+            return slots;
+        }
+        // A limit named by another matched rule's `replaces` does not apply.
+        slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Counted(c)
+                    if c.limit
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| replaced.contains(&n)) =>
+                {
+                    Slot::NoLimit
+                }
+                other => other,
             })
             .collect()
     }

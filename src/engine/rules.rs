@@ -55,7 +55,7 @@ pub struct Node {
 /// `key + "_" + value` (so key `a_b` and key `a` value `b` collide, as upstream).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Level {
-    nodes: HashMap<String, Node>,
+    nodes: HashMap<String, Node, foldhash::fast::RandomState>,
     /// Composite keys whose value contains `*`, in config order.
     wildcards: Vec<String>,
 }
@@ -106,13 +106,18 @@ impl Level {
         self.nodes.is_empty()
     }
 
-    fn lookup(&self, entry: &Entry) -> Option<&Node> {
-        let composite = format!("{}_{}", entry.key, entry.value);
-        if let Some(node) = self.nodes.get(&composite) {
+    /// `composite` is scratch space for the `key_value` string, reused
+    /// across entries and descriptors so a lookup allocates nothing.
+    fn lookup(&self, entry: &Entry, composite: &mut String) -> Option<&Node> {
+        composite.clear();
+        composite.push_str(&entry.key);
+        composite.push('_');
+        composite.push_str(&entry.value);
+        if let Some(node) = self.nodes.get(composite.as_str()) {
             return Some(node);
         }
         for pattern in &self.wildcards {
-            if wildcard_match(pattern, &composite) {
+            if wildcard_match(pattern, composite) {
                 return self.nodes.get(pattern);
             }
         }
@@ -133,17 +138,29 @@ pub struct Match<'a> {
     /// The matched limit.
     pub limit: &'a RuleLimit,
     /// Per entry: the shared wildcard pattern to use instead of the value.
+    /// Entries past the end of the list use their own value (an empty list,
+    /// the common case, means no entry shares).
     pub share_patterns: Vec<Option<&'a str>>,
 }
 
 impl DomainRules {
     /// Walks the tree for one descriptor's entries, exactly as upstream.
     pub fn lookup(&self, entries: &[Entry]) -> Option<Match<'_>> {
+        self.lookup_with(entries, &mut String::new())
+    }
+
+    /// [`DomainRules::lookup`] with caller-provided scratch space (see
+    /// `RuleSet::plan`, which reuses one buffer for a whole request).
+    pub fn lookup_with(&self, entries: &[Entry], scratch: &mut String) -> Option<Match<'_>> {
         let mut level = &self.root;
+        // Allocated only when some node on the path shares its counter.
         let mut share_patterns = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            let node = level.lookup(entry)?;
-            share_patterns.push(node.share_pattern.as_deref());
+            let node = level.lookup(entry, scratch)?;
+            if let Some(p) = node.share_pattern.as_deref() {
+                share_patterns.resize(i, None);
+                share_patterns.push(Some(p));
+            }
             if i == entries.len() - 1 {
                 return node.limit.as_ref().map(|limit| Match {
                     limit,

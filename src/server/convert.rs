@@ -64,10 +64,13 @@ pub fn request_from_proto(
             limits.max_descriptors
         ));
     }
-    let mut descriptors = Vec::with_capacity(req.descriptors.len());
-    for (i, d) in req.descriptors.into_iter().enumerate() {
-        descriptors.push(descriptor_from_proto(i, d, limits)?);
-    }
+    // Collected in place: the wire vectors' allocations are reused.
+    let descriptors = req
+        .descriptors
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| descriptor_from_proto(i, d, limits))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(engine::Request {
         domain: req.domain,
         descriptors,
@@ -87,8 +90,7 @@ fn descriptor_from_proto(
             limits.max_entries
         )));
     }
-    let mut entries = Vec::with_capacity(d.entries.len());
-    for (j, e) in d.entries.into_iter().enumerate() {
+    for (j, e) in d.entries.iter().enumerate() {
         if e.key.is_empty() {
             return Err(InvalidRequest(format!(
                 "descriptors[{i}].entries[{j}].key must not be empty"
@@ -103,11 +105,16 @@ fn descriptor_from_proto(
                 )));
             }
         }
-        entries.push(Entry {
+    }
+    // Same layout: collected in place, no new allocation.
+    let entries = d
+        .entries
+        .into_iter()
+        .map(|e| Entry {
             key: e.key,
             value: e.value,
-        });
-    }
+        })
+        .collect();
     let limit = match d.limit {
         None => None,
         Some(o) => {

@@ -101,61 +101,52 @@ impl MemoryCounters {
             .collect()
     }
 
-    /// One op; returns (value, whether the add was applied).
+    /// One op; returns (value, whether the add was applied). One hash
+    /// lookup on the common path (a second only when a counter first turns
+    /// dirty since the last drain, to clone its key into the dirty list).
     fn add_one(&self, op: &CounterOp<'_>, prev_applied: bool) -> (u64, bool) {
-        let mut shard = self.shard(op.key);
-        let shard = &mut *shard;
-        let current = shard.map.get(op.key).map_or(0, |c| c.value);
+        let mut guard = self.shard(op.key);
+        let shard = &mut *guard;
+        let Some(c) = shard.map.get_mut(op.key) else {
+            // Absent: the counter reads as 0.
+            return match op.cond {
+                Cond::Cap(cap) if op.hits > cap => (op.hits, false),
+                Cond::IfPrevApplied if !prev_applied => (0, false),
+                Cond::Sub => (0, true),
+                _ if op.hits == 0 => (0, true),
+                _ => {
+                    let c = shard.insert_new(op.key, op.hits, op.expires_at, self.track_dirty);
+                    (c.value, true)
+                }
+            };
+        };
         match op.cond {
             Cond::Always => {}
             Cond::Cap(cap) => {
-                let after = current.saturating_add(op.hits);
+                let after = c.value.saturating_add(op.hits);
                 if after > cap {
                     return (after, false);
                 }
             }
-            Cond::IfPrevApplied => {
-                if !prev_applied {
-                    return (current, false);
-                }
-            }
-            Cond::Sub => {
-                let Some(c) = shard.map.get_mut(op.key) else {
-                    return (0, true);
-                };
-                if op.hits > 0 {
-                    c.value = c.value.saturating_sub(op.hits);
-                    if self.track_dirty && !c.dirty {
-                        c.dirty = true;
-                        if let Some((k, _)) = shard.map.get_key_value(op.key) {
-                            shard.dirty.push(k.clone());
-                        }
-                    }
-                }
-                let v = shard.map.get(op.key).map_or(0, |c| c.value);
-                return (v, true);
+            Cond::IfPrevApplied if !prev_applied => return (c.value, false),
+            Cond::IfPrevApplied => {}
+            Cond::Sub => {}
+        }
+        if op.hits == 0 {
+            return (c.value, true);
+        }
+        c.value = if op.cond == Cond::Sub {
+            c.value.saturating_sub(op.hits)
+        } else {
+            c.value.saturating_add(op.hits)
+        };
+        let value = c.value;
+        if self.track_dirty && !c.dirty {
+            c.dirty = true;
+            if let Some((k, _)) = shard.map.get_key_value(op.key) {
+                shard.dirty.push(k.clone());
             }
         }
-        let value = match shard.map.get_mut(op.key) {
-            Some(c) => {
-                if op.hits > 0 {
-                    c.value = c.value.saturating_add(op.hits);
-                    if self.track_dirty && !c.dirty {
-                        c.dirty = true;
-                        if let Some((k, _)) = shard.map.get_key_value(op.key) {
-                            shard.dirty.push(k.clone());
-                        }
-                    }
-                }
-                shard.map.get(op.key).map_or(0, |c| c.value)
-            }
-            None if op.hits == 0 => 0,
-            None => {
-                shard
-                    .insert_new(op.key, op.hits, op.expires_at, self.track_dirty)
-                    .value
-            }
-        };
         (value, true)
     }
 
