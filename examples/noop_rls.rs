@@ -2,7 +2,7 @@
 //! one OK status per descriptor, doing no other work. It is the ceiling for a
 //! tonic unary call on a machine, the baseline `benches/load/run.sh` compares
 //! sluice against. Same protos, same tonic server settings as sluice (TCP
-//! nodelay, default HTTP/2 settings, a multi-threaded runtime).
+//! nodelay, default HTTP/2 settings, a multi-threaded runtime, mimalloc).
 //!
 //! `cargo run --release --example noop_rls -- 127.0.0.1:0` prints
 //! "noop listening on ADDR".
@@ -12,6 +12,10 @@ use sluice::proto::rls::rate_limit_service_server::{RateLimitService, RateLimitS
 use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+
+/// The same allocator as the sluice binary, so the ratio stays honest.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Noop;
 

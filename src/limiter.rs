@@ -381,7 +381,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let slots = self.config.load().rules.plan(req, now);
         let ops = counter_ops(&slots);
         let values = if ops.is_empty() {
-            Vec::new()
+            storage::Values::new()
         } else {
             self.store.add(&ops).await?
         };
@@ -640,7 +640,7 @@ impl<S: CounterStore> RateLimiter<S> {
             });
         }
         let values = if ops.is_empty() {
-            Vec::new()
+            storage::Values::new()
         } else {
             self.store.add(&ops).await?
         };
@@ -1223,7 +1223,7 @@ impl<S: CounterStore> RateLimiter<S> {
             }
         }
         let values = if ops.is_empty() {
-            Vec::new()
+            storage::Values::new()
         } else {
             self.store.add(&ops).await?
         };
@@ -1416,7 +1416,7 @@ fn expiry(unix: i64) -> u64 {
 
 /// The counter updates of a plan: one per [`Slot::Counted`], in slot order,
 /// as [`engine::decide`] expects their values back.
-pub fn counter_ops(slots: &[Slot]) -> Vec<CounterOp<'_>> {
+pub fn counter_ops(slots: &[Slot]) -> smallvec::SmallVec<[CounterOp<'_>; 4]> {
     slots
         .iter()
         .filter_map(|s| match s {

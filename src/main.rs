@@ -17,6 +17,12 @@ use sluice::server::{self, RequestLimits};
 use sluice::storage::sled_store::{Durability, SledCounters};
 use sluice::telemetry::{self, LogFormat};
 
+/// mimalloc instead of glibc malloc: a gRPC call allocates ~50 times (h2,
+/// tonic, the decision), and glibc's malloc/free cost ~12% of a pinned
+/// server's cycles (BENCHMARKS.md). The do-nothing baseline uses it too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// sluice: an Envoy RLS v3 compatible rate limiter for LLM gateways.
 #[derive(Parser, Debug)]
 #[command(version, about)]

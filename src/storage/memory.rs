@@ -90,7 +90,7 @@ impl MemoryCounters {
     }
 
     /// Adds hits to each counter, returning the values after the add.
-    pub fn add_now(&self, ops: &[CounterOp<'_>]) -> Vec<u64> {
+    pub fn add_now(&self, ops: &[CounterOp<'_>]) -> super::Values {
         let mut prev_applied = true;
         ops.iter()
             .map(|op| {
@@ -250,7 +250,7 @@ impl CounterStore for MemoryCounters {
     fn add(
         &self,
         ops: &[CounterOp<'_>],
-    ) -> impl std::future::Future<Output = Result<Vec<u64>, Error>> + Send {
+    ) -> impl std::future::Future<Output = Result<super::Values, Error>> + Send {
         std::future::ready(Ok(self.add_now(ops)))
     }
 
@@ -272,25 +272,28 @@ mod tests {
         let m = MemoryCounters::new(true);
         let capped = |hits| op(b"q", hits, 10).when(Cond::Cap(5));
         let linked = |hits| op(b"d", hits, 10).when(Cond::IfPrevApplied);
-        assert_eq!(m.add_now(&[capped(3), linked(3)]), vec![3, 3]);
+        assert_eq!(m.add_now(&[capped(3), linked(3)]).to_vec(), vec![3, 3]);
         assert_eq!(
-            m.add_now(&[capped(3), linked(3)]),
+            m.add_now(&[capped(3), linked(3)]).to_vec(),
             vec![6, 3],
             "refused: 6 > 5"
         );
         assert_eq!((m.get(b"q"), m.get(b"d")), (3, 3));
-        assert_eq!(m.add_now(&[capped(2), linked(2)]), vec![5, 5]);
+        assert_eq!(m.add_now(&[capped(2), linked(2)]).to_vec(), vec![5, 5]);
         assert_eq!(
-            m.add_now(&[capped(0)]),
+            m.add_now(&[capped(0)]).to_vec(),
             vec![5],
             "a check at the cap passes"
         );
-        assert_eq!(m.add_now(&[capped(1), linked(1)]), vec![6, 5]);
+        assert_eq!(m.add_now(&[capped(1), linked(1)]).to_vec(), vec![6, 5]);
         assert_eq!((m.get(b"q"), m.get(b"d")), (5, 5));
         let sub = |hits| op(b"q", hits, 10).when(Cond::Sub);
-        assert_eq!(m.add_now(&[sub(2)]), vec![3]);
-        assert_eq!(m.add_now(&[sub(9)]), vec![0], "saturates at 0");
-        assert_eq!(m.add_now(&[op(b"none", 4, 10).when(Cond::Sub)]), vec![0]);
+        assert_eq!(m.add_now(&[sub(2)]).to_vec(), vec![3]);
+        assert_eq!(m.add_now(&[sub(9)]).to_vec(), vec![0], "saturates at 0");
+        assert_eq!(
+            m.add_now(&[op(b"none", 4, 10).when(Cond::Sub)]).to_vec(),
+            vec![0]
+        );
         assert_eq!(m.get(b"none"), 0);
         assert!(m
             .drain_changed()
@@ -301,11 +304,17 @@ mod tests {
     #[test]
     fn adds_saturate_and_peeks_do_not_create() {
         let m = MemoryCounters::new(true);
-        assert_eq!(m.add_now(&[op(b"a", 0, 10)]), vec![0]);
+        assert_eq!(m.add_now(&[op(b"a", 0, 10)]).to_vec(), vec![0]);
         assert!(m.is_empty());
-        assert_eq!(m.add_now(&[op(b"a", 2, 10), op(b"a", 3, 10)]), vec![2, 5]);
-        assert_eq!(m.add_now(&[op(b"a", u64::MAX, 10)]), vec![u64::MAX]);
-        assert_eq!(m.add_now(&[op(b"a", 0, 10)]), vec![u64::MAX]);
+        assert_eq!(
+            m.add_now(&[op(b"a", 2, 10), op(b"a", 3, 10)]).to_vec(),
+            vec![2, 5]
+        );
+        assert_eq!(
+            m.add_now(&[op(b"a", u64::MAX, 10)]).to_vec(),
+            vec![u64::MAX]
+        );
+        assert_eq!(m.add_now(&[op(b"a", 0, 10)]).to_vec(), vec![u64::MAX]);
         assert_eq!(m.len(), 1);
     }
 
@@ -323,15 +332,16 @@ mod tests {
     #[test]
     fn drain_returns_each_changed_key_once_with_latest_value() {
         let m = MemoryCounters::new(true);
-        m.add_now(&[op(b"a", 1, 10), op(b"a", 1, 10), op(b"b", 1, 10)]);
+        m.add_now(&[op(b"a", 1, 10), op(b"a", 1, 10), op(b"b", 1, 10)])
+            .to_vec();
         let mut d = m.drain_changed();
         d.sort_by(|x, y| x.key.cmp(&y.key));
         assert_eq!(d.len(), 2);
         assert_eq!((&*d[0].key, d[0].value), (&b"a"[..], 2));
         assert!(m.drain_changed().is_empty());
-        m.add_now(&[op(b"a", 0, 10)]);
+        m.add_now(&[op(b"a", 0, 10)]).to_vec();
         assert!(m.drain_changed().is_empty(), "a peek changes nothing");
-        m.add_now(&[op(b"b", 4, 10)]);
+        m.add_now(&[op(b"b", 4, 10)]).to_vec();
         assert_eq!(m.drain_changed()[0].value, 5);
     }
 
@@ -343,7 +353,7 @@ mod tests {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        m.add_now(&[op(b"k", 1, 10)]);
+                        m.add_now(&[op(b"k", 1, 10)]).to_vec();
                     }
                 })
             })

@@ -64,6 +64,11 @@ pub enum Cond {
     Sub,
 }
 
+/// Counter values returned by [`CounterStore::add`], in op order. Inline
+/// for up to four ops (a decision rarely has more), so the hot path does
+/// not allocate for them.
+pub type Values = smallvec::SmallVec<[u64; 4]>;
+
 /// A store of windowed counters.
 pub trait CounterStore: Send + Sync + 'static {
     /// Adds each op's hits (saturating at `u64::MAX`) where its [`Cond`]
@@ -73,7 +78,7 @@ pub trait CounterStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`Error`] when the store cannot make the update (durable mode only).
-    fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Vec<u64>, Error>> + Send;
+    fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Values, Error>> + Send;
 
     /// Every live counter whose key starts with `prefix`, with its value.
     /// A full scan: for the admin path (usage reports), never for decisions.

@@ -296,7 +296,7 @@ impl SledCounters {
 }
 
 impl CounterStore for SledCounters {
-    async fn add(&self, ops: &[CounterOp<'_>]) -> Result<Vec<u64>, Error> {
+    async fn add(&self, ops: &[CounterOp<'_>]) -> Result<super::Values, Error> {
         if self.shared.stopped.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
