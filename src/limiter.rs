@@ -111,7 +111,7 @@ pub struct ReserveResult {
     /// The state of the plan's limits.
     pub states: Vec<LimitState>,
     /// Headers for the client (the plan's style).
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// One day of a key's usage.
@@ -268,7 +268,7 @@ impl<S: CounterStore> RateLimiter<S> {
             };
             plan_statuses.push(status);
         }
-        let mut states = Vec::new();
+        let mut states = Vec::with_capacity(4);
         let mut style = None;
         for (plan, stage, key, kind, members) in groups {
             let first = &req.descriptors[members[0]];
@@ -475,8 +475,9 @@ impl<S: CounterStore> RateLimiter<S> {
         // 2. Counters: quota (+ daily usage) and usage limits, in one call.
         let cat = self.catalog.load();
         let retention = i64::from(self.retention_days) * 86_400;
-        let mut ops: Vec<CounterOp<'_>> = Vec::new();
-        let mut keys: Vec<Vec<u8>> = Vec::new();
+        // Sized up front: quota + daily + dedupe + one per limit + models.
+        let mut ops: Vec<CounterOp<'_>> = Vec::with_capacity(3 + p.limits.len() + 4);
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(2);
         let mut quota_at = None;
         let quota = match (&p.quota, &plan.calendar, charge) {
             (Some(q), Some(cal), false) => {
@@ -578,7 +579,7 @@ impl<S: CounterStore> RateLimiter<S> {
             }
         };
         let model_name = model.unwrap_or("");
-        let mut model_ops: Vec<(Vec<u8>, u64)> = Vec::new();
+        let mut model_ops: Vec<(Vec<u8>, u64)> = Vec::with_capacity(if charge { 4 } else { 1 });
         if charge {
             let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
             for (m, v) in [
@@ -652,10 +653,10 @@ impl<S: CounterStore> RateLimiter<S> {
 
         // 3. Judge.
         let mut refused: Option<Status> = None;
-        let mut rollback: Vec<CounterOp<'_>> = Vec::new();
+        let mut rollback: Vec<CounterOp<'_>> = Vec::with_capacity(ops.len());
         // States to give back their amount if the call is refused and rolled back.
-        let mut restore: Vec<(usize, u64)> = Vec::new();
-        let mut statuses: Vec<Status> = Vec::new();
+        let mut restore: Vec<(usize, u64)> = Vec::with_capacity(1 + plans.len());
+        let mut statuses: Vec<Status> = Vec::with_capacity(2 + plans.len());
         if let (Some(i), Some((q, span, _, effective))) = (quota_at, &quota) {
             let used = values[i];
             let limit = match &plan.quota_limit {

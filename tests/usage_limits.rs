@@ -363,15 +363,12 @@ fn l(n: u32, unit: Unit, name: &str) -> Option<(u32, Unit, String)> {
 fn hdr<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
     d.headers
         .iter()
-        .find(|(n, _)| n == name)
+        .find(|(n, _)| *n == name)
         .map(|(_, v)| v.as_str())
 }
 
-fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+fn headers(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
 // ------------------------------------------------- 1: request limits --

@@ -220,7 +220,7 @@ pub struct Decision {
     /// One status per request descriptor, in request order.
     pub statuses: Vec<Status>,
     /// Rate-limit headers for the client (usage plans only).
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// All domains' rules: one immutable snapshot of the config.

@@ -9,13 +9,24 @@ use crate::limiter::LimitState;
 /// OpenAI's duration format: `1s`, `6m0s`, `1h2m3s`.
 pub fn openai_duration(secs: u64) -> String {
     let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    let mut out = String::with_capacity(12);
+    let mut buf = itoa::Buffer::new();
     if h > 0 {
-        format!("{h}h{m}m{s}s")
-    } else if m > 0 {
-        format!("{m}m{s}s")
-    } else {
-        format!("{s}s")
+        out.push_str(buf.format(h));
+        out.push('h');
     }
+    if h > 0 || m > 0 {
+        out.push_str(buf.format(m));
+        out.push('m');
+    }
+    out.push_str(buf.format(s));
+    out.push('s');
+    out
+}
+
+/// A number as a header value (itoa: no `fmt` machinery on the hot path).
+fn num(n: u64) -> String {
+    itoa::Buffer::new().format(n).to_owned()
 }
 
 /// A structured-field string: quotes and backslashes escaped, anything but
@@ -37,28 +48,46 @@ fn sf_string(s: &str) -> String {
     out
 }
 
-/// The headers for a decision's limit states.
+/// The headers for a decision's limit states: (name, value) pairs.
 pub fn build(
     style: HeaderStyle,
     states: &[LimitState],
     denied: bool,
     retry_after: Option<u64>,
-) -> Vec<(String, String)> {
-    let mut h = Vec::new();
+) -> Vec<(&'static str, String)> {
+    if style == HeaderStyle::None {
+        return Vec::new();
+    }
+    let mut h = Vec::with_capacity(8);
     if matches!(style, HeaderStyle::Openai | HeaderStyle::Both) {
-        for (tokens, suffix) in [(false, "requests"), (true, "tokens")] {
+        const NAMES: [(bool, [&str; 3]); 2] = [
+            (
+                false,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                true,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ];
+        for (tokens, [limit, remaining, reset]) in NAMES {
             let binding = states
                 .iter()
                 .filter(|s| s.tokens == tokens)
                 .min_by_key(|s| s.remaining);
             if let Some(s) = binding {
-                h.push((format!("x-ratelimit-limit-{suffix}"), s.limit.to_string()));
-                h.push((
-                    format!("x-ratelimit-remaining-{suffix}"),
-                    s.remaining.to_string(),
-                ));
+                h.push((limit, num(s.limit)));
+                h.push((remaining, num(s.remaining)));
                 if let Some(r) = s.reset_in {
-                    h.push((format!("x-ratelimit-reset-{suffix}"), openai_duration(r)));
+                    h.push((reset, openai_duration(r)));
                 }
             }
         }
@@ -87,12 +116,12 @@ pub fn build(
                 None => format!("{};r={}", sf_string(&s.name), s.remaining),
             })
             .collect();
-        h.push(("ratelimit-policy".into(), policy.join(", ")));
-        h.push(("ratelimit".into(), current.join(", ")));
+        h.push(("ratelimit-policy", policy.join(", ")));
+        h.push(("ratelimit", current.join(", ")));
     }
-    if denied && style != HeaderStyle::None {
+    if denied {
         if let Some(r) = retry_after {
-            h.push(("retry-after".into(), r.max(1).to_string()));
+            h.push(("retry-after", num(r.max(1))));
         }
     }
     h
@@ -122,7 +151,7 @@ mod tests {
             st("p/tpd", true, 100000, 90000, 3600),
         ];
         let h = build(HeaderStyle::Openai, &states, false, None);
-        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("x-ratelimit-limit-requests"), Some("100"));
         assert_eq!(get("x-ratelimit-remaining-requests"), Some("7"));
         assert_eq!(get("x-ratelimit-reset-requests"), Some("30s"));
@@ -131,7 +160,7 @@ mod tests {
         assert_eq!(get("x-ratelimit-reset-tokens"), Some("42s"));
         assert_eq!(get("retry-after"), None);
         let h = build(HeaderStyle::Openai, &states, true, Some(0));
-        assert!(h.contains(&("retry-after".into(), "1".into())));
+        assert!(h.contains(&("retry-after", "1".into())));
         assert!(build(HeaderStyle::None, &states, true, Some(5)).is_empty());
     }
 
@@ -143,12 +172,12 @@ mod tests {
             h,
             vec![
                 (
-                    "ratelimit-policy".to_owned(),
+                    "ratelimit-policy",
                     "\"p/rpm\";q=100;w=60, \"p/\\\"x\\\"\";q=5;w=60;sluice-unit=\"tokens\""
                         .to_owned()
                 ),
                 (
-                    "ratelimit".to_owned(),
+                    "ratelimit",
                     "\"p/rpm\";r=7;t=30, \"p/\\\"x\\\"\";r=0;t=2".to_owned()
                 ),
             ]
@@ -161,5 +190,7 @@ mod tests {
         assert_eq!(openai_duration(59), "59s");
         assert_eq!(openai_duration(360), "6m0s");
         assert_eq!(openai_duration(3723), "1h2m3s");
+        assert_eq!(openai_duration(3600), "1h0m0s");
+        assert_eq!(openai_duration(3605), "1h0m5s");
     }
 }

@@ -142,7 +142,29 @@ pub struct Calendar {
     anchor: u32,
     tz: TimeZone,
     tz_name: String,
+    /// The last period and day spans computed: every decision of a plan
+    /// asks for the same ones until they end.
+    recent: Recent,
 }
+
+/// The last [`Span`]s a calendar computed (its period's, a day's). A cache:
+/// clones start empty and it takes no part in equality.
+#[derive(Debug, Default)]
+struct Recent(std::sync::Mutex<[Option<Span>; 2]>);
+
+impl Clone for Recent {
+    fn clone(&self) -> Self {
+        Recent::default()
+    }
+}
+
+impl PartialEq for Recent {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Recent {}
 
 impl Calendar {
     /// Builds a calendar.
@@ -217,6 +239,7 @@ impl Calendar {
             anchor,
             tz,
             tz_name,
+            recent: Recent::default(),
         }
     }
 
@@ -279,6 +302,17 @@ impl Calendar {
     /// when the local date's period does not contain `now` (possible only
     /// where clocks fall back across midnight).
     fn span_containing(&self, period: Period, now: i64) -> Span {
+        let slot = usize::from(period == Period::Day);
+        let mut recent = self.recent.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(span) = recent[slot].filter(|s| s.start <= now && now < s.end) {
+            return span;
+        }
+        let span = self.compute_span_containing(period, now);
+        recent[slot] = Some(span);
+        span
+    }
+
+    fn compute_span_containing(&self, period: Period, now: i64) -> Span {
         let now = now.clamp(MIN_SECOND, MAX_SECOND);
         // `None` is unreachable: all dates involved are within a couple of
         // months of a clamped instant, far inside jiff's range. The fallback

@@ -562,6 +562,23 @@ proptest! {
     }
 
     #[test]
+    fn remembered_spans_equal_fresh_ones(
+        c in calendar_strategy(),
+        times in proptest::collection::vec(0i64..7_258_118_400, 1..20),
+        nudges in proptest::collection::vec(-2 * D..2 * D, 1..20),
+    ) {
+        // The calendar remembers its last spans; a clone starts empty and
+        // computes from scratch. Times jump around, and step near the
+        // remembered span's ends, in both directions.
+        for (&t, &n) in times.iter().zip(nudges.iter().cycle()) {
+            for now in [t, t + n, c.containing(t).end, c.containing(t).end - 1, c.day_containing(t).start - 1] {
+                prop_assert_eq!(c.containing(now), c.clone().containing(now), "period at {}", now);
+                prop_assert_eq!(c.day_containing(now), c.clone().day_containing(now), "day at {}", now);
+            }
+        }
+    }
+
+    #[test]
     fn parse_date_round_trips(y in 1i16..=9999, m in 1i8..=12, d in 1i8..=31) {
         match jiff::civil::Date::new(y, m, d) {
             Ok(want) => {

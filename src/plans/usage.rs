@@ -148,7 +148,12 @@ impl ModelMetric {
 
 /// The prefix of a key's per-model daily usage counters in a plan.
 pub fn model_usage_prefix(plan_id: &str, key_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(10 + plan_id.len() + key_id.len());
+    model_usage_prefix_with(plan_id, key_id, 0)
+}
+
+/// The prefix with room for `extra` more bytes.
+fn model_usage_prefix_with(plan_id: &str, key_id: &str, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + plan_id.len() + key_id.len() + extra);
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'm');
     for part in [plan_id.as_bytes(), key_id.as_bytes()] {
@@ -166,7 +171,7 @@ pub fn model_usage_key(
     metric: ModelMetric,
     model: &str,
 ) -> Vec<u8> {
-    let mut k = model_usage_prefix(plan_id, key_id);
+    let mut k = model_usage_prefix_with(plan_id, key_id, 9 + model.len());
     k.extend_from_slice(&day_start.to_be_bytes());
     k.push(metric.tag());
     k.extend_from_slice(model.as_bytes());
@@ -299,8 +304,9 @@ pub fn counter_key(
     window_start: i64,
 ) -> Vec<u8> {
     let pattern = pattern.unwrap_or("");
+    // Tag, kind, five length-prefixed parts, the window start: one allocation.
     let mut k = Vec::with_capacity(
-        4 + plan_id.len() + limit_name.len() + scope.1.len() + pattern.len() + 8 + 8,
+        2 + 5 * 4 + plan_id.len() + limit_name.len() + 1 + scope.1.len() + pattern.len() + 8,
     );
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'l');

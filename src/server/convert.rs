@@ -181,10 +181,10 @@ pub fn response_to_proto(d: Decision) -> RateLimitResponse {
         .and_then(|s| s.reason);
     let mut response_headers_to_add: Vec<crate::proto::core::HeaderValue> = d
         .headers
-        .iter()
+        .into_iter()
         .map(|(k, v)| crate::proto::core::HeaderValue {
-            key: k.clone(),
-            value: v.clone(),
+            key: k.to_owned(),
+            value: v,
             ..Default::default()
         })
         .collect();

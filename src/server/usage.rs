@@ -186,7 +186,10 @@ impl<S: CounterStore> UsageService for UsageServer<S> {
             headers: out
                 .headers
                 .into_iter()
-                .map(|(key, value)| pb::Header { key, value })
+                .map(|(key, value)| pb::Header {
+                    key: key.to_owned(),
+                    value,
+                })
                 .collect(),
         }))
     }
