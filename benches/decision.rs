@@ -1,62 +1,32 @@
 //! The decision path without I/O: engine matching + in-memory counters, for
-//! config rules and for usage plans (key lookup, token bucket, quota).
+//! config rules and for usage plans (key lookup, token bucket, quota); and
+//! the same cases with the sled-persisted counter store (`sled/...`).
 //!
-//! `cargo bench --bench decision`
+//! `cargo bench --bench decision` (`-- "sled"` for the sled cases only).
+//!
+//! The setup (config, plans, keys, requests) is in `benches/common/mod.rs`,
+//! shared with the callgrind driver `examples/decision_count.rs`.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sluice::config;
-use sluice::engine::{self, Descriptor, Entry, Request};
+use sluice::engine::{self, Request};
 use sluice::limiter::{counter_ops, RateLimiter};
-use sluice::plans::model::{
-    LimitWindow, Metric, PeriodKind, Plan, Price, Quota, Scope, Stage, Throttle, TokenCount,
-    UsageLimit,
-};
-use sluice::plans::registry::{parse_import_csv, Registry};
 use sluice::storage::memory::MemoryCounters;
 
-const YAML: &str = r#"
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: 1000000000}
-    descriptors:
-      - key: model
-        value: "gpt-4o*"
-        rate_limit: {unit: minute, requests_per_unit: 1000000000}
-      - key: model
-        rate_limit: {unit: minute, requests_per_unit: 1000000000}
-  - key: remote_address
-    rate_limit: {unit: second, requests_per_unit: 1000000000}
-"#;
-
-fn request(descriptors: Vec<Vec<(&str, &str)>>) -> Request {
-    Request {
-        domain: "bench".into(),
-        descriptors: descriptors
-            .into_iter()
-            .map(|entries| Descriptor {
-                entries: entries.into_iter().map(|(k, v)| Entry::new(k, v)).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        hits_addend: 1,
-    }
-}
+mod common;
+use common::{plan_req, request, token_req, HOT_KEY, KEYS, NOW_S};
 
 fn bench(c: &mut Criterion) {
-    let files = vec![(PathBuf::from("bench.yaml"), YAML.to_string())];
-    let cfg = config::from_files(&files).expect("bench config is valid");
-    let one = request(vec![vec![("api_key", "key-123")]]);
+    let cfg = common::config();
+    let one = common::rule_request();
     let three = request(vec![
         vec![("api_key", "key-123")],
         vec![("api_key", "key-123"), ("model", "gpt-4o-mini")],
         vec![("remote_address", "10.1.2.3")],
     ]);
-    let now = 1_700_000_000;
+    let now = NOW_S as u64;
 
     c.bench_function("engine/plan+decide, 1 descriptor", |b| {
         let store = MemoryCounters::default();
@@ -100,93 +70,20 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-/// A plan governing domain `bench-plans`: a throttle and a quota that never
-/// refuse during the bench, and a per-method throttle for one path.
-fn bench_plan() -> Plan {
-    let mut method_throttles = BTreeMap::new();
-    method_throttles.insert(
-        "/v1/chat/completions/POST".to_owned(),
-        Throttle {
-            rate_limit: 1e9,
-            burst_limit: u32::MAX,
-        },
-    );
-    Plan {
-        id: String::new(),
-        name: "bench".into(),
-        description: String::new(),
-        throttle: Some(Throttle {
-            rate_limit: 1e9,
-            burst_limit: u32::MAX,
-        }),
-        quota: Some(Quota {
-            limit: u64::MAX / 2,
-            period: PeriodKind::Day,
-            anchor_day: 0,
-            time_zone: "UTC".into(),
-        }),
-        stages: vec![Stage {
-            domain: "bench-plans".into(),
-            stage: String::new(),
-            method_throttles,
-            key_entry: "api_key".into(),
-            method_entry: "method".into(),
-            path_entry: "path".into(),
-            default_usage: String::new(),
-        }],
-        tags: BTreeMap::new(),
-        create_time: 0,
-        update_time: 0,
-        limits: Vec::new(),
-        prices: BTreeMap::new(),
-        header_style: Default::default(),
-    }
-}
-
 /// Plan-based decisions against the config-rule path above.
 fn bench_plans(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let db = sled::Config::new()
-        .temporary(true)
-        .open()
-        .expect("temporary sled");
-    let registry = Registry::open(db, PathBuf::from("bench")).expect("registry");
-    let now_s = 1_700_000_000;
-    let keys = 10_000;
-    let csv: String = std::iter::once("Name,Key,UsagePlanIds\n".to_owned())
-        .chain((0..keys).map(|i| format!("k{i},bench-key-value-{i:08},bench\n")))
-        .collect();
-    rt.block_on(async {
-        registry
-            .create_plan(bench_plan(), now_s)
-            .await
-            .expect("plan");
-        let (rows, warnings) = parse_import_csv(&csv).expect("csv");
-        let (ids, warnings) = registry
-            .import_keys(rows, warnings, true, now_s)
-            .await
-            .expect("import");
-        assert_eq!((ids.len(), warnings.len()), (keys, 0));
-    });
+    let registry = common::temporary_registry();
+    rt.block_on(common::add_plan_and_keys(&registry));
     let limiter = RateLimiter::new(
         config::embedded_default().expect("default config"),
         MemoryCounters::default(),
     )
     .with_plans(registry.handle());
-    let plan_req = |key: &str, extra: &[(&str, &str)]| Request {
-        domain: "bench-plans".into(),
-        descriptors: vec![Descriptor {
-            entries: std::iter::once(Entry::new("api_key", key))
-                .chain(extra.iter().map(|(k, v)| Entry::new(*k, *v)))
-                .collect(),
-            ..Default::default()
-        }],
-        hits_addend: 1,
-    };
-    let now_us = now_s * 1_000_000;
-    let one = plan_req("bench-key-value-00000001", &[]);
+    let now_us = NOW_S * 1_000_000;
+    let one = plan_req(HOT_KEY, &[]);
     c.bench_function(
         "limiter/plan decision (throttle + quota), 1 descriptor",
         |b| {
@@ -197,7 +94,7 @@ fn bench_plans(c: &mut Criterion) {
         },
     );
     let method = plan_req(
-        "bench-key-value-00000001",
+        HOT_KEY,
         &[("method", "POST"), ("path", "/v1/chat/completions")],
     );
     c.bench_function("limiter/plan decision, per-method throttle", |b| {
@@ -206,7 +103,7 @@ fn bench_plans(c: &mut Criterion) {
                 .expect("memory store never fails")
         })
     });
-    let keyed: Vec<Request> = (0..keys)
+    let keyed: Vec<Request> = (0..KEYS)
         .map(|i| plan_req(&format!("bench-key-value-{i:08}"), &[]))
         .collect();
     c.bench_function("limiter/plan decision, 10k distinct keys", |b| {
@@ -219,57 +116,7 @@ fn bench_plans(c: &mut Criterion) {
     });
     // A plan with a throttle, a quota and token limits (a sliding TPM and a
     // calendar TPD with a per-model limit, and a monthly budget).
-    rt.block_on(async {
-        let mut p = bench_plan();
-        p.name = "bench-tokens".into();
-        p.stages[0].domain = "bench-tokens".into();
-        let tokens = |name: &str, window| UsageLimit {
-            name: name.into(),
-            metric: Metric::Tokens,
-            count: TokenCount::Total,
-            limit: u64::MAX / 4,
-            window,
-            anchor_day: 0,
-            time_zone: "UTC".into(),
-            model_limits: BTreeMap::from([("gpt-4o*".to_owned(), u64::MAX / 4)]),
-            scope: Scope::Key,
-        };
-        p.limits = vec![
-            tokens("tpm", LimitWindow::Minute),
-            tokens("tpd", LimitWindow::Day),
-            UsageLimit {
-                metric: Metric::Spend,
-                window: LimitWindow::Month,
-                anchor_day: 1,
-                ..tokens("budget", LimitWindow::Month)
-            },
-        ];
-        p.prices = BTreeMap::from([(
-            "gpt-4o*".to_owned(),
-            Price {
-                input_per_million: 2_500_000,
-                output_per_million: 10_000_000,
-            },
-        )]);
-        registry.create_plan(p, now_s).await.expect("token plan");
-        registry
-            .bind("bench-tokens", "k1", now_s)
-            .await
-            .expect("bind");
-    });
-    let token_req = |usage: Option<&str>| Request {
-        domain: "bench-tokens".into(),
-        descriptors: vec![Descriptor {
-            entries: [("api_key", "bench-key-value-00000001"), ("model", "gpt-4o")]
-                .into_iter()
-                .chain(usage.map(|u| ("usage", u)))
-                .map(|(k, v)| Entry::new(k, v))
-                .collect(),
-            hits_addend: usage.map(|_| 100),
-            ..Default::default()
-        }],
-        hits_addend: 1,
-    };
+    rt.block_on(common::add_token_plan(&registry));
     let check = token_req(None);
     c.bench_function("limiter/plan decision with 3 token limits, request", |b| {
         b.iter(|| {
@@ -293,5 +140,73 @@ fn bench_plans(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, bench_plans);
+/// The config-rule and plan cases with the counters persisted to sled
+/// (`SledCounters` in a tempdir, the server's default interval durability,
+/// plans and keys in the same database), as the server runs them.
+///
+/// Decisions run on a current-thread runtime, like the in-memory cases, so
+/// the two compare the store and nothing else. The store's background writer
+/// (a batch write and flush of the changed counters every 100 ms) and its
+/// purger run on their own one-worker runtime, as they run on a worker of
+/// the server's runtime: their cost shows only as contention (shard locks
+/// while draining, the second core).
+fn bench_sled(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("background runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, registry) = background.block_on(async { common::open_sled(dir.path()) });
+    background.block_on(common::add_all_plans(&registry));
+
+    let now = NOW_S as u64;
+    let one = common::rule_request();
+    let limiter = RateLimiter::new(common::config(), store.clone());
+    c.bench_function("sled/should_rate_limit, 1 descriptor", |b| {
+        b.iter(|| {
+            rt.block_on(limiter.should_rate_limit(black_box(&one), now))
+                .expect("interval durability never fails")
+        })
+    });
+
+    let limiter = RateLimiter::new(
+        config::embedded_default().expect("default config"),
+        store.clone(),
+    )
+    .with_plans(registry.handle());
+    let now_us = NOW_S * 1_000_000;
+    let cases = [
+        (
+            "plan decision (throttle + quota), 1 descriptor",
+            plan_req(HOT_KEY, &[]),
+        ),
+        (
+            "plan decision with 3 token limits, request",
+            token_req(None),
+        ),
+        (
+            "plan decision with 3 token limits, charge",
+            token_req(Some("total_tokens")),
+        ),
+    ];
+    for (name, req) in &cases {
+        c.bench_function(&format!("sled/{name}"), |b| {
+            b.iter(|| {
+                rt.block_on(limiter.decide(black_box(req), now_us))
+                    .expect("interval durability never fails")
+            })
+        });
+    }
+
+    drop(limiter);
+    background
+        .block_on(store.close())
+        .expect("final flush of the bench store");
+}
+
+criterion_group!(benches, bench, bench_plans, bench_sled);
 criterion_main!(benches);

@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # Load test: sluice against a do-nothing RLS server, driven by the same
-# external load generator (h2load), in one run.
+# external load generator (h2load, or ghz when installed), in one run.
 #
 #   bash benches/load/run.sh            # all modes, 3 runs each
-#   RUNS=5 MODES="pinned" bash benches/load/run.sh
+#   RUNS=5 MODES="pinned sync" bash benches/load/run.sh
+#   LOADGEN=h2load bash benches/load/run.sh   # h2load even when ghz is installed
 #
-# Needs h2load (Debian: apt-get install nghttp2-client). Prints, per mode and
-# server, the median req/s, p50 and p99 latency of RUNS runs, and the ratio of
-# sluice to the do-nothing server. Only loopback addresses; every run is
-# bounded in requests (N) and time (TIMEOUT).
+# Needs h2load (Debian: apt-get install nghttp2-client), or ghz and jq: ghz is
+# used when it is on PATH (or LOADGEN=ghz), with benches/load/ghz.json. Prints,
+# per mode and server, the median req/s, p50 and p99 latency of RUNS runs, and
+# the ratio of sluice to the do-nothing server. Only loopback addresses; every
+# run is bounded in requests (N) and time (TIMEOUT).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}   # where results.csv and chart.svg are written
-MODES=${MODES:-"pinned unpinned 1x1"}
+MODES=${MODES:-"pinned unpinned 1x1 sync plan tokens"}
 N=${N:-200000}            # requests per run (32x16 modes)
 N1=${N1:-20000}           # requests per run (1x1 mode)
-TIMEOUT=${TIMEOUT:-120}   # seconds per h2load run
+TIMEOUT=${TIMEOUT:-120}   # seconds per load generator run
+if [ -z "${LOADGEN:-}" ]; then
+  if command -v ghz >/dev/null; then LOADGEN=ghz; else LOADGEN=h2load; fi
+fi
 
-command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; }
+case $LOADGEN in
+  h2load) command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; } ;;
+  ghz)
+    command -v ghz >/dev/null || { echo "ghz not found: https://ghz.sh/docs/install" >&2; exit 1; }
+    command -v jq >/dev/null || { echo "jq not found (parses ghz's JSON report): apt-get install jq" >&2; exit 1; } ;;
+  *) echo "LOADGEN must be h2load or ghz, not $LOADGEN" >&2; exit 1 ;;
+esac
 cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
 
 work=$(mktemp -d)
@@ -35,11 +46,38 @@ descriptors:
   - key: api_key
     rate_limit: {unit: minute, requests_per_unit: 4000000000}
 YAML
-target/release/examples/rls_body bench api_key=key-1 > "$work/body.bin"
+# Stands in for the generated key value (slk_ + 32 characters, the same
+# length) in the do-nothing server's requests.
+KEY=slk_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx
+# Usage plans for the plan and tokens modes (applied through the admin API):
+# a throttle and a quota, and the same plus three token limits (a sliding
+# per-minute limit with a per-model limit, a calendar day, a monthly
+# budget), all far above what a run can reach.
+cat > "$work/plans.yaml" <<'YAML'
+usage_plans:
+  - name: bench-plan
+    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
+    quota: { limit: 1000000000000, period: DAY }
+    stages: [{ domain: bench-plan }]
+  - name: bench-tokens
+    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
+    quota: { limit: 1000000000000, period: DAY }
+    stages: [{ domain: bench-tokens }]
+    limits:
+      - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE, model_limits: { "gpt-4o*": 1000000000000 } }
+      - { name: tpd, metric: TOKENS, limit: 1000000000000, window: DAY }
+      - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
+    prices:
+      "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+api_keys:
+  - { name: bench-plan-key, usage_plans: [bench-plan] }
+  - { name: bench-tokens-key, usage_plans: [bench-tokens] }
+YAML
 
 # Starts "$@" on CPU list $cpus; waits for "<mark> ADDR" on stderr; sets $addr.
 start() {
   local cpus=$1 log=$2 mark=$3; shift 3
+  : > "$log"   # before the server starts: never read the last server's address
   if [ -n "$cpus" ]; then taskset -c "$cpus" "$@" 2>"$log" & else "$@" 2>"$log" & fi
   pids+=($!)
   for _ in $(seq 1 100); do
@@ -50,8 +88,12 @@ start() {
   echo "server did not start: $log" >&2; cat "$log" >&2; exit 1
 }
 
-# One h2load run; prints "req/s p50_us p99_us failed".
+# One load generator run; prints "req/s p50_us p99_us failed".
 load() {
+  if [ "$LOADGEN" = ghz ]; then load_ghz "$@"; else load_h2load "$@"; fi
+}
+
+load_h2load() {
   local cpus=$1 addr=$2 clients=$3 streams=$4 n=$5
   local log="$work/h2load.log" lat="$work/lat.tsv"
   rm -f "$lat"
@@ -71,6 +113,36 @@ load() {
   echo "$rps $p50 $p99 $failed"
 }
 
+# ghz (https://ghz.sh) with benches/load/ghz.json: the same call and request;
+# clients x streams become --connections x (--concurrency / --connections),
+# ghz's workers being spread evenly over its connections. Flags override the
+# config file. Its JSON report (--format json) has rps, latencyDistribution
+# (percentage, latency in ns, over the calls that succeeded) and
+# statusCodeDistribution (gRPC codes, so a gRPC error counts as failed here,
+# unlike with h2load); calls that did not end OK, or did not run, are failed.
+load_ghz() {
+  local cpus=$1 addr=$2 clients=$3 streams=$4 n=$5
+  local log="$work/ghz.json"
+  # The mode's request (the file's data is the pinned mode's).
+  local data e sep=""
+  data="{\"domain\":\"$domain\",\"descriptors\":[{\"entries\":["
+  for e in "${entries[@]}"; do data+="$sep{\"key\":\"${e%%=*}\",\"value\":\"${e#*=}\"}"; sep=","; done
+  data+="]}],\"hitsAddend\":1}"
+  local cmd=(ghz --config=benches/load/ghz.json --total="$n" --concurrency="$((clients * streams))"
+    --connections="$clients" --data="$data" --format=json --output="$log" "$addr")
+  rm -f "$log"
+  if [ -n "$cpus" ]; then timeout "$TIMEOUT" taskset -c "$cpus" "${cmd[@]}"; else timeout "$TIMEOUT" "${cmd[@]}"; fi
+  ghz_summary "$n" < "$log"
+}
+
+# Reads a ghz JSON report; prints "req/s p50_us p99_us failed" for $1 requests.
+ghz_summary() {
+  jq -r --argjson n "$1" '
+    def pct(p): [(.latencyDistribution // [])[] | select(.percentage == p) | .latency][0] // 0;
+    "\(.rps) \(pct(50)) \(pct(99)) \($n - (.statusCodeDistribution.OK // 0))"' |
+    awk '{printf "%.2f %d %d %d\n", $1, ($2 + 500) / 1000, ($3 + 500) / 1000, $4}'
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-9s %-6s %12s %10s %10s\n' mode server req/s p50_us p99_us
@@ -80,7 +152,19 @@ for mode in $MODES; do
     pinned) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
     unpinned) server_cpus=""; load_cpus=""; clients=32; streams=16; n=$N ;;
     1x1) server_cpus=0; load_cpus=1; clients=1; streams=1; n=$N1 ;;
+    # pinned, with every acknowledged hit on disk before the answer
+    sync) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
+    # pinned, the descriptor's API key decided against a usage plan
+    plan|tokens) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
+  esac
+  # The request: one api_key descriptor against the per-key rule, or (plan
+  # and tokens modes) against a plan; the key value comes from `sluice apply`
+  # once sluice runs, so the do-nothing server (which ignores it) goes first.
+  case $mode in
+    plan) entries=(api_key=$KEY); domain=bench-plan ;;
+    tokens) entries=(api_key=$KEY model=gpt-4o-mini); domain=bench-tokens ;;
+    *) entries=(api_key=key-1); domain=bench ;;
   esac
   declare -A result=()
   for server in noop sluice; do
@@ -88,11 +172,21 @@ for mode in $MODES; do
       start "$server_cpus" "$work/noop.log" "noop listening on" target/release/examples/noop_rls 127.0.0.1:0
     else
       rm -rf "$work/data"
+      durability=interval; [ "$mode" = sync ] && durability=sync
       start "$server_cpus" "$work/sluice.log" "sluice listening on" target/release/sluice serve \
-        --config-dir "$work/config" --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+        --config-dir "$work/config" --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+        --durability "$durability" --admin-token bench-admin-token
+      if [ "$mode" = plan ] || [ "$mode" = tokens ]; then
+        admin=$(sed -n 's/.*admin API listening on \([0-9.]*:[0-9]*\).*/\1/p' "$work/sluice.log" | head -1)
+        target/release/sluice apply -f "$work/plans.yaml" --admin-addr "$admin" --admin-token bench-admin-token > "$work/apply.out"
+        key=$(sed -n "s/^created api key $domain-key: value \([^ ]*\) .*/\1/p" "$work/apply.out")
+        [ -n "$key" ] || { echo "no key value in sluice apply's output:" >&2; cat "$work/apply.out" >&2; exit 1; }
+        entries=("${entries[@]/$KEY/$key}")
+      fi
     fi
+    target/release/examples/rls_body "$domain" "${entries[@]}" > "$work/body.bin"
     # h2load counts HTTP 200 even for a gRPC error: check one answer for real.
-    target/release/examples/rls_check "$addr" bench api_key=key-1 >/dev/null
+    target/release/examples/rls_check "$addr" "$domain" "${entries[@]}" >/dev/null
     : > "$work/runs"
     for _ in $(seq 1 "$RUNS"); do load "$load_cpus" "$addr" "$clients" "$streams" "$n" >> "$work/runs"; done
     kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
@@ -107,14 +201,17 @@ done
 
 # The chart: req/s per mode, do-nothing server beside sluice, from the CSV.
 cp "$work/results.csv" "$OUT/results.csv"
-awk -F, -v runs="$RUNS" -v when="$(date -u +%FT%TZ)" -v cpu="$(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" '
+awk -F, -v runs="$RUNS" -v loadgen="$LOADGEN" -v when="$(date -u +%FT%TZ)" -v cpu="$(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" '
   NR == 1 { next }
   { mode[++n] = $1; server[n] = $2; rps[n] = $3; if ($3 > max) max = $3 }
   END {
-    w = 640; h = 360; left = 70; bottom = 300; top = 40; bw = 60
+    # One group of two bars per mode, 180 px apart; at least 640 px wide.
+    h = 360; left = 70; bottom = 300; top = 56; bw = 60
+    w = left + 40 + int((n + 1) / 2) * 180; if (w < 640) w = 640
     printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", w, h
     printf "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", w, h
-    printf "<text x=\"%d\" y=\"20\" font-size=\"14\">ShouldRateLimit req/s, median of %s runs (h2load; %s; %s)</text>\n", left, runs, cpu, when
+    printf "<text x=\"%d\" y=\"18\" font-size=\"14\">ShouldRateLimit req/s, median of %s runs (%s)</text>\n", left, runs, loadgen
+    printf "<text x=\"%d\" y=\"34\" font-size=\"11\">%s; %s</text>\n", left, cpu, when
     printf "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", left, bottom, w - 20, bottom
     for (i = 1; i <= n; i++) {
       group = int((i - 1) / 2); x = left + 20 + group * 180 + ((i - 1) % 2) * (bw + 10)

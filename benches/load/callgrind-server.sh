@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Instructions per ShouldRateLimit call, server side, for the do-nothing
+# server and for sluice (config rule, sled on, default durability), counted
+# by callgrind while h2load sends the same calls over loopback. Unlike req/s,
+# the count does not drift with machine load, so it shows what a change to
+# the hot path is worth; the annotated profiles show where the instructions
+# go (the profile behind the targets in BENCHMARKS.md).
+#
+#   bash benches/load/callgrind-server.sh        # N=20000 calls per server
+#
+# Each server runs under `valgrind --tool=callgrind`; 2000 warm-up calls,
+# then the counters are zeroed, N calls are sent (4 connections x 16
+# streams), and the counters dumped. Prints instructions per call for both
+# and their ratio, and writes the profiles to $OUT (callgrind.noop.out,
+# callgrind.sluice.out; read them with callgrind_annotate). Only user space
+# is counted (not the kernel's TCP work), and valgrind hides SHA-NI, so a
+# plan's API-key hash is counted in its software form.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+N=${N:-20000}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 1; }
+command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; }
+cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
+
+work=$(mktemp -d)
+vpid=""
+cleanup() { [ -n "$vpid" ] && kill "$vpid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+mkdir -p "$work/config"
+cat > "$work/config/bench.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: api_key
+    rate_limit: {unit: minute, requests_per_unit: 4000000000}
+YAML
+target/release/examples/rls_body bench api_key=key-1 > "$work/body.bin"
+
+calls() {
+  timeout 600 h2load -n "$1" -c 4 -m 16 -t 1 -d "$work/body.bin" -H 'content-type: application/grpc' \
+    -H 'te: trailers' "http://$2/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" |
+    sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p'
+}
+
+# profile NAME MARK CMD...: prints instructions per call.
+profile() {
+  local name=$1 mark=$2; shift 2
+  local log="$work/$name.log" out="$OUT/callgrind.$name"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" 2>"$log" &
+  vpid=$!
+  local addr=""
+  for _ in $(seq 1 200); do
+    addr=$(sed -n "s/.*$mark \([0-9.]*:[0-9]*\).*/\1/p" "$log" | head -1)
+    [ -n "$addr" ] && break
+    sleep 0.2
+  done
+  [ -n "$addr" ] || { echo "$name did not start" >&2; cat "$log" >&2; exit 1; }
+  target/release/examples/rls_check "$addr" bench api_key=key-1 >/dev/null
+  calls 2000 "$addr" >/dev/null
+  callgrind_control -z "$vpid" >/dev/null 2>&1
+  local ok
+  ok=$(calls "$N" "$addr")
+  [ "$ok" = "$N" ] || { echo "$name: only $ok of $N calls succeeded" >&2; exit 1; }
+  callgrind_control -d "$vpid" >/dev/null 2>&1
+  kill "$vpid"; wait "$vpid" 2>/dev/null || true; vpid=""
+  mv "$out.1" "$out.out"; rm -f "$out"
+  callgrind_annotate "$out.out" 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d , |
+    awk -v n="$N" '{printf "%.0f\n", $1 / n}'
+}
+
+noop=$(profile noop "noop listening on" target/release/examples/noop_rls 127.0.0.1:0)
+sluice=$(profile sluice "sluice listening on" target/release/sluice serve --config-dir "$work/config" \
+  --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0)
+printf 'instructions per call (server, user space), N=%s:\n  noop   %s\n  sluice %s\n  noop/sluice %.3f\n' \
+  "$N" "$noop" "$sluice" "$(awk -v a="$noop" -v b="$sluice" 'BEGIN {print a / b}')"
+echo "profiles: $OUT/callgrind.noop.out $OUT/callgrind.sluice.out (callgrind_annotate --inclusive=yes)"
