@@ -216,8 +216,8 @@ impl MemoryCounters {
 
     /// Removes every counter whose window ended at or before `now`; returns
     /// how many were removed. A shard map left at most a quarter full is
-    /// shrunk (see [`Shard::shrink_if_sparse`]), so a burst of distinct keys
-    /// does not keep its peak table after its windows end.
+    /// shrunk to twice its length, so a burst of distinct keys does not keep
+    /// its peak table after its windows end.
     pub fn purge_expired(&self, now: u64) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
