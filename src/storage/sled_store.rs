@@ -14,7 +14,7 @@
 //! is reported as corruption (never silently reset).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,11 @@ struct Shared {
 pub struct SledCounters {
     shared: Arc<Shared>,
     tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    /// Purges running on a blocking thread that still hold a handle on the
+    /// database: counted before one is spawned, uncounted once it dropped
+    /// the handle, so `close` can wait for them (aborting the purge loop
+    /// does not stop a blocking task).
+    purging: Arc<AtomicUsize>,
 }
 
 /// Statistics of a store, for tests and logs.
@@ -175,10 +180,12 @@ impl SledCounters {
             stopped: AtomicBool::new(false),
         });
         let writer = tokio::spawn(writer_loop(shared.clone()));
-        let purger = tokio::spawn(purge_loop(shared.clone()));
+        let purging = Arc::new(AtomicUsize::new(0));
+        let purger = tokio::spawn(purge_loop(shared.clone(), purging.clone()));
         Ok(SledCounters {
             shared,
             tasks: Arc::new(std::sync::Mutex::new(vec![writer, purger])),
+            purging,
         })
     }
 
@@ -251,6 +258,15 @@ impl SledCounters {
         for t in tasks {
             t.abort();
             let _ = t.await;
+        }
+        // A purge in flight stops after its current chunk (it checks
+        // `stopped`); wait for it (bounded), so the database is released on
+        // return. The loop is stopped, so no new purge starts.
+        for _ in 0..10_000 {
+            if self.purging.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         flush_once(&self.shared).await
     }
@@ -462,7 +478,7 @@ fn purge_once(shared: &Shared, now: u64) -> Result<usize, Error> {
     Ok(removed)
 }
 
-async fn purge_loop(shared: Arc<Shared>) {
+async fn purge_loop(shared: Arc<Shared>, purging: Arc<AtomicUsize>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -471,8 +487,15 @@ async fn purge_loop(shared: Arc<Shared>) {
             _ = shared.stop.notified() => return,
         }
         // Off the async workers: a purge of many counters takes seconds.
-        let s = shared.clone();
-        match tokio::task::spawn_blocking(move || purge_once(&s, unix_now())).await {
+        purging.fetch_add(1, Ordering::SeqCst);
+        let (s, count) = (shared.clone(), purging.clone());
+        let purge = move || {
+            let result = purge_once(&s, unix_now());
+            drop(s);
+            count.fetch_sub(1, Ordering::SeqCst);
+            result
+        };
+        match tokio::task::spawn_blocking(purge).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "purging expired counters failed"),
             Err(e) => tracing::error!(error = %e, "the purge task failed"),
