@@ -18,11 +18,13 @@
 # and this script preloads a getrandom(3) that returns a fixed sequence
 # (built here with cc; without cc it warns and runs without it), so API key
 # ids and hash seeds, and with them the catalog's maps, are the same every
-# run. What is left is the heap layout of the setup (sled's threads
-# interleave with it), which moves a few address-dependent paths (memcmp,
-# the allocator's slow path) by a few instructions per decision: each K is
-# run REPS times and the median Ir is used; `spread` is the largest minus the
-# smallest per-decision figure of the REPS pairs of runs.
+# run. The config-rule cases then repeat to the instruction. The plan cases
+# still move by up to ~100 instructions per decision (< 1%) from run to run:
+# the setup's heap layout depends on how sled's threads interleaved with it,
+# and a few paths depend on it (memcmp on catalog strings, mimalloc's slow
+# path). So each K is run REPS times and the median Ir is used (two whole
+# runs of this script then agree to within ~0.2%); `spread` is the largest
+# minus the smallest per-decision figure of the REPS pairs of runs.
 #
 # Writes benches/callgrind.csv (case,instructions_per_decision) and prints a
 # table. Knobs (environment): K1 (1000), K2 (11000), REPS (5), CASES (the

@@ -57,7 +57,7 @@ mod common;
 /// How far the fake clock advances per decision, in microseconds.
 pub const STEP_US: i64 = 10;
 
-/// The cases: name, store, what is decided.
+/// The cases: name (`<what>-<store>`) and description.
 const CASES: &[(&str, &str)] = &[
     ("rule-memory", "config rule, 1 descriptor, in-memory store"),
     ("rule-sled", "config rule, 1 descriptor, sled store"),
