@@ -1,8 +1,9 @@
 //! A do-nothing RateLimitService: answers every ShouldRateLimit with OK and
 //! one OK status per descriptor, doing no other work. It is the ceiling for a
 //! tonic unary call on a machine, the baseline `benches/load/run.sh` compares
-//! sluice against. Same protos, same tonic server settings as sluice (TCP
-//! nodelay, default HTTP/2 settings, a multi-threaded runtime, mimalloc).
+//! sluice against. Same protos, same tonic server settings as sluice (its
+//! connections from `sluice::server::io::incoming`: TCP nodelay, writes not
+//! vectored; default HTTP/2 settings, a multi-threaded runtime, mimalloc).
 //!
 //! `cargo run --release --example noop_rls -- 127.0.0.1:0` prints
 //! "noop listening on ADDR".
@@ -10,7 +11,6 @@
 use sluice::proto::rls::rate_limit_response::{Code, DescriptorStatus};
 use sluice::proto::rls::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// The same allocator as the sluice binary, so the ratio stays honest.
@@ -49,12 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("noop listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::new(Noop))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
+        .serve_with_incoming_shutdown(sluice::server::io::incoming(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
         .await?;
     Ok(())
 }

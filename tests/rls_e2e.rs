@@ -193,6 +193,60 @@ async fn statuses_one_per_descriptor_in_request_order() {
     s.shutdown().await;
 }
 
+/// Answers of every size interleaved on one connection: under 256 bytes,
+/// between 256 and 1024 (copied into h2's write buffer and written together,
+/// `server::io`), and over 1024 (written from their own buffer). Each
+/// answer arrives whole and belongs to its own call.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_small_and_large_interleave_whole_on_one_connection() {
+    let s = server().await;
+    let client = s.client();
+    let mut tasks = Vec::new();
+    for round in 0..20 {
+        for n in [1usize, 20, 60] {
+            let mut c = client.clone();
+            // Alternate a limit checked without counting and an unlimited
+            // key; the first descriptor says which call this is.
+            let mut descriptors = vec![desc(&[("nothing", &format!("call-{round}-{n}"))])];
+            for i in 1..n {
+                descriptors.push(if i % 2 == 1 {
+                    desc_hits(&[("model", "gpt-4o")], 0)
+                } else {
+                    desc(&[("vip", "x")])
+                });
+            }
+            let req = request(DOMAIN, descriptors);
+            tasks.push(tokio::spawn(async move {
+                let r = c.should_rate_limit(req).await.expect("call succeeds");
+                (n, r.into_inner())
+            }));
+        }
+    }
+    let mut sizes = BTreeSet::new();
+    for t in tasks {
+        let (n, r) = t.await.expect("task did not panic");
+        sizes.insert(prost::Message::encoded_len(&r) / 256);
+        assert_eq!(r.statuses.len(), n);
+        assert_eq!(r.overall_code, OK);
+        assert_no_limit(&r.statuses[0]);
+        for (i, st) in r.statuses.iter().enumerate().skip(1) {
+            if i % 2 == 1 {
+                assert_limited(st, OK, "exact", 10, DAY, 10);
+            } else {
+                assert_unlimited(st);
+            }
+        }
+    }
+    // The three sizes really are below 256, between 256 and 1024, above 1024.
+    assert!(sizes.contains(&0), "sizes / 256: {sizes:?}");
+    assert!(
+        sizes.iter().any(|&k| (1..4).contains(&k)),
+        "sizes / 256: {sizes:?}"
+    );
+    assert!(sizes.iter().any(|&k| k >= 4), "sizes / 256: {sizes:?}");
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_domain_and_no_match_are_ok_without_limit() {
     let s = server().await;

@@ -7,18 +7,28 @@
 # go (the profile behind the targets in BENCHMARKS.md).
 #
 #   bash benches/load/callgrind-server.sh        # N=20000 calls per server
+#   MODES="rule plan tokens" bash benches/load/callgrind-server.sh
+#
+# MODES picks sluice's requests, as run.sh's modes do: rule (the default: one
+# api_key descriptor against a per-key rule), plan (an API key decided against
+# a plan with a throttle and a quota), tokens (the same plus three token
+# limits, with a model entry); sluice runs once per mode.
 #
 # Each server runs under `valgrind --tool=callgrind`; 2000 warm-up calls,
 # then the counters are zeroed, N calls are sent (4 connections x 16
 # streams), and the counters dumped. Prints instructions per call for both
 # and their ratio, and writes the profiles to $OUT (callgrind.noop.out,
-# callgrind.sluice.out; read them with callgrind_annotate). Only user space
+# callgrind.sluice.out, callgrind.sluice-plan.out, ...; read them with
+# callgrind_annotate). Only user space
 # is counted (not the kernel's TCP work), and valgrind hides SHA-NI, so a
 # plan's API-key hash is counted in its software form.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
 
 N=${N:-20000}
+MODES=${MODES:-rule}   # rule, plan, tokens: the request, as in run.sh
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 1; }
@@ -30,14 +40,8 @@ vpid=""
 cleanup() { [ -n "$vpid" ] && kill "$vpid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-mkdir -p "$work/config"
-cat > "$work/config/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: 4000000000}
-YAML
-target/release/examples/rls_body bench api_key=key-1 > "$work/body.bin"
+bench_config "$work/config/bench.yaml"
+bench_plans "$work/plans.yaml"
 
 calls() {
   timeout 600 h2load -n "$1" -c 4 -m 16 -t 1 -d "$work/body.bin" -H 'content-type: application/grpc' \
@@ -45,20 +49,21 @@ calls() {
     sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p'
 }
 
-# profile NAME MARK CMD...: prints instructions per call.
+# profile NAME MARK MODE CMD...: prints instructions per call of MODE's
+# request (lib.sh's mode_request).
 profile() {
-  local name=$1 mark=$2; shift 2
+  local name=$1 mark=$2 mode=$3; shift 3
   local log="$work/$name.log" out="$OUT/callgrind.$name"
   valgrind --tool=callgrind --callgrind-out-file="$out" "$@" 2>"$log" &
   vpid=$!
-  local addr=""
-  for _ in $(seq 1 200); do
-    addr=$(sed -n "s/.*$mark \([0-9.]*:[0-9]*\).*/\1/p" "$log" | head -1)
-    [ -n "$addr" ] && break
-    sleep 0.2
-  done
-  [ -n "$addr" ] || { echo "$name did not start" >&2; cat "$log" >&2; exit 1; }
-  target/release/examples/rls_check "$addr" bench api_key=key-1 >/dev/null
+  local addr
+  addr=$(wait_addr "$log" "$mark" 400) || { echo "$name did not start" >&2; cat "$log" >&2; exit 1; }
+  mode_request "$mode"
+  if [ "$mode" != rule ] && [ "$name" != noop ]; then
+    apply_plans "$log" "$work/plans.yaml" "$work/apply.out"
+  fi
+  target/release/examples/rls_body "$domain" "${entries[@]}" > "$work/body.bin"
+  target/release/examples/rls_check "$addr" "$domain" "${entries[@]}" >/dev/null
   calls 2000 "$addr" >/dev/null
   callgrind_control -z "$vpid" >/dev/null 2>&1
   local ok
@@ -71,9 +76,15 @@ profile() {
     awk -v n="$N" '{printf "%.0f\n", $1 / n}'
 }
 
-noop=$(profile noop "noop listening on" target/release/examples/noop_rls 127.0.0.1:0)
-sluice=$(profile sluice "sluice listening on" target/release/sluice serve --config-dir "$work/config" \
-  --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0)
-printf 'instructions per call (server, user space), N=%s:\n  noop   %s\n  sluice %s\n  noop/sluice %.3f\n' \
-  "$N" "$noop" "$sluice" "$(awk -v a="$noop" -v b="$sluice" 'BEGIN {print a / b}')"
-echo "profiles: $OUT/callgrind.noop.out $OUT/callgrind.sluice.out (callgrind_annotate --inclusive=yes)"
+noop=$(profile noop "noop listening on" rule target/release/examples/noop_rls 127.0.0.1:0)
+printf 'instructions per call (server, user space), N=%s:\n  %-14s %8s\n' "$N" noop "$noop"
+profiles="$OUT/callgrind.noop.out"
+for mode in $MODES; do
+  name=sluice; [ "$mode" = rule ] || name="sluice-$mode"
+  rm -rf "$work/data"
+  n=$(profile "$name" "sluice listening on" "$mode" target/release/sluice serve --config-dir "$work/config" \
+    --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN")
+  printf '  %-14s %8s  (noop/sluice %.3f)\n' "$name" "$n" "$(awk -v a="$noop" -v b="$n" 'BEGIN {print a / b}')"
+  profiles+=" $OUT/callgrind.$name.out"
+done
+echo "profiles: $profiles (callgrind_annotate --inclusive=yes)"

@@ -23,6 +23,8 @@
 # (TIMEOUT), every loop in count and time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
 
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}     # where reload.csv is written
@@ -45,16 +47,8 @@ cleanup() {
 trap cleanup EXIT
 
 # Two valid configs that differ in their limit; both far above any run.
-config() {
-  cat <<YAML
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: $1}
-YAML
-}
-config 4000000000 > "$work/a.yaml"
-config 3000000000 > "$work/b.yaml"
+bench_config "$work/a.yaml" 4000000000
+bench_config "$work/b.yaml" 3000000000
 mkdir -p "$work/config"
 cp "$work/a.yaml" "$work/config/bench.yaml"
 target/release/examples/rls_body bench api_key=key-1 > "$work/body.bin"
@@ -67,13 +61,8 @@ max_checks=$(awk -v t="$TIMEOUT" -v e="$CHECK_EVERY" 'BEGIN {print int(t / e) + 
 RUST_LOG=info taskset -c 0 target/release/sluice serve --config-dir "$work/config" --data-dir "$work/data" \
   --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --reload-interval-ms 100 2>"$work/sluice.log" &
 server=$!
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's/.*sluice listening on \([0-9.]*:[0-9]*\).*/\1/p' "$work/sluice.log" | head -1)
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { echo "sluice did not start" >&2; cat "$work/sluice.log" >&2; exit 1; }
+addr=$(wait_addr "$work/sluice.log" "sluice listening on" 100) ||
+  { echo "sluice did not start" >&2; cat "$work/sluice.log" >&2; exit 1; }
 target/release/examples/rls_check "$addr" bench api_key=key-1 >/dev/null
 
 reloads() { grep -c 'config reloaded' "$work/sluice.log" || true; }
@@ -109,23 +98,7 @@ check_loop() {
 }
 
 # One h2load run on core 1; prints "req/s p50_us p99_us failed".
-load() {
-  local log="$work/h2load.log" lat="$work/lat.tsv"
-  rm -f "$lat"
-  timeout "$TIMEOUT" taskset -c 1 h2load -n "$N" -c 32 -m 16 -t 1 -d "$work/body.bin" \
-    -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$lat" \
-    "http://$addr/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" >"$log"
-  local rps failed
-  rps=$(sed -n 's/.*finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$log")
-  failed=$(sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p' "$log")
-  # --log-file columns: start time (us), status, duration (us).
-  cut -f3 "$lat" | sort -n > "$work/sorted"
-  local count p50 p99
-  count=$(wc -l < "$work/sorted")
-  p50=$(sed -n "$(( (count + 1) / 2 ))p" "$work/sorted")
-  p99=$(sed -n "$(( (count * 99 + 99) / 100 ))p" "$work/sorted")
-  echo "$rps $p50 $p99 $failed"
-}
+load() { h2load_calls 1 "$addr" 32 16 "$N" "$work/body.bin" "$work" "$TIMEOUT"; }
 
 # One phase (steady or reload); appends "rps p50 p99 failed checks check_failed
 # reloads" to $work/$1. Not in a subshell: cleanup must see $bg.
@@ -164,7 +137,6 @@ restore() {
   echo "config restore not applied within 5 s" >&2; exit 1
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 sum() { awk '{s += $1} END {print s + 0}'; }
 
 : > "$work/steady"; : > "$work/reload"

@@ -13,6 +13,8 @@
 # run is bounded in requests (N) and time (TIMEOUT).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
 
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}   # where results.csv and chart.svg are written
@@ -38,41 +40,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-# One per-key rule, far above what a run can reach.
-mkdir -p "$work/config"
-cat > "$work/config/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: 4000000000}
-YAML
-# Stands in for the generated key value (slk_ + 32 characters, the same
-# length) in the do-nothing server's requests.
-KEY=slk_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx
-# Usage plans for the plan and tokens modes (applied through the admin API):
-# a throttle and a quota, and the same plus three token limits (a sliding
-# per-minute limit with a per-model limit, a calendar day, a monthly
-# budget), all far above what a run can reach.
-cat > "$work/plans.yaml" <<'YAML'
-usage_plans:
-  - name: bench-plan
-    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
-    quota: { limit: 1000000000000, period: DAY }
-    stages: [{ domain: bench-plan }]
-  - name: bench-tokens
-    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
-    quota: { limit: 1000000000000, period: DAY }
-    stages: [{ domain: bench-tokens }]
-    limits:
-      - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE, model_limits: { "gpt-4o*": 1000000000000 } }
-      - { name: tpd, metric: TOKENS, limit: 1000000000000, window: DAY }
-      - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
-    prices:
-      "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
-api_keys:
-  - { name: bench-plan-key, usage_plans: [bench-plan] }
-  - { name: bench-tokens-key, usage_plans: [bench-tokens] }
-YAML
+bench_config "$work/config/bench.yaml"
+bench_plans "$work/plans.yaml"
 
 # Starts "$@" on CPU list $cpus; waits for "<mark> ADDR" on stderr; sets $addr.
 start() {
@@ -80,12 +49,7 @@ start() {
   : > "$log"   # before the server starts: never read the last server's address
   if [ -n "$cpus" ]; then taskset -c "$cpus" "$@" 2>"$log" & else "$@" 2>"$log" & fi
   pids+=($!)
-  for _ in $(seq 1 100); do
-    addr=$(sed -n "s/.*$mark \([0-9.]*:[0-9]*\).*/\1/p" "$log" | head -1)
-    [ -n "$addr" ] && return 0
-    sleep 0.1
-  done
-  echo "server did not start: $log" >&2; cat "$log" >&2; exit 1
+  addr=$(wait_addr "$log" "$mark" 100) || { echo "server did not start: $log" >&2; cat "$log" >&2; exit 1; }
 }
 
 # One load generator run; prints "req/s p50_us p99_us failed".
@@ -93,25 +57,7 @@ load() {
   if [ "$LOADGEN" = ghz ]; then load_ghz "$@"; else load_h2load "$@"; fi
 }
 
-load_h2load() {
-  local cpus=$1 addr=$2 clients=$3 streams=$4 n=$5
-  local log="$work/h2load.log" lat="$work/lat.tsv"
-  rm -f "$lat"
-  local cmd=(h2load -n "$n" -c "$clients" -m "$streams" -t 1 -d "$work/body.bin"
-    -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$lat"
-    "http://$addr/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
-  if [ -n "$cpus" ]; then timeout "$TIMEOUT" taskset -c "$cpus" "${cmd[@]}" >"$log"; else timeout "$TIMEOUT" "${cmd[@]}" >"$log"; fi
-  local rps failed
-  rps=$(sed -n 's/.*finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$log")
-  failed=$(sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p' "$log")
-  # --log-file columns: start time (us), status, duration (us).
-  cut -f3 "$lat" | sort -n > "$work/sorted"
-  local count p50 p99
-  count=$(wc -l < "$work/sorted")
-  p50=$(sed -n "$(( (count + 1) / 2 ))p" "$work/sorted")
-  p99=$(sed -n "$(( (count * 99 + 99) / 100 ))p" "$work/sorted")
-  echo "$rps $p50 $p99 $failed"
-}
+load_h2load() { h2load_calls "$@" "$work/body.bin" "$work" "$TIMEOUT"; }
 
 # ghz (https://ghz.sh) with benches/load/ghz.json: the same call and request;
 # clients x streams become --connections x (--concurrency / --connections),
@@ -143,8 +89,6 @@ ghz_summary() {
     awk '{printf "%.2f %d %d %d\n", $1, ($2 + 500) / 1000, ($3 + 500) / 1000, $4}'
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-
 printf '%-9s %-6s %12s %10s %10s\n' mode server req/s p50_us p99_us
 echo "mode,server,rps,p50_us,p99_us" > "$work/results.csv"
 for mode in $MODES; do
@@ -161,11 +105,7 @@ for mode in $MODES; do
   # The request: one api_key descriptor against the per-key rule, or (plan
   # and tokens modes) against a plan; the key value comes from `sluice apply`
   # once sluice runs, so the do-nothing server (which ignores it) goes first.
-  case $mode in
-    plan) entries=(api_key=$KEY); domain=bench-plan ;;
-    tokens) entries=(api_key=$KEY model=gpt-4o-mini); domain=bench-tokens ;;
-    *) entries=(api_key=key-1); domain=bench ;;
-  esac
+  mode_request "$mode"
   declare -A result=()
   for server in noop sluice; do
     if [ "$server" = noop ]; then
@@ -175,13 +115,9 @@ for mode in $MODES; do
       durability=interval; [ "$mode" = sync ] && durability=sync
       start "$server_cpus" "$work/sluice.log" "sluice listening on" target/release/sluice serve \
         --config-dir "$work/config" --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-        --durability "$durability" --admin-token bench-admin-token
+        --durability "$durability" --admin-token "$BENCH_ADMIN_TOKEN"
       if [ "$mode" = plan ] || [ "$mode" = tokens ]; then
-        admin=$(sed -n 's/.*admin API listening on \([0-9.]*:[0-9]*\).*/\1/p' "$work/sluice.log" | head -1)
-        target/release/sluice apply -f "$work/plans.yaml" --admin-addr "$admin" --admin-token bench-admin-token > "$work/apply.out"
-        key=$(sed -n "s/^created api key $domain-key: value \([^ ]*\) .*/\1/p" "$work/apply.out")
-        [ -n "$key" ] || { echo "no key value in sluice apply's output:" >&2; cat "$work/apply.out" >&2; exit 1; }
-        entries=("${entries[@]/$KEY/$key}")
+        apply_plans "$work/sluice.log" "$work/plans.yaml" "$work/apply.out"
       fi
     fi
     target/release/examples/rls_body "$domain" "${entries[@]}" > "$work/body.bin"

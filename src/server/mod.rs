@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod io;
 pub mod rls;
 pub mod status;
 pub mod usage;
@@ -13,7 +14,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 pub use convert::RequestLimits;
@@ -74,7 +74,7 @@ pub async fn serve<S: CounterStore>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain)
+        .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
 }
 
@@ -142,6 +142,6 @@ pub async fn serve_admin<S: CounterStore>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain)
+        .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
 }
