@@ -491,10 +491,9 @@ impl<S: CounterStore> RateLimiter<S> {
             _ => None,
         };
         // Sliding limits need the previous window's counter first.
-        let cat_prices = self.catalog.load();
         let price = model.and_then(|m| {
             usage::price_for(&p.prices, m)
-                .or_else(|| usage::price_for(cat_prices.shared_prices(), m))
+                .or_else(|| usage::price_for(cat.shared_prices(), m))
                 .copied()
         });
         let price = price.as_ref();
@@ -568,12 +567,13 @@ impl<S: CounterStore> RateLimiter<S> {
         }
         // Per-model daily usage for GetUsage: requests when counted, tokens
         // and spend when charged.
-        let (day_start, day_end) = match &plan.calendar {
-            Some(c) => {
+        let (day_start, day_end) = match (&quota, &plan.calendar) {
+            (Some((_, _, d, _)), _) => (d.start, d.end),
+            (None, Some(c)) => {
                 let d = c.day_containing(now_s);
                 (d.start, d.end)
             }
-            None => {
+            (None, None) => {
                 let d = now_s - now_s.rem_euclid(86_400);
                 (d, d + 86_400)
             }

@@ -127,13 +127,36 @@ impl CompiledPlan {
 struct Selector {
     stage: String,
     key_entry: String,
+    /// The (domain, stage) pair's number in [`Catalog::stage_plans`].
+    slot: u32,
 }
 
 /// A key hash's owner; `until` is set for a rotated-out value.
 #[derive(Debug, Clone)]
 struct HashRef {
-    key_id: String,
+    key: Arc<ApiKey>,
+    /// The plan governing each (domain, stage) the key has one for.
+    routes: Arc<[Route]>,
     until: Option<i64>,
+}
+
+/// Which of a key's plans governs a (domain, stage) pair, worked out once
+/// when the catalog is built: a decision then finds the plan without
+/// looking up the key, the stage's plan list and the plan by id.
+#[derive(Debug, Clone)]
+struct Route {
+    /// The (domain, stage) pair's number.
+    slot: u32,
+    plan: Arc<CompiledPlan>,
+    /// Index of the stage in the plan's stages.
+    stage: usize,
+}
+
+/// The plans of a (domain, stage) pair, in the order they claim a key.
+#[derive(Debug, Clone, Default)]
+struct StagePlans {
+    slot: u32,
+    plan_ids: Vec<String>,
 }
 
 /// Why a key was refused (for logs; the wire says `invalid-key`).
@@ -179,7 +202,7 @@ pub struct Catalog {
     key_names: BTreeMap<String, String>,
     by_hash: Map<[u8; 32], HashRef>,
     selectors: Map<String, Vec<Selector>>,
-    stage_plans: Map<String, Map<String, Vec<String>>>,
+    stage_plans: Map<String, Map<String, StagePlans>>,
     grants: HashMap<(String, String, i64), i64>,
     shared_prices: BTreeMap<String, super::model::Price>,
 }
@@ -196,25 +219,34 @@ impl Catalog {
         grants: impl IntoIterator<Item = ((String, String, i64), i64)>,
     ) -> Result<Catalog, Error> {
         let mut c = Catalog::default();
+        let mut next_slot: u32 = 0;
         for p in plans {
             let compiled = CompiledPlan::new(p)?;
             let p = &compiled.plan;
             c.plan_names.insert(p.name.clone(), p.id.clone());
             for s in &p.stages {
+                let sp = c
+                    .stage_plans
+                    .entry(s.domain.clone())
+                    .or_default()
+                    .entry(s.stage.clone())
+                    .or_insert_with(|| {
+                        next_slot += 1;
+                        StagePlans {
+                            slot: next_slot - 1,
+                            plan_ids: Vec::new(),
+                        }
+                    });
+                sp.plan_ids.push(p.id.clone());
                 let sel = Selector {
                     stage: s.stage.clone(),
                     key_entry: s.key_entry.clone(),
+                    slot: sp.slot,
                 };
                 let list = c.selectors.entry(s.domain.clone()).or_default();
                 if !list.contains(&sel) {
                     list.push(sel);
                 }
-                c.stage_plans
-                    .entry(s.domain.clone())
-                    .or_default()
-                    .entry(s.stage.clone())
-                    .or_default()
-                    .push(p.id.clone());
             }
             c.plans.insert(p.id.clone(), Arc::new(compiled));
         }
@@ -236,25 +268,80 @@ impl Catalog {
                 )
             };
             let hash = model::unhex(&k.hash).ok_or_else(|| bad("hash"))?;
+            let previous = match &k.previous {
+                Some(prev) => Some((
+                    model::unhex(&prev.hash).ok_or_else(|| bad("previous hash"))?,
+                    prev.until,
+                )),
+                None => None,
+            };
+            let routes: Arc<[Route]> = c.routes(&k).into();
+            let key = Arc::new(k);
             c.by_hash.insert(
                 hash,
                 HashRef {
-                    key_id: k.id.clone(),
+                    key: key.clone(),
+                    routes: routes.clone(),
                     until: None,
                 },
             );
-            if let Some(prev) = &k.previous {
-                let h = model::unhex(&prev.hash).ok_or_else(|| bad("previous hash"))?;
+            if let Some((h, until)) = previous {
                 c.by_hash.entry(h).or_insert(HashRef {
-                    key_id: k.id.clone(),
-                    until: Some(prev.until),
+                    key: key.clone(),
+                    routes,
+                    until: Some(until),
                 });
             }
-            c.key_names.insert(k.name.clone(), k.id.clone());
-            c.keys.insert(k.id.clone(), Arc::new(k));
+            c.key_names.insert(key.name.clone(), key.id.clone());
+            c.keys.insert(key.id.clone(), key);
         }
         c.grants = grants.into_iter().collect();
         Ok(c)
+    }
+
+    /// For each (domain, stage) of `key`'s plans, the plan that governs it
+    /// for this key: the first of the stage's plans (in catalog order) that
+    /// the key is bound to.
+    fn routes(&self, key: &ApiKey) -> Vec<Route> {
+        let mut routes: Vec<Route> = Vec::new();
+        for id in &key.plan_ids {
+            let Some(plan) = self.plans.get(id) else {
+                continue;
+            };
+            for st in &plan.plan.stages {
+                let Some(sp) = self
+                    .stage_plans
+                    .get(&st.domain)
+                    .and_then(|m| m.get(&st.stage))
+                else {
+                    continue;
+                };
+                if routes.iter().any(|r| r.slot == sp.slot) {
+                    continue;
+                }
+                let first = sp
+                    .plan_ids
+                    .iter()
+                    .filter(|pid| key.plan_ids.contains(*pid))
+                    .find_map(|pid| self.plans.get(pid));
+                let Some(first) = first else {
+                    continue;
+                };
+                if let Some(stage) = first
+                    .plan
+                    .stages
+                    .iter()
+                    .position(|s| s.domain == st.domain && s.stage == st.stage)
+                {
+                    routes.push(Route {
+                        slot: sp.slot,
+                        plan: first.clone(),
+                        stage,
+                    });
+                }
+            }
+        }
+        routes
     }
 
     /// Whether any plan governs `domain` (a fast pre-check per request).
@@ -280,7 +367,7 @@ impl Catalog {
             let Some(value) = entry(&sel.key_entry) else {
                 continue;
             };
-            return self.resolve_key(domain, &sel.stage, value, now);
+            return self.resolve_key(sel.slot, value, now);
         }
         Resolved::NotGoverned
     }
@@ -289,18 +376,14 @@ impl Catalog {
     /// domain), as a gateway names them outside a descriptor (ReportUsage,
     /// Reserve). `NotGoverned` if no plan governs that domain and stage.
     pub fn resolve_value(&self, domain: &str, stage: &str, value: &str, now: i64) -> Resolved<'_> {
-        if self
-            .stage_plans
-            .get(domain)
-            .and_then(|m| m.get(stage))
-            .is_none()
-        {
-            return Resolved::NotGoverned;
+        match self.stage_plans.get(domain).and_then(|m| m.get(stage)) {
+            Some(sp) => self.resolve_key(sp.slot, value, now),
+            None => Resolved::NotGoverned,
         }
-        self.resolve_key(domain, stage, value, now)
     }
 
-    fn resolve_key(&self, domain: &str, stage: &str, value: &str, now: i64) -> Resolved<'_> {
+    /// Matches an API key value for the (domain, stage) pair numbered `slot`.
+    fn resolve_key(&self, slot: u32, value: &str, now: i64) -> Resolved<'_> {
         let hash = model::hash_value(value);
         let Some(r) = self.by_hash.get(&hash) else {
             return Resolved::Refused(Refusal::Unknown);
@@ -308,37 +391,21 @@ impl Catalog {
         if r.until.is_some_and(|until| now >= until) {
             return Resolved::Refused(Refusal::Unknown);
         }
-        let Some(key) = self.keys.get(&r.key_id) else {
-            return Resolved::Refused(Refusal::Unknown);
-        };
+        let key = &*r.key;
         if !key.enabled {
             return Resolved::Refused(Refusal::Disabled);
         }
         if key.expire_time.is_some_and(|t| now >= t) {
             return Resolved::Refused(Refusal::Expired);
         }
-        let Some(plan_ids) = self.stage_plans.get(domain).and_then(|m| m.get(stage)) else {
-            return Resolved::Refused(Refusal::NoPlan);
-        };
-        for id in plan_ids {
-            if key.plan_ids.contains(id) {
-                if let Some(plan) = self.plans.get(id) {
-                    if let Some(i) = plan
-                        .plan
-                        .stages
-                        .iter()
-                        .position(|s| s.domain == domain && s.stage == stage)
-                    {
-                        return Resolved::Governed {
-                            plan,
-                            stage: i,
-                            key,
-                        };
-                    }
-                }
-            }
+        match r.routes.iter().find(|route| route.slot == slot) {
+            Some(route) => Resolved::Governed {
+                plan: &route.plan,
+                stage: route.stage,
+                key,
+            },
+            None => Resolved::Refused(Refusal::NoPlan),
         }
-        Resolved::Refused(Refusal::NoPlan)
     }
 
     /// A plan by id, or else by name.
@@ -364,7 +431,7 @@ impl Catalog {
         self.by_hash
             .get(hash)
             .filter(|r| r.until.is_none())
-            .and_then(|r| self.keys.get(&r.key_id))
+            .map(|r| &r.key)
     }
 
     /// Plans ordered by name.
@@ -428,5 +495,174 @@ impl Catalog {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    fn stage(domain: &str, stage: &str) -> Stage {
+        Stage {
+            domain: domain.into(),
+            stage: stage.into(),
+            method_throttles: BTreeMap::new(),
+            key_entry: "api_key".into(),
+            method_entry: "method".into(),
+            path_entry: "path".into(),
+            default_usage: String::new(),
+        }
+    }
+
+    fn plan(id: &str, stages: Vec<Stage>) -> Plan {
+        Plan {
+            id: id.into(),
+            name: format!("{id}-name"),
+            description: String::new(),
+            throttle: None,
+            quota: None,
+            stages,
+            tags: BTreeMap::new(),
+            create_time: 0,
+            update_time: 0,
+            limits: Vec::new(),
+            prices: BTreeMap::new(),
+            header_style: Default::default(),
+        }
+    }
+
+    fn key(id: &str, value: &str, plans: &[&str]) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            name: format!("{id}-name"),
+            description: String::new(),
+            enabled: true,
+            customer_id: String::new(),
+            create_time: 0,
+            update_time: 0,
+            expire_time: None,
+            tags: BTreeMap::new(),
+            hash: model::hex(&model::hash_value(value)),
+            previous: None,
+            plan_ids: plans
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect::<BTreeSet<_>>(),
+        }
+    }
+
+    fn entries(pairs: &[(&str, &str)]) -> Vec<Entry> {
+        pairs
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect()
+    }
+
+    /// "plan-id/stage index", or the refusal, or "-" for not governed.
+    fn outcome(r: Resolved<'_>) -> String {
+        match r {
+            Resolved::NotGoverned => "-".into(),
+            Resolved::Refused(why) => format!("{why:?}"),
+            Resolved::Governed { plan, stage, key } => {
+                format!("{}/{stage}/{}", plan.plan.id, key.id)
+            }
+        }
+    }
+
+    /// Plans `a` (domain d: whole domain and stage "beta") and `b` (domain d
+    /// stage "gamma", domain e); keys bound to a, to b, to both, to none,
+    /// disabled, expired, and one rotated with a grace period.
+    fn catalog() -> Catalog {
+        let plans = vec![
+            plan("a", vec![stage("d", ""), stage("d", "beta")]),
+            plan("b", vec![stage("d", "gamma"), stage("e", "")]),
+        ];
+        let mut disabled = key("k-off", "v-off", &["a"]);
+        disabled.enabled = false;
+        let mut expired = key("k-exp", "v-exp", &["a"]);
+        expired.expire_time = Some(100);
+        let mut rotated = key("k-rot", "v-new", &["b"]);
+        rotated.previous = Some(model::PreviousValue {
+            hash: model::hex(&model::hash_value("v-old")),
+            until: 100,
+        });
+        let keys = vec![
+            key("k-a", "v-a", &["a"]),
+            key("k-b", "v-b", &["b"]),
+            key("k-ab", "v-ab", &["a", "b"]),
+            key("k-none", "v-none", &[]),
+            disabled,
+            expired,
+            rotated,
+        ];
+        Catalog::build(plans, keys, Vec::new()).expect("valid catalog")
+    }
+
+    #[test]
+    fn a_descriptor_resolves_to_the_plan_of_its_domain_and_stage() {
+        let c = catalog();
+        let at = |domain: &str, pairs: &[(&str, &str)], now: i64| {
+            outcome(c.resolve(domain, &entries(pairs), now))
+        };
+        // Whole domain d: plan a, its stage 0.
+        assert_eq!(at("d", &[("api_key", "v-a")], 0), "a/0/k-a");
+        // A named stage: a's stage 1, b's stage 0.
+        assert_eq!(
+            at("d", &[("stage", "beta"), ("api_key", "v-a")], 0),
+            "a/1/k-a"
+        );
+        assert_eq!(
+            at("d", &[("stage", "gamma"), ("api_key", "v-b")], 0),
+            "b/0/k-b"
+        );
+        assert_eq!(at("e", &[("api_key", "v-b")], 0), "b/1/k-b");
+        // A key bound to both gets each stage's own plan.
+        assert_eq!(at("d", &[("api_key", "v-ab")], 0), "a/0/k-ab");
+        assert_eq!(
+            at("d", &[("stage", "gamma"), ("api_key", "v-ab")], 0),
+            "b/0/k-ab"
+        );
+        assert_eq!(at("e", &[("api_key", "v-ab")], 0), "b/1/k-ab");
+        // A key without a plan for the stage.
+        assert_eq!(at("d", &[("api_key", "v-b")], 0), "NoPlan");
+        assert_eq!(at("e", &[("api_key", "v-a")], 0), "NoPlan");
+        assert_eq!(at("d", &[("api_key", "v-none")], 0), "NoPlan");
+        // Refusals.
+        assert_eq!(at("d", &[("api_key", "nope")], 0), "Unknown");
+        assert_eq!(at("d", &[("api_key", "v-off")], 0), "Disabled");
+        assert_eq!(at("d", &[("api_key", "v-exp")], 99), "a/0/k-exp");
+        assert_eq!(at("d", &[("api_key", "v-exp")], 100), "Expired");
+        // A rotated-out value works until its grace period ends.
+        assert_eq!(at("e", &[("api_key", "v-old")], 99), "b/1/k-rot");
+        assert_eq!(at("e", &[("api_key", "v-old")], 100), "Unknown");
+        assert_eq!(at("e", &[("api_key", "v-new")], 100), "b/1/k-rot");
+        // Not governed: another domain, no key entry.
+        assert_eq!(at("x", &[("api_key", "v-a")], 0), "-");
+        assert_eq!(at("d", &[("user", "v-a")], 0), "-");
+    }
+
+    #[test]
+    fn a_value_resolves_for_a_named_domain_and_stage() {
+        let c = catalog();
+        let at = |domain: &str, stage: &str, value: &str| {
+            outcome(c.resolve_value(domain, stage, value, 0))
+        };
+        assert_eq!(at("d", "", "v-a"), "a/0/k-a");
+        assert_eq!(at("d", "beta", "v-ab"), "a/1/k-ab");
+        assert_eq!(at("d", "gamma", "v-ab"), "b/0/k-ab");
+        assert_eq!(at("d", "gamma", "v-a"), "NoPlan");
+        assert_eq!(at("d", "delta", "v-a"), "-");
+        assert_eq!(at("x", "", "v-a"), "-");
+        assert_eq!(
+            c.key_by_hash(&model::hash_value("v-new"))
+                .map(|k| k.id.as_str()),
+            Some("k-rot")
+        );
+        assert!(c.key_by_hash(&model::hash_value("v-old")).is_none());
     }
 }
