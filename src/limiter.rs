@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use smallvec::{smallvec, SmallVec};
 
 use crate::config::{self, Config};
 use crate::engine::{self, Code, Decision, Entry, Reason, Request, Slot, Status};
@@ -224,14 +225,27 @@ impl<S: CounterStore> RateLimiter<S> {
         if !self.catalog.load().governs(&req.domain) {
             return self.decide_rules(req, now).await;
         }
+        // Boxed: a plan decision's future holds its inline buffers (kilobytes);
+        // unboxed, every config-rule decision's future would be that large too.
+        Box::pin(self.decide_governed(req, now_us)).await
+    }
+
+    /// [`decide`](Self::decide) for a domain a plan governs.
+    async fn decide_governed(
+        &self,
+        req: &Request,
+        now_us: i64,
+    ) -> Result<Decision, storage::Error> {
+        let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
         let cat = self.catalog.load_full();
         let now_s = now_us.div_euclid(1_000_000);
-        let mut plan_statuses: Vec<Option<Status>> = Vec::with_capacity(req.descriptors.len());
+        let mut plan_statuses: SmallVec<[Option<Status>; 4]> =
+            SmallVec::with_capacity(req.descriptors.len());
         let mut rest = Vec::new();
         // A request is decided once per key: Envoy sends one descriptor per
         // `rate_limits` entry, and several may carry the same key. Those
         // descriptors form one group: one token, one quota unit, one status.
-        let mut groups: Vec<Group<'_>> = Vec::new();
+        let mut groups: SmallVec<[Group<'_>; 2]> = SmallVec::new();
         for (i, d) in req.descriptors.iter().enumerate() {
             let status = match cat.resolve(&req.domain, &d.entries, now_s) {
                 Resolved::NotGoverned => {
@@ -261,14 +275,14 @@ impl<S: CounterStore> RateLimiter<S> {
                         .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id && g.3 == kind)
                     {
                         Some(g) => g.4.push(i),
-                        None => groups.push((plan, stage, key, kind, vec![i])),
+                        None => groups.push((plan, stage, key, kind, smallvec![i])),
                     }
                     None
                 }
             };
             plan_statuses.push(status);
         }
-        let mut states = Vec::with_capacity(4);
+        let mut states = States::new();
         let mut style = None;
         for (plan, stage, key, kind, members) in groups {
             let first = &req.descriptors[members[0]];
@@ -408,7 +422,7 @@ impl<S: CounterStore> RateLimiter<S> {
         entries: &[Entry],
         call: Call,
         now_us: i64,
-        states: &mut Vec<LimitState>,
+        states: &mut States,
         out: &mut CallOutcome,
     ) -> Result<Status, storage::Error> {
         let p = &plan.plan;
@@ -476,8 +490,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let cat = self.catalog.load();
         let retention = i64::from(self.retention_days) * 86_400;
         // Sized up front: quota + daily + dedupe + one per limit + models.
-        let mut ops: Vec<CounterOp<'_>> = Vec::with_capacity(3 + p.limits.len() + 4);
-        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(2);
+        let mut keys: SmallVec<[Vec<u8>; 2]> = SmallVec::new();
         let mut quota_at = None;
         let quota = match (&p.quota, &plan.calendar, charge) {
             (Some(q), Some(cal), false) => {
@@ -497,7 +510,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 .copied()
         });
         let price = price.as_ref();
-        let mut plans: Vec<LimitPlan<'_>> = Vec::with_capacity(p.limits.len());
+        let mut plans: SmallVec<[LimitPlan<'_>; 4]> = SmallVec::new();
         for (i, l) in p.limits.iter().enumerate() {
             let (pattern, lim) = usage::model_limit(l, model);
             let cal = plan.limit_calendars.get(i).and_then(Option::as_ref);
@@ -527,12 +540,12 @@ impl<S: CounterStore> RateLimiter<S> {
                 prev_share: 0,
             });
         }
-        let prev_idx: Vec<usize> = (0..plans.len())
+        let prev_idx: SmallVec<[usize; 4]> = (0..plans.len())
             .filter(|&i| plans[i].prev.is_some())
             .collect();
         if !prev_idx.is_empty() {
             let values = {
-                let peeks: Vec<CounterOp<'_>> = prev_idx
+                let peeks: SmallVec<[CounterOp<'_>; 4]> = prev_idx
                     .iter()
                     .filter_map(|&i| plans[i].prev.as_ref().map(|(k, _)| CounterOp::new(k, 0, 0)))
                     .collect();
@@ -543,27 +556,6 @@ impl<S: CounterStore> RateLimiter<S> {
                 plans[i].prev_value = v;
                 plans[i].prev_share = usage::previous_share(v, w);
             }
-        }
-        if let Some((_, span, day, effective)) = &quota {
-            ops.push(CounterOp::new(&keys[0], hits, expiry(span.end)).when(Cond::Cap(*effective)));
-            ops.push(
-                CounterOp::new(&keys[1], hits, expiry(day.end.saturating_add(retention)))
-                    .when(Cond::IfPrevApplied),
-            );
-            quota_at = Some(0);
-        } else if !charge && hits > 0 {
-            // No quota: still keep daily usage for GetUsage.
-            let day_start = now_s - now_s.rem_euclid(86_400);
-            keys.push(pd::daily_key(&p.id, &key.id, day_start));
-        }
-        let daily_only = quota.is_none() && !keys.is_empty();
-        if daily_only {
-            let day_start = now_s - now_s.rem_euclid(86_400);
-            ops.push(CounterOp::new(
-                &keys[0],
-                hits,
-                expiry(day_start + 86_400 + retention),
-            ));
         }
         // Per-model daily usage for GetUsage: requests when counted, tokens
         // and spend when charged.
@@ -579,7 +571,7 @@ impl<S: CounterStore> RateLimiter<S> {
             }
         };
         let model_name = model.unwrap_or("");
-        let mut model_ops: Vec<(Vec<u8>, u64)> = Vec::with_capacity(if charge { 4 } else { 1 });
+        let mut model_ops: SmallVec<[(Vec<u8>, u64); 4]> = SmallVec::new();
         if charge {
             let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
             for (m, v) in [
@@ -605,6 +597,29 @@ impl<S: CounterStore> RateLimiter<S> {
                     model_name,
                 ),
                 hits,
+            ));
+        }
+        // Declared after what its operations borrow (keys, model_ops).
+        let mut ops: SmallVec<[CounterOp<'_>; 8]> = SmallVec::new();
+        if let Some((_, span, day, effective)) = &quota {
+            ops.push(CounterOp::new(&keys[0], hits, expiry(span.end)).when(Cond::Cap(*effective)));
+            ops.push(
+                CounterOp::new(&keys[1], hits, expiry(day.end.saturating_add(retention)))
+                    .when(Cond::IfPrevApplied),
+            );
+            quota_at = Some(0);
+        } else if !charge && hits > 0 {
+            // No quota: still keep daily usage for GetUsage.
+            let day_start = now_s - now_s.rem_euclid(86_400);
+            keys.push(pd::daily_key(&p.id, &key.id, day_start));
+        }
+        let daily_only = quota.is_none() && !keys.is_empty();
+        if daily_only {
+            let day_start = now_s - now_s.rem_euclid(86_400);
+            ops.push(CounterOp::new(
+                &keys[0],
+                hits,
+                expiry(day_start + 86_400 + retention),
             ));
         }
         let dedupe_at = dedupe.as_ref().map(|k| {
@@ -653,10 +668,10 @@ impl<S: CounterStore> RateLimiter<S> {
 
         // 3. Judge.
         let mut refused: Option<Status> = None;
-        let mut rollback: Vec<CounterOp<'_>> = Vec::with_capacity(ops.len());
+        let mut rollback: SmallVec<[CounterOp<'_>; 8]> = SmallVec::new();
         // States to give back their amount if the call is refused and rolled back.
-        let mut restore: Vec<(usize, u64)> = Vec::with_capacity(1 + plans.len());
-        let mut statuses: Vec<Status> = Vec::with_capacity(2 + plans.len());
+        let mut restore: SmallVec<[(usize, u64); 6]> = SmallVec::new();
+        let mut statuses: SmallVec<[Status; 6]> = SmallVec::new();
         if let (Some(i), Some((q, span, _, effective))) = (quota_at, &quota) {
             let used = values[i];
             let limit = match &plan.quota_limit {
@@ -969,7 +984,7 @@ impl<S: CounterStore> RateLimiter<S> {
             self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
         let entries = model_entries(model);
         let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
-        let mut states = Vec::new();
+        let mut states = States::new();
         let mut out = CallOutcome::default();
         self.decide_plan(
             &plan,
@@ -984,7 +999,7 @@ impl<S: CounterStore> RateLimiter<S> {
         .await?;
         Ok(ReportResult {
             duplicate: out.duplicate,
-            states,
+            states: states.into_vec(),
         })
     }
 
@@ -1010,7 +1025,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let now_s = now_us.div_euclid(1_000_000);
         let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s)?;
         let entries = model_entries(model);
-        let mut states = Vec::new();
+        let mut states = States::new();
         let mut out = CallOutcome::default();
         let status = self
             .decide_plan(
@@ -1063,7 +1078,7 @@ impl<S: CounterStore> RateLimiter<S> {
         Ok(ReserveResult {
             status,
             id,
-            states,
+            states: states.into_vec(),
             headers,
         })
     }
@@ -1312,8 +1327,12 @@ type Group<'a> = (
     usize,
     &'a ApiKey,
     Option<&'a str>,
-    Vec<usize>,
+    SmallVec<[usize; 2]>,
 );
+
+/// The limit states of one decision (throttle, quota and a few limits fit
+/// without a heap allocation).
+type States = SmallVec<[LimitState; 6]>;
 
 /// One usage limit as a call sees it.
 struct LimitPlan<'a> {

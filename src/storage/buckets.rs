@@ -46,13 +46,14 @@ impl Buckets {
         f: impl FnOnce(Option<BucketState>) -> (BucketState, R),
     ) -> R {
         let mut shard = self.shard(key);
-        let (state, r) = f(shard.get(key).copied());
-        match shard.get_mut(key) {
-            Some(s) => *s = state,
-            None => {
-                shard.insert(key.to_vec(), state);
-            }
+        // One lookup for a known key (the hot path); a new key is inserted.
+        if let Some(s) = shard.get_mut(key) {
+            let (state, r) = f(Some(*s));
+            *s = state;
+            return r;
         }
+        let (state, r) = f(None);
+        shard.insert(key.to_vec(), state);
         r
     }
 
