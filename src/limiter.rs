@@ -222,22 +222,29 @@ impl<S: CounterStore> RateLimiter<S> {
     /// The store's error, if it could not count (durable mode only).
     pub async fn decide(&self, req: &Request, now_us: i64) -> Result<Decision, storage::Error> {
         let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
-        if !self.catalog.load().governs(&req.domain) {
-            return self.decide_rules(req, now).await;
+        // The guard is not held across an await: only the Arc goes on.
+        let governed = {
+            let cat = self.catalog.load();
+            cat.governs(&req.domain)
+                .then(|| arc_swap::Guard::into_inner(cat))
+        };
+        match governed {
+            None => self.decide_rules(req, now).await,
+            // Boxed: a plan decision's future holds its inline buffers
+            // (kilobytes); unboxed, every config-rule decision's future would
+            // be that large too.
+            Some(cat) => Box::pin(self.decide_governed(cat, req, now_us)).await,
         }
-        // Boxed: a plan decision's future holds its inline buffers (kilobytes);
-        // unboxed, every config-rule decision's future would be that large too.
-        Box::pin(self.decide_governed(req, now_us)).await
     }
 
     /// [`decide`](Self::decide) for a domain a plan governs.
     async fn decide_governed(
         &self,
+        cat: Arc<Catalog>,
         req: &Request,
         now_us: i64,
     ) -> Result<Decision, storage::Error> {
         let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
-        let cat = self.catalog.load_full();
         let now_s = now_us.div_euclid(1_000_000);
         let mut plan_statuses: SmallVec<[Option<Status>; 4]> =
             SmallVec::with_capacity(req.descriptors.len());
@@ -305,6 +312,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 Some(call) if members.len() == 1 => {
                     self.decide_plan(
+                        &cat,
                         plan,
                         stage,
                         key,
@@ -323,6 +331,7 @@ impl<S: CounterStore> RateLimiter<S> {
                         .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
                         .collect();
                     self.decide_plan(
+                        &cat,
                         plan,
                         stage,
                         key,
@@ -416,6 +425,7 @@ impl<S: CounterStore> RateLimiter<S> {
     #[allow(clippy::too_many_arguments)]
     async fn decide_plan(
         &self,
+        cat: &Catalog,
         plan: &CompiledPlan,
         stage: usize,
         key: &ApiKey,
@@ -487,7 +497,6 @@ impl<S: CounterStore> RateLimiter<S> {
         }
 
         // 2. Counters: quota (+ daily usage) and usage limits, in one call.
-        let cat = self.catalog.load();
         let retention = i64::from(self.retention_days) * 86_400;
         // Sized up front: quota + daily + dedupe + one per limit + models.
         let mut keys: SmallVec<[Vec<u8>; 2]> = SmallVec::new();
@@ -987,6 +996,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let mut states = States::new();
         let mut out = CallOutcome::default();
         self.decide_plan(
+            &cat,
             &plan,
             stage_i,
             &key,
@@ -1029,6 +1039,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let mut out = CallOutcome::default();
         let status = self
             .decide_plan(
+                &cat,
                 &plan,
                 stage_i,
                 &key,
