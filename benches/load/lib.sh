@@ -9,15 +9,15 @@ BENCH_KEY_PLACEHOLDER=slk_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx
 # The admin token the scripts start sluice with (loopback only).
 BENCH_ADMIN_TOKEN=bench-admin-token
 
-# bench_config FILE [LIMIT]: one per-key rule (domain bench, key api_key), its
-# limit (default 4000000000 per minute) far above what a run can reach.
+# bench_config FILE [LIMIT] [UNIT]: one per-key rule (domain bench, key
+# api_key), by default 4000000000 per minute: far above what a run can reach.
 bench_config() {
   mkdir -p "$(dirname "$1")"
   cat > "$1" <<YAML
 domain: bench
 descriptors:
   - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: ${2:-4000000000}}
+    rate_limit: {unit: ${3:-minute}, requests_per_unit: ${2:-4000000000}}
 YAML
 }
 

@@ -24,6 +24,8 @@
 # given as the CPU time (user + sys) the server used until it listened.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
 
 KEYS=${KEYS:-1000000}
 OUT=${OUT:-benches/load/memory.txt}
@@ -107,19 +109,8 @@ load_keys() {
 # Sum of "purged expired counters removed=N" in a log.
 purged() { sed -n 's/.*purged expired counters removed=\([0-9]*\).*/\1/p' "$1" | awk '{s += $1} END {print s + 0}'; }
 
-mkdir -p "$work/expiry/config" "$work/restart/config"
-cat > "$work/expiry/config/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: minute, requests_per_unit: 1000}
-YAML
-cat > "$work/restart/config/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: api_key
-    rate_limit: {unit: day, requests_per_unit: 1000}
-YAML
+bench_config "$work/expiry/config/bench.yaml" 1000 minute
+bench_config "$work/restart/config/bench.yaml" 1000 day
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -182,7 +173,6 @@ for i in $(seq 1 "$RESTARTS"); do
   [ "$restored" = "$(( KEYS + 1 ))" ] || { echo "restart $i: restored=$restored, want $(( KEYS + 1 ))" >&2; exit 1; }
   [ "$i" = "$RESTARTS" ] || stop "$log2"
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 first=$("$keys_bin" "$addr" bench api_key --one key-0 --timeout 10)
 last=$("$keys_bin" "$addr" bench api_key --one "key-$(( KEYS - 1 ))" --timeout 10)
 fresh=$("$keys_bin" "$addr" bench api_key --one never-sent --timeout 10)
@@ -218,8 +208,8 @@ report="$work/report.txt"
   printf '  %-44s %10s MiB\n' "RSS after $KEYS keys" "$(mib "$r_after")"
   printf '  %-44s %10s bytes\n' "bytes per key while live (after - start)/N" "$(per_key "$r_start" "$r_after")"
   printf '  %-44s %10s s\n' "SIGTERM to exit (final flush)" "$stop_s"
-  printf '  %-44s %10s s  (each: %s; counter store opened at: %s)\n' "restart: exec to 'sluice listening', median" "$(median "${readies[@]}")" "${readies[*]}" "${stores[*]}"
-  printf '  %-44s %10s s  (each: %s)\n' "restart: CPU used until listening, median" "$(median "${cpus[@]}")" "${cpus[*]}"
+  printf '  %-44s %10s s  (each: %s; counter store opened at: %s)\n' "restart: exec to 'sluice listening', median" "$(printf '%s\n' "${readies[@]}" | median)" "${readies[*]}" "${stores[*]}"
+  printf '  %-44s %10s s  (each: %s)\n' "restart: CPU used until listening, median" "$(printf '%s\n' "${cpus[@]}" | median)" "${cpus[*]}"
   printf '  %-44s %10s\n' "restored counters (log restored=)" "$restored"
   printf '  %-44s %10s MiB\n' "RSS right after the last restart" "$(mib "$r_restart")"
   printf '  %-44s %10s MiB\n' "RSS after 3 checks" "$(mib "$r_restart_used")"
