@@ -37,7 +37,7 @@ use sluice::engine::{Code, Decision, Descriptor, Entry, Reason, Request, Status,
 use sluice::limiter::{QuotaState, RateLimiter};
 use sluice::plans::model::{
     ApiKey, HeaderStyle, LimitWindow, Metric, PeriodKind, Plan, Price, Quota, Scope, Stage,
-    Throttle, TokenCount, UsageLimit, DEFAULT_KEY_ENTRY, DEFAULT_METHOD_ENTRY, DEFAULT_PATH_ENTRY,
+    Throttle, TokenCount, UsageLimit, DEFAULT_KEY_ENTRY,
 };
 use sluice::plans::registry::Registry;
 use sluice::storage::memory::MemoryCounters;
@@ -227,30 +227,17 @@ fn value_of(name: &str) -> String {
 fn stage(domain: &str) -> Stage {
     Stage {
         domain: domain.into(),
-        stage: String::new(),
-        method_throttles: BTreeMap::new(),
-        key_entry: DEFAULT_KEY_ENTRY.into(),
-        method_entry: DEFAULT_METHOD_ENTRY.into(),
-        path_entry: DEFAULT_PATH_ENTRY.into(),
-        default_usage: String::new(),
+        ..Stage::default()
     }
 }
 
 /// A plan over `DOMAIN` with `limits` and nothing else.
 fn plan(name: &str, limits: Vec<UsageLimit>) -> Plan {
     Plan {
-        id: String::new(),
         name: name.into(),
-        description: String::new(),
-        throttle: None,
-        quota: None,
         stages: vec![stage(DOMAIN)],
-        tags: BTreeMap::new(),
-        create_time: 0,
-        update_time: 0,
         limits,
-        prices: BTreeMap::new(),
-        header_style: HeaderStyle::default(),
+        ..Plan::default()
     }
 }
 

@@ -87,9 +87,7 @@ pub fn bench_plan() -> Plan {
         },
     );
     Plan {
-        id: String::new(),
         name: "bench".into(),
-        description: String::new(),
         throttle: Some(Throttle {
             rate_limit: 1e9,
             burst_limit: u32::MAX,
@@ -102,19 +100,10 @@ pub fn bench_plan() -> Plan {
         }),
         stages: vec![Stage {
             domain: "bench-plans".into(),
-            stage: String::new(),
             method_throttles,
-            key_entry: "api_key".into(),
-            method_entry: "method".into(),
-            path_entry: "path".into(),
-            default_usage: String::new(),
+            ..Stage::default()
         }],
-        tags: BTreeMap::new(),
-        create_time: 0,
-        update_time: 0,
-        limits: Vec::new(),
-        prices: BTreeMap::new(),
-        header_style: Default::default(),
+        ..Plan::default()
     }
 }
 

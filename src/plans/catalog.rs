@@ -508,11 +508,7 @@ mod tests {
         Stage {
             domain: domain.into(),
             stage: stage.into(),
-            method_throttles: BTreeMap::new(),
-            key_entry: "api_key".into(),
-            method_entry: "method".into(),
-            path_entry: "path".into(),
-            default_usage: String::new(),
+            ..Stage::default()
         }
     }
 
@@ -520,16 +516,8 @@ mod tests {
         Plan {
             id: id.into(),
             name: format!("{id}-name"),
-            description: String::new(),
-            throttle: None,
-            quota: None,
             stages,
-            tags: BTreeMap::new(),
-            create_time: 0,
-            update_time: 0,
-            limits: Vec::new(),
-            prices: BTreeMap::new(),
-            header_style: Default::default(),
+            ..Plan::default()
         }
     }
 

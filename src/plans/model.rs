@@ -117,6 +117,22 @@ pub struct Stage {
     pub default_usage: String,
 }
 
+impl Default for Stage {
+    /// A whole-domain stage (domain "") with the default entry names, as the
+    /// admin API fills them in: `api_key`, `method`, `path`.
+    fn default() -> Self {
+        Stage {
+            domain: String::new(),
+            stage: String::new(),
+            method_throttles: BTreeMap::new(),
+            key_entry: DEFAULT_KEY_ENTRY.into(),
+            method_entry: DEFAULT_METHOD_ENTRY.into(),
+            path_entry: DEFAULT_PATH_ENTRY.into(),
+            default_usage: String::new(),
+        }
+    }
+}
+
 /// What a usage limit counts.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -257,8 +273,9 @@ pub enum HeaderStyle {
     None,
 }
 
-/// A usage plan.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A usage plan. The default is an empty plan (no name, stages or limits),
+/// for building one field by field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Immutable id.
     pub id: String,
@@ -723,7 +740,6 @@ mod tests {
         Plan {
             id: "p".into(),
             name: "gold".into(),
-            description: String::new(),
             throttle: Some(Throttle {
                 rate_limit: 10.0,
                 burst_limit: 20,
@@ -736,19 +752,9 @@ mod tests {
             }),
             stages: vec![Stage {
                 domain: "llm".into(),
-                stage: String::new(),
-                method_throttles: BTreeMap::new(),
-                key_entry: DEFAULT_KEY_ENTRY.into(),
-                method_entry: DEFAULT_METHOD_ENTRY.into(),
-                path_entry: DEFAULT_PATH_ENTRY.into(),
-                default_usage: String::new(),
+                ..Stage::default()
             }],
-            tags: BTreeMap::new(),
-            create_time: 0,
-            update_time: 0,
-            limits: Vec::new(),
-            prices: BTreeMap::new(),
-            header_style: HeaderStyle::default(),
+            ..Plan::default()
         }
     }
 
