@@ -29,6 +29,7 @@ source benches/load/lib.sh
 
 KEYS=${KEYS:-1000000}
 OUT=${OUT:-benches/load/memory.txt}
+mkdir -p "$(dirname "$OUT")"
 LOAD_TIMEOUT=${LOAD_TIMEOUT:-300}      # seconds for one rls_keys run
 PURGE_TIMEOUT=${PURGE_TIMEOUT:-60}     # seconds after the window ends
 SETTLE=${SETTLE:-5}                    # seconds after purge before the last RSS read

@@ -28,6 +28,7 @@ source benches/load/lib.sh
 
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}     # where reload.csv is written
+mkdir -p "$OUT"
 N=${N:-400000}               # requests per h2load run (400k: several seconds, tens of reloads)
 TIMEOUT=${TIMEOUT:-120}      # seconds per h2load run; also bounds the rewrite and check loops
 EVERY=${EVERY:-0.2}          # seconds between config rewrites

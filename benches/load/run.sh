@@ -18,6 +18,7 @@ source benches/load/lib.sh
 
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}   # where results.csv and chart.svg are written
+mkdir -p "$OUT"
 MODES=${MODES:-"pinned unpinned 1x1 sync plan tokens"}
 N=${N:-200000}            # requests per run (32x16 modes)
 N1=${N1:-20000}           # requests per run (1x1 mode)
