@@ -172,12 +172,7 @@ fn value_of(name: &str) -> String {
 fn stage(domain: &str) -> Stage {
     Stage {
         domain: domain.into(),
-        stage: String::new(),
-        method_throttles: BTreeMap::new(),
-        key_entry: DEFAULT_KEY_ENTRY.into(),
-        method_entry: DEFAULT_METHOD_ENTRY.into(),
-        path_entry: DEFAULT_PATH_ENTRY.into(),
-        default_usage: String::new(),
+        ..Stage::default()
     }
 }
 
@@ -212,18 +207,8 @@ fn plan(
 
 fn api_key(name: &str) -> ApiKey {
     ApiKey {
-        id: String::new(),
         name: name.into(),
-        description: String::new(),
-        enabled: true,
-        customer_id: String::new(),
-        create_time: 0,
-        update_time: 0,
-        expire_time: None,
-        tags: BTreeMap::new(),
-        hash: String::new(),
-        previous: None,
-        plan_ids: Default::default(),
+        ..ApiKey::default()
     }
 }
 

@@ -296,18 +296,8 @@ fn tpm(name: &str, n: u64) -> UsageLimit {
 
 fn api_key(name: &str) -> ApiKey {
     ApiKey {
-        id: String::new(),
         name: name.into(),
-        description: String::new(),
-        enabled: true,
-        customer_id: String::new(),
-        create_time: 0,
-        update_time: 0,
-        expire_time: None,
-        tags: BTreeMap::new(),
-        hash: String::new(),
-        previous: None,
-        plan_ids: Default::default(),
+        ..ApiKey::default()
     }
 }
 

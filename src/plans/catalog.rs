@@ -500,7 +500,7 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeSet;
 
     use super::*;
 
@@ -525,19 +525,12 @@ mod tests {
         ApiKey {
             id: id.into(),
             name: format!("{id}-name"),
-            description: String::new(),
-            enabled: true,
-            customer_id: String::new(),
-            create_time: 0,
-            update_time: 0,
-            expire_time: None,
-            tags: BTreeMap::new(),
             hash: model::hex(&model::hash_value(value)),
-            previous: None,
             plan_ids: plans
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect::<BTreeSet<_>>(),
+            ..ApiKey::default()
         }
     }
 

@@ -309,6 +309,25 @@ pub struct Plan {
     pub header_style: HeaderStyle,
 }
 
+impl Default for ApiKey {
+    fn default() -> Self {
+        ApiKey {
+            id: String::new(),
+            name: String::new(),
+            description: String::new(),
+            enabled: true,
+            customer_id: String::new(),
+            create_time: 0,
+            update_time: 0,
+            expire_time: None,
+            tags: BTreeMap::new(),
+            hash: String::new(),
+            previous: None,
+            plan_ids: BTreeSet::new(),
+        }
+    }
+}
+
 /// A key's previous value, still accepted until `until` after a rotation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviousValue {
@@ -318,7 +337,8 @@ pub struct PreviousValue {
     pub until: i64,
 }
 
-/// An API key; its value exists only as a hash.
+/// An API key; its value exists only as a hash. The default is an enabled
+/// key with no name, value (hash) or plans, for building one field by field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKey {
     /// Immutable id.
