@@ -498,7 +498,7 @@ impl<S: CounterStore> RateLimiter<S> {
 
         // 2. Counters: quota (+ daily usage) and usage limits, in one call.
         let retention = i64::from(self.retention_days) * 86_400;
-        // Sized up front: quota + daily + dedupe + one per limit + models.
+        // The quota and daily usage counters' keys.
         let mut keys: SmallVec<[Vec<u8>; 2]> = SmallVec::new();
         let mut quota_at = None;
         let quota = match (&p.quota, &plan.calendar, charge) {
@@ -512,7 +512,6 @@ impl<S: CounterStore> RateLimiter<S> {
             }
             _ => None,
         };
-        // Sliding limits need the previous window's counter first.
         let price = model.and_then(|m| {
             usage::price_for(&p.prices, m)
                 .or_else(|| usage::price_for(cat.shared_prices(), m))
@@ -549,6 +548,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 prev_share: 0,
             });
         }
+        // Sliding limits need the previous window's counter first.
         let prev_idx: SmallVec<[usize; 4]> = (0..plans.len())
             .filter(|&i| plans[i].prev.is_some())
             .collect();
@@ -566,8 +566,8 @@ impl<S: CounterStore> RateLimiter<S> {
                 plans[i].prev_share = usage::previous_share(v, w);
             }
         }
-        // Per-model daily usage for GetUsage: requests when counted, tokens
-        // and spend when charged.
+        // The usage day (the quota calendar's, else the UTC day) of the daily
+        // and per-model usage counters that GetUsage reads.
         let (day_start, day_end) = match (&quota, &plan.calendar) {
             (Some((_, _, d, _)), _) => (d.start, d.end),
             (None, Some(c)) => {
@@ -579,6 +579,8 @@ impl<S: CounterStore> RateLimiter<S> {
                 (d, d + 86_400)
             }
         };
+        // Per-model daily usage: requests when counted, tokens and spend
+        // when charged.
         let model_name = model.unwrap_or("");
         let mut model_ops: SmallVec<[(Vec<u8>, u64); 4]> = SmallVec::new();
         if charge {
@@ -608,6 +610,10 @@ impl<S: CounterStore> RateLimiter<S> {
                 hits,
             ));
         }
+        if quota.is_none() && !charge && hits > 0 {
+            // No quota: still keep daily usage for GetUsage.
+            keys.push(pd::daily_key(&p.id, &key.id, day_start));
+        }
         // Declared after what its operations borrow (keys, model_ops).
         let mut ops: SmallVec<[CounterOp<'_>; 8]> = SmallVec::new();
         if let Some((_, span, day, effective)) = &quota {
@@ -617,18 +623,11 @@ impl<S: CounterStore> RateLimiter<S> {
                     .when(Cond::IfPrevApplied),
             );
             quota_at = Some(0);
-        } else if !charge && hits > 0 {
-            // No quota: still keep daily usage for GetUsage.
-            let day_start = now_s - now_s.rem_euclid(86_400);
-            keys.push(pd::daily_key(&p.id, &key.id, day_start));
-        }
-        let daily_only = quota.is_none() && !keys.is_empty();
-        if daily_only {
-            let day_start = now_s - now_s.rem_euclid(86_400);
+        } else if let Some(daily) = keys.first() {
             ops.push(CounterOp::new(
-                &keys[0],
+                daily,
                 hits,
-                expiry(day_start + 86_400 + retention),
+                expiry(day_end.saturating_add(retention)),
             ));
         }
         let dedupe_at = dedupe.as_ref().map(|k| {

@@ -153,7 +153,7 @@ struct Route {
 }
 
 /// The plans of a (domain, stage) pair, in the order they claim a key.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct StagePlans {
     slot: u32,
     plan_ids: Vec<String>,
