@@ -221,28 +221,42 @@ impl<S: CounterStore> RateLimiter<S> {
     /// # Errors
     /// The store's error, if it could not count (durable mode only).
     pub async fn decide(&self, req: &Request, now_us: i64) -> Result<Decision, storage::Error> {
+        let mut wrote = false;
+        let decision = self.decide_now(req, now_us, &mut wrote)?;
+        if wrote {
+            self.store.commit().await?;
+        }
+        Ok(decision)
+    }
+
+    /// The whole decision without awaiting: every update is applied to the
+    /// store at once and `wrote` says whether any changed a counter (the
+    /// caller then commits before it answers). No await means no large
+    /// future to build and move per call, and one durability wait per
+    /// decision however many updates it made.
+    fn decide_now(
+        &self,
+        req: &Request,
+        now_us: i64,
+        wrote: &mut bool,
+    ) -> Result<Decision, storage::Error> {
         let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
-        // The guard is not held across an await: only the Arc goes on.
-        let governed = {
-            let cat = self.catalog.load();
-            cat.governs(&req.domain)
-                .then(|| arc_swap::Guard::into_inner(cat))
-        };
-        match governed {
-            None => self.decide_rules(req, now).await,
-            // Boxed: a plan decision's future holds its inline buffers
-            // (kilobytes); unboxed, every config-rule decision's future would
-            // be that large too.
-            Some(cat) => Box::pin(self.decide_governed(cat, req, now_us)).await,
+        let cat = self.catalog.load();
+        if cat.governs(&req.domain) {
+            self.decide_governed(&cat, req, now_us, wrote)
+        } else {
+            drop(cat);
+            self.decide_rules(req, now, wrote)
         }
     }
 
-    /// [`decide`](Self::decide) for a domain a plan governs.
-    async fn decide_governed(
+    /// [`decide_now`](Self::decide_now) for a domain a plan governs.
+    fn decide_governed(
         &self,
-        cat: Arc<Catalog>,
+        cat: &Catalog,
         req: &Request,
         now_us: i64,
+        wrote: &mut bool,
     ) -> Result<Decision, storage::Error> {
         let now = u64::try_from(now_us.div_euclid(1_000_000)).unwrap_or(0);
         let now_s = now_us.div_euclid(1_000_000);
@@ -310,20 +324,18 @@ impl<S: CounterStore> RateLimiter<S> {
                         ..refusal(None, 0, Reason::InvalidRequest)
                     }
                 }
-                Some(call) if members.len() == 1 => {
-                    self.decide_plan(
-                        &cat,
-                        plan,
-                        stage,
-                        key,
-                        &first.entries,
-                        call,
-                        now_us,
-                        &mut states,
-                        &mut out,
-                    )
-                    .await?
-                }
+                Some(call) if members.len() == 1 => self.decide_plan(
+                    cat,
+                    plan,
+                    stage,
+                    key,
+                    &first.entries,
+                    call,
+                    now_us,
+                    &mut states,
+                    &mut out,
+                    wrote,
+                )?,
                 Some(call) => {
                     // The method and path may come from any descriptor of the group.
                     let entries: Vec<Entry> = members
@@ -331,7 +343,7 @@ impl<S: CounterStore> RateLimiter<S> {
                         .flat_map(|&i| req.descriptors[i].entries.iter().cloned())
                         .collect();
                     self.decide_plan(
-                        &cat,
+                        cat,
                         plan,
                         stage,
                         key,
@@ -340,8 +352,8 @@ impl<S: CounterStore> RateLimiter<S> {
                         now_us,
                         &mut states,
                         &mut out,
-                    )
-                    .await?
+                        wrote,
+                    )?
                 }
             };
             style.get_or_insert(plan.plan.header_style);
@@ -359,7 +371,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 descriptors: rest,
                 hits_addend: req.hits_addend,
             };
-            self.decide_rules(&sub, now).await?.statuses
+            self.decide_rules(&sub, now, wrote)?.statuses
         }
         .into_iter();
         let statuses: Vec<Status> = plan_statuses
@@ -400,15 +412,30 @@ impl<S: CounterStore> RateLimiter<S> {
         })
     }
 
-    async fn decide_rules(&self, req: &Request, now: u64) -> Result<Decision, storage::Error> {
+    fn decide_rules(
+        &self,
+        req: &Request,
+        now: u64,
+        wrote: &mut bool,
+    ) -> Result<Decision, storage::Error> {
         let slots = self.config.load().rules.plan(req, now);
         let ops = counter_ops(&slots);
-        let values = if ops.is_empty() {
-            storage::Values::new()
-        } else {
-            self.store.add(&ops).await?
-        };
+        let values = self.apply(&ops, wrote)?;
         Ok(engine::decide(&slots, &values, now))
+    }
+
+    /// Applies `ops` to the store now (nothing for none), noting in `wrote`
+    /// whether any changes a counter.
+    fn apply(
+        &self,
+        ops: &[CounterOp<'_>],
+        wrote: &mut bool,
+    ) -> Result<storage::Values, storage::Error> {
+        if ops.is_empty() {
+            return Ok(storage::Values::new());
+        }
+        *wrote |= ops.iter().any(|o| o.hits > 0);
+        self.store.apply(ops)
     }
 
     /// One plan-governed group of descriptors (one key, one usage kind).
@@ -423,7 +450,7 @@ impl<S: CounterStore> RateLimiter<S> {
     /// every token and spend limit, whatever the limits say (they were
     /// spent); the status says whether the limits are now exceeded.
     #[allow(clippy::too_many_arguments)]
-    async fn decide_plan(
+    fn decide_plan(
         &self,
         cat: &Catalog,
         plan: &CompiledPlan,
@@ -434,6 +461,7 @@ impl<S: CounterStore> RateLimiter<S> {
         now_us: i64,
         states: &mut States,
         out: &mut CallOutcome,
+        wrote: &mut bool,
     ) -> Result<Status, storage::Error> {
         let p = &plan.plan;
         let now_s = now_us.div_euclid(1_000_000);
@@ -558,7 +586,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     .iter()
                     .filter_map(|&i| plans[i].prev.as_ref().map(|(k, _)| CounterOp::new(k, 0, 0)))
                     .collect();
-                self.store.add(&peeks).await?
+                self.apply(&peeks, wrote)?
             };
             for (&i, v) in prev_idx.iter().zip(values) {
                 let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
@@ -663,11 +691,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 op
             });
         }
-        let values = if ops.is_empty() {
-            storage::Values::new()
-        } else {
-            self.store.add(&ops).await?
-        };
+        let values = self.apply(&ops, wrote)?;
         if let Some(i) = dedupe_at {
             if values[i] > 1 {
                 out.duplicate = true;
@@ -774,9 +798,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     rollback.push(CounterOp::new(k, *v, 0).when(Cond::Sub));
                 }
                 // Undo what this call counted, and give back its tokens.
-                if !rollback.is_empty() {
-                    self.store.add(&rollback).await?;
-                }
+                self.apply(&rollback, wrote)?;
                 for (i, amount) in restore {
                     let st = &mut states[i];
                     st.remaining = st.remaining.saturating_add(amount).min(st.limit);
@@ -994,6 +1016,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
         let mut states = States::new();
         let mut out = CallOutcome::default();
+        let mut wrote = false;
         self.decide_plan(
             &cat,
             &plan,
@@ -1004,8 +1027,11 @@ impl<S: CounterStore> RateLimiter<S> {
             now_us,
             &mut states,
             &mut out,
-        )
-        .await?;
+            &mut wrote,
+        )?;
+        if wrote {
+            self.store.commit().await?;
+        }
         Ok(ReportResult {
             duplicate: out.duplicate,
             states: states.into_vec(),
@@ -1036,19 +1062,22 @@ impl<S: CounterStore> RateLimiter<S> {
         let entries = model_entries(model);
         let mut states = States::new();
         let mut out = CallOutcome::default();
-        let status = self
-            .decide_plan(
-                &cat,
-                &plan,
-                stage_i,
-                &key,
-                &entries,
-                Call::Reserve { estimate },
-                now_us,
-                &mut states,
-                &mut out,
-            )
-            .await?;
+        let mut wrote = false;
+        let status = self.decide_plan(
+            &cat,
+            &plan,
+            stage_i,
+            &key,
+            &entries,
+            Call::Reserve { estimate },
+            now_us,
+            &mut states,
+            &mut out,
+            &mut wrote,
+        )?;
+        if wrote {
+            self.store.commit().await?;
+        }
         let denied = status.code == Code::OverLimit;
         let headers = crate::plans::headers::build(
             plan.plan.header_style,

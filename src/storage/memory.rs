@@ -276,11 +276,12 @@ impl MemoryCounters {
 }
 
 impl CounterStore for MemoryCounters {
-    fn add(
-        &self,
-        ops: &[CounterOp<'_>],
-    ) -> impl std::future::Future<Output = Result<super::Values, Error>> + Send {
-        std::future::ready(Ok(self.add_now(ops)))
+    fn apply(&self, ops: &[CounterOp<'_>]) -> Result<super::Values, Error> {
+        Ok(self.add_now(ops))
+    }
+
+    fn commit(&self) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        std::future::ready(Ok(()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {

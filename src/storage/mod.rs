@@ -70,15 +70,47 @@ pub enum Cond {
 pub type Values = smallvec::SmallVec<[u64; 4]>;
 
 /// A store of windowed counters.
+///
+/// Updates are applied in memory at once ([`apply`](Self::apply)) and made
+/// durable, as far as the store's durability setting promises, by
+/// [`commit`](Self::commit). A decision applies all its ops (counts,
+/// refusals' rollbacks) without awaiting and commits once before it answers,
+/// so deciding needs no large future and a durable store waits once per
+/// decision, not once per update.
 pub trait CounterStore: Send + Sync + 'static {
     /// Adds each op's hits (saturating at `u64::MAX`) where its [`Cond`]
     /// allows, and returns the values after the add, in op order (for a
-    /// refused [`Cond::Cap`] op, the value the add would have produced). Each counter is updated atomically; the
-    /// ops of one call are not one transaction (nor are they upstream).
+    /// refused [`Cond::Cap`] op, the value the add would have produced). Each
+    /// counter is updated atomically; the ops of one call are not one
+    /// transaction (nor are they upstream). Not yet durable: see
+    /// [`commit`](Self::commit).
     ///
     /// # Errors
-    /// [`Error`] when the store cannot make the update (durable mode only).
-    fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Values, Error>> + Send;
+    /// [`Error::Closed`] once the store is shutting down.
+    fn apply(&self, ops: &[CounterOp<'_>]) -> Result<Values, Error>;
+
+    /// Waits until every op applied before this call is as durable as the
+    /// store promises before an answer: on disk in a sync-durability store;
+    /// at once for the others (their writes reach disk in the background).
+    ///
+    /// # Errors
+    /// [`Error`] when the store could not make the updates durable.
+    fn commit(&self) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// [`apply`](Self::apply), then [`commit`](Self::commit) if any op
+    /// changes a counter.
+    ///
+    /// # Errors
+    /// As for `apply` and `commit`.
+    fn add(&self, ops: &[CounterOp<'_>]) -> impl Future<Output = Result<Values, Error>> + Send {
+        async move {
+            let values = self.apply(ops)?;
+            if ops.iter().any(|o| o.hits > 0) {
+                self.commit().await?;
+            }
+            Ok(values)
+        }
+    }
 
     /// Every live counter whose key starts with `prefix`, with its value.
     /// A full scan: for the admin path (usage reports), never for decisions.

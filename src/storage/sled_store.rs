@@ -293,15 +293,19 @@ impl SledCounters {
 }
 
 impl CounterStore for SledCounters {
-    async fn add(&self, ops: &[CounterOp<'_>]) -> Result<super::Values, Error> {
+    fn apply(&self, ops: &[CounterOp<'_>]) -> Result<super::Values, Error> {
         if self.shared.stopped.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let values = self.shared.mem.add_now(ops);
-        if self.shared.durability == Durability::Sync && ops.iter().any(|o| o.hits > 0) {
-            self.wait_durable().await?;
+        Ok(self.shared.mem.add_now(ops))
+    }
+
+    async fn commit(&self) -> Result<(), Error> {
+        if self.shared.durability == Durability::Sync {
+            self.wait_durable().await
+        } else {
+            Ok(())
         }
-        Ok(values)
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {
