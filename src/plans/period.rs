@@ -30,6 +30,8 @@
 //! range the spans returned always contain the (clamped) instant; outside it
 //! they are the spans of the clamped instant, and nothing panics.
 
+use std::sync::atomic::{fence, AtomicI64, AtomicU64, Ordering};
+
 use jiff::civil::{Date, Time};
 use jiff::tz::{AmbiguousOffset, TimeZone};
 use jiff::Timestamp;
@@ -150,7 +152,56 @@ pub struct Calendar {
 /// The last [`Span`]s a calendar computed (its period's, a day's). A cache:
 /// clones start empty and it takes no part in equality.
 #[derive(Debug, Default)]
-struct Recent(std::sync::Mutex<[Option<Span>; 2]>);
+struct Recent([SpanSlot; 2]);
+
+/// One cached span, read by every thread without a lock (a seqlock: a
+/// writer makes `seq` odd while it stores, and a reader keeps what it read
+/// only if `seq` was even and unchanged around its reads). Decisions read it
+/// on every call; it changes once per period, so an uncontended mutex here
+/// was most of the cost of finding a span.
+#[derive(Debug, Default)]
+struct SpanSlot {
+    seq: AtomicU64,
+    start: AtomicI64,
+    end: AtomicI64,
+}
+
+impl SpanSlot {
+    /// The cached span if it contains `now`.
+    fn get(&self, now: i64) -> Option<Span> {
+        let before = self.seq.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return None;
+        }
+        let start = self.start.load(Ordering::Relaxed);
+        let end = self.end.load(Ordering::Relaxed);
+        // Orders the loads above before the check below: if they read a
+        // store of a writer that began after `before`, `seq` has moved on.
+        fence(Ordering::Acquire);
+        let after = self.seq.load(Ordering::Relaxed);
+        (before == after && before != 0 && start <= now && now < end).then_some(Span { start, end })
+    }
+
+    /// Caches `span`, unless another thread is storing one right now (the
+    /// next call will store it then).
+    fn set(&self, span: Span) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        if seq % 2 == 1
+            || self
+                .seq
+                .compare_exchange(seq, seq + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // Orders the odd `seq` before the stores: a reader that sees either
+        // store then sees `seq` changed.
+        fence(Ordering::Release);
+        self.start.store(span.start, Ordering::Relaxed);
+        self.end.store(span.end, Ordering::Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
+    }
+}
 
 impl Clone for Recent {
     fn clone(&self) -> Self {
@@ -302,13 +353,12 @@ impl Calendar {
     /// when the local date's period does not contain `now` (possible only
     /// where clocks fall back across midnight).
     fn span_containing(&self, period: Period, now: i64) -> Span {
-        let slot = usize::from(period == Period::Day);
-        let mut recent = self.recent.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(span) = recent[slot].filter(|s| s.start <= now && now < s.end) {
+        let slot = &self.recent.0[usize::from(period == Period::Day)];
+        if let Some(span) = slot.get(now) {
             return span;
         }
         let span = self.compute_span_containing(period, now);
-        recent[slot] = Some(span);
+        slot.set(span);
         span
     }
 

@@ -593,3 +593,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn span_cache_hands_out_only_whole_spans_it_was_given() {
+    let slot = SpanSlot::default();
+    assert_eq!(slot.get(0), None, "empty");
+    slot.set(Span { start: 10, end: 20 });
+    assert_eq!(slot.get(15), Some(Span { start: 10, end: 20 }));
+    assert_eq!(slot.get(20), None, "end is exclusive");
+    assert_eq!(slot.get(9), None);
+    // Writers race to store spans [10k, 10k + 10); a reader that got a start
+    // of one and an end of another would see a length other than 10.
+    let slot = std::sync::Arc::new(SpanSlot::default());
+    let hits = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..3i64 {
+            let slot = &slot;
+            let hits = &hits;
+            s.spawn(move || {
+                for i in 0..200_000i64 {
+                    let k = (i * 7 + t * 13) % 50;
+                    slot.set(Span {
+                        start: 10 * k,
+                        end: 10 * k + 10,
+                    });
+                    let now = 10 * ((i * 11 + t) % 50) + 5;
+                    if let Some(sp) = slot.get(now) {
+                        assert_eq!(sp.end - sp.start, 10, "torn span {sp:?}");
+                        assert!(sp.start <= now && now < sp.end);
+                        hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert!(hits.into_inner() > 0, "the cache answered at least once");
+}
