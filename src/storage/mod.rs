@@ -64,10 +64,10 @@ pub enum Cond {
     Sub,
 }
 
-/// Counter values returned by [`CounterStore::add`], in op order. Inline
-/// for up to four ops (a decision rarely has more), so the hot path does
-/// not allocate for them.
-pub type Values = smallvec::SmallVec<[u64; 4]>;
+/// Counter values returned by [`CounterStore::apply`], in op order. Inline
+/// for up to eight ops (a plan with a quota and three usage limits makes
+/// six), so the hot path does not allocate for them.
+pub type Values = smallvec::SmallVec<[u64; 8]>;
 
 /// A store of windowed counters.
 ///
