@@ -20,5 +20,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // The RLS server sluice runs: the same service and route, answering with
+    // `WireResponse` (encoded straight from a decision) instead of the
+    // generated `RateLimitResponse`. Clients still use the generated one.
+    let direct = out.join("rls_direct");
+    fs::create_dir_all(&direct)?;
+    let rls = tonic_build::manual::Service::builder()
+        .name("RateLimitService")
+        .package("envoy.service.ratelimit.v3")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("should_rate_limit")
+                .route_name("ShouldRateLimit")
+                .input_type("crate::proto::rls::RateLimitRequest")
+                .output_type("crate::server::wire::WireResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .out_dir(&direct)
+        .compile(&[rls]);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! proto <-> engine conversion at the API boundary, with request bounds.
-//! Only this module and `rls.rs` see prost types.
+//! Only this module, `wire.rs` (answers encoded directly) and `rls.rs` see
+//! prost types.
 
 use prost_types::Duration;
 
@@ -170,15 +171,20 @@ pub fn reason_body(r: Reason) -> String {
     )
 }
 
+/// Why a plan refused the decision's first refused descriptor, if a plan
+/// did (a config rule's refusal has no reason).
+pub fn refusal_reason(d: &Decision) -> Option<Reason> {
+    d.statuses
+        .iter()
+        .find(|s| s.code == Code::OverLimit)
+        .and_then(|s| s.reason)
+}
+
 /// Builds the wire response for a decision. When a plan refused a
 /// descriptor, `x-sluice-reason` (the first refusal's reason) is added to
 /// the response headers, so a gateway can map invalid keys to 403.
 pub fn response_to_proto(d: Decision) -> RateLimitResponse {
-    let reason = d
-        .statuses
-        .iter()
-        .find(|s| s.code == Code::OverLimit)
-        .and_then(|s| s.reason);
+    let reason = refusal_reason(&d);
     let mut response_headers_to_add: Vec<crate::proto::core::HeaderValue> = d
         .headers
         .into_iter()

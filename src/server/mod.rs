@@ -9,6 +9,7 @@ pub mod io;
 pub mod rls;
 pub mod status;
 pub mod usage;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +22,6 @@ pub use convert::RequestLimits;
 use crate::limiter::RateLimiter;
 use crate::plans::registry::Registry;
 use crate::proto::admin::admin_service_server::AdminServiceServer;
-use crate::proto::rls::rate_limit_service_server::RateLimitServiceServer;
 use crate::storage::CounterStore;
 
 /// The full RLS service name, as health checks and reflection know it.
@@ -53,7 +53,7 @@ pub async fn serve<S: CounterStore>(
     let usage = crate::proto::usage::usage_service_server::UsageServiceServer::new(
         usage::UsageServer::new(limiter.clone()),
     );
-    let rls = RateLimitServiceServer::new(rls::RlsService::new(limiter, limits));
+    let rls = rls::RateLimitServiceServer::new(rls::RlsService::new(limiter, limits));
 
     let drain = async move {
         shutdown.await;

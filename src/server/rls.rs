@@ -4,13 +4,26 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{request_from_proto, response_to_proto, RequestLimits};
+use super::convert::{request_from_proto, RequestLimits};
 use super::status::from_storage;
+use super::wire::WireResponse;
 use crate::engine::Code;
 use crate::limiter::RateLimiter;
-use crate::proto::rls::rate_limit_service_server::RateLimitService;
-use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+use crate::proto::rls::RateLimitRequest;
 use crate::storage::{unix_now_us, CounterStore};
+
+pub use generated::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
+
+/// `envoy.service.ratelimit.v3.RateLimitService`'s server as tonic generates
+/// it (build.rs), answering with a [`WireResponse`] instead of the generated
+/// `RateLimitResponse`: the same bytes on the wire.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod generated {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/rls_direct/envoy.service.ratelimit.v3.RateLimitService.rs"
+    ));
+}
 
 /// The RLS gRPC service.
 #[derive(Debug)]
@@ -33,7 +46,7 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
-    ) -> Result<Response<RateLimitResponse>, Status> {
+    ) -> Result<Response<WireResponse>, Status> {
         let req = request_from_proto(request.into_inner(), &self.limits).inspect_err(|e| {
             tracing::debug!(error = %e, "invalid request");
         })?;
@@ -51,6 +64,6 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
             },
             "decided"
         );
-        Ok(Response::new(response_to_proto(decision)))
+        Ok(Response::new(WireResponse::new(decision)))
     }
 }
