@@ -112,7 +112,7 @@ pub struct ReserveResult {
     /// The state of the plan's limits.
     pub states: Vec<LimitState>,
     /// Headers for the client (the plan's style).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: engine::Headers,
 }
 
 /// One day of a key's usage.
@@ -403,7 +403,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 overall == Code::OverLimit,
                 retry_after,
             ),
-            None => Vec::new(),
+            None => engine::Headers::default(),
         };
         Ok(Decision {
             overall,

@@ -338,13 +338,10 @@ fn l(n: u32, unit: Unit, name: &str) -> Option<(u32, Unit, String)> {
 
 /// A header's value.
 fn hdr<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
-    d.headers
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.as_str())
+    d.headers.get(name)
 }
 
-fn headers(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+fn headers(pairs: &[(&'static str, &str)]) -> sluice::engine::Headers {
     pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 

@@ -220,7 +220,75 @@ pub struct Decision {
     /// One status per request descriptor, in request order.
     pub statuses: Vec<Status>,
     /// Rate-limit headers for the client (usage plans only).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Headers,
+}
+
+/// Response headers for the client: (name, value) pairs in order. The
+/// values share one string, so a plan answer's six `x-ratelimit-*` headers
+/// cost one allocation, not six (or seven with the vector).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers {
+    /// Every value, one after the other.
+    values: String,
+    /// Each header's name and the end of its value in `values`.
+    entries: smallvec::SmallVec<[(&'static str, usize); 8]>,
+}
+
+impl Headers {
+    /// Adds a header whose value `write` appends to the string it is given
+    /// (which holds the earlier values: append only).
+    pub fn push_with(&mut self, name: &'static str, write: impl FnOnce(&mut String)) {
+        if self.values.capacity() == 0 {
+            self.values.reserve(128);
+        }
+        write(&mut self.values);
+        self.entries.push((name, self.values.len()));
+    }
+
+    /// Adds a header.
+    pub fn push(&mut self, name: &'static str, value: &str) {
+        self.push_with(name, |s| s.push_str(value));
+    }
+
+    /// The headers in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+        let mut start = 0;
+        self.entries.iter().map(move |&(name, end)| {
+            let value = &self.values[start..end];
+            start = end;
+            (name, value)
+        })
+    }
+
+    /// The value of the first header named `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Owned (name, value) pairs.
+    pub fn to_vec(&self) -> Vec<(&'static str, String)> {
+        self.iter().map(|(n, v)| (n, v.to_owned())).collect()
+    }
+}
+
+impl FromIterator<(&'static str, String)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (&'static str, String)>>(iter: I) -> Self {
+        let mut h = Headers::default();
+        for (name, value) in iter {
+            h.push(name, &value);
+        }
+        h
+    }
 }
 
 /// All domains' rules: one immutable snapshot of the config.
@@ -383,7 +451,7 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
     Decision {
         overall,
         statuses,
-        headers: Vec::new(),
+        headers: Headers::default(),
     }
 }
 

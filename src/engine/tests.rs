@@ -1423,3 +1423,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn headers_keep_order_and_values_including_empty_ones() {
+    let mut h = Headers::default();
+    assert!(h.is_empty());
+    h.push("a", "1");
+    h.push("b", "");
+    h.push_with("c", |s| s.push_str("xyz"));
+    h.push("a", "second");
+    assert_eq!(h.len(), 4);
+    assert_eq!(
+        h.to_vec(),
+        vec![
+            ("a", "1".to_owned()),
+            ("b", String::new()),
+            ("c", "xyz".to_owned()),
+            ("a", "second".to_owned()),
+        ]
+    );
+    assert_eq!(h.get("a"), Some("1"), "the first of a name");
+    assert_eq!(h.get("b"), Some(""));
+    assert_eq!(h.get("d"), None);
+    let same: Headers = h.to_vec().into_iter().collect();
+    assert_eq!(same, h);
+}

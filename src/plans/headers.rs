@@ -3,13 +3,22 @@
 //! draft's `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers),
 //! plus `retry-after` on refusals.
 
+use std::fmt::Write;
+
 use super::model::HeaderStyle;
+use crate::engine::Headers;
 use crate::limiter::LimitState;
 
 /// OpenAI's duration format: `1s`, `6m0s`, `1h2m3s`.
 pub fn openai_duration(secs: u64) -> String {
-    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
     let mut out = String::with_capacity(12);
+    write_openai_duration(&mut out, secs);
+    out
+}
+
+/// Appends `secs` in OpenAI's duration format to `out`.
+fn write_openai_duration(out: &mut String, secs: u64) {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
     let mut buf = itoa::Buffer::new();
     if h > 0 {
         out.push_str(buf.format(h));
@@ -21,18 +30,16 @@ pub fn openai_duration(secs: u64) -> String {
     }
     out.push_str(buf.format(s));
     out.push('s');
-    out
 }
 
 /// A number as a header value (itoa: no `fmt` machinery on the hot path).
-fn num(n: u64) -> String {
-    itoa::Buffer::new().format(n).to_owned()
+fn push_num(h: &mut Headers, name: &'static str, n: u64) {
+    h.push_with(name, |s| s.push_str(itoa::Buffer::new().format(n)));
 }
 
-/// A structured-field string: quotes and backslashes escaped, anything but
-/// printable ASCII replaced.
-fn sf_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
+/// Appends a structured-field string: quotes and backslashes escaped,
+/// anything but printable ASCII replaced.
+fn write_sf_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -45,20 +52,19 @@ fn sf_string(s: &str) -> String {
         }
     }
     out.push('"');
-    out
 }
 
-/// The headers for a decision's limit states: (name, value) pairs.
+/// The headers for a decision's limit states.
 pub fn build(
     style: HeaderStyle,
     states: &[LimitState],
     denied: bool,
     retry_after: Option<u64>,
-) -> Vec<(&'static str, String)> {
+) -> Headers {
+    let mut h = Headers::default();
     if style == HeaderStyle::None {
-        return Vec::new();
+        return h;
     }
-    let mut h = Vec::with_capacity(8);
     if matches!(style, HeaderStyle::Openai | HeaderStyle::Both) {
         const NAMES: [(bool, [&str; 3]); 2] = [
             (
@@ -84,44 +90,45 @@ pub fn build(
                 .filter(|s| s.tokens == tokens)
                 .min_by_key(|s| s.remaining);
             if let Some(s) = binding {
-                h.push((limit, num(s.limit)));
-                h.push((remaining, num(s.remaining)));
+                push_num(&mut h, limit, s.limit);
+                push_num(&mut h, remaining, s.remaining);
                 if let Some(r) = s.reset_in {
-                    h.push((reset, openai_duration(r)));
+                    h.push_with(reset, |out| write_openai_duration(out, r));
                 }
             }
         }
     }
     if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) && !states.is_empty() {
-        let policy: Vec<String> = states
-            .iter()
-            .map(|s| {
+        h.push_with("ratelimit-policy", |out| {
+            for (i, s) in states.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_sf_string(out, &s.name);
                 let unit = if s.tokens {
                     ";sluice-unit=\"tokens\""
                 } else {
                     ""
                 };
-                format!(
-                    "{};q={};w={}{unit}",
-                    sf_string(&s.name),
-                    s.limit,
-                    s.window.max(1)
-                )
-            })
-            .collect();
-        let current: Vec<String> = states
-            .iter()
-            .map(|s| match s.reset_in {
-                Some(t) => format!("{};r={};t={t}", sf_string(&s.name), s.remaining),
-                None => format!("{};r={}", sf_string(&s.name), s.remaining),
-            })
-            .collect();
-        h.push(("ratelimit-policy", policy.join(", ")));
-        h.push(("ratelimit", current.join(", ")));
+                let _ = write!(out, ";q={};w={}{unit}", s.limit, s.window.max(1));
+            }
+        });
+        h.push_with("ratelimit", |out| {
+            for (i, s) in states.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_sf_string(out, &s.name);
+                let _ = write!(out, ";r={}", s.remaining);
+                if let Some(t) = s.reset_in {
+                    let _ = write!(out, ";t={t}");
+                }
+            }
+        });
     }
     if denied {
         if let Some(r) = retry_after {
-            h.push(("retry-after", num(r.max(1))));
+            push_num(&mut h, "retry-after", r.max(1));
         }
     }
     h
@@ -151,7 +158,7 @@ mod tests {
             st("p/tpd", true, 100000, 90000, 3600),
         ];
         let h = build(HeaderStyle::Openai, &states, false, None);
-        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| h.get(k);
         assert_eq!(get("x-ratelimit-limit-requests"), Some("100"));
         assert_eq!(get("x-ratelimit-remaining-requests"), Some("7"));
         assert_eq!(get("x-ratelimit-reset-requests"), Some("30s"));
@@ -160,7 +167,7 @@ mod tests {
         assert_eq!(get("x-ratelimit-reset-tokens"), Some("42s"));
         assert_eq!(get("retry-after"), None);
         let h = build(HeaderStyle::Openai, &states, true, Some(0));
-        assert!(h.contains(&("retry-after", "1".into())));
+        assert_eq!(h.get("retry-after"), Some("1"));
         assert!(build(HeaderStyle::None, &states, true, Some(5)).is_empty());
     }
 
@@ -169,7 +176,7 @@ mod tests {
         let states = [st("p/rpm", false, 100, 7, 30), st("p/\"x\"", true, 5, 0, 2)];
         let h = build(HeaderStyle::Ietf, &states, false, None);
         assert_eq!(
-            h,
+            h.to_vec(),
             vec![
                 (
                     "ratelimit-policy",

@@ -187,10 +187,10 @@ pub fn response_to_proto(d: Decision) -> RateLimitResponse {
     let reason = refusal_reason(&d);
     let mut response_headers_to_add: Vec<crate::proto::core::HeaderValue> = d
         .headers
-        .into_iter()
+        .iter()
         .map(|(k, v)| crate::proto::core::HeaderValue {
             key: k.to_owned(),
-            value: v,
+            value: v.to_owned(),
             ..Default::default()
         })
         .collect();

@@ -185,10 +185,10 @@ impl<S: CounterStore> UsageService for UsageServer<S> {
             },
             headers: out
                 .headers
-                .into_iter()
+                .iter()
                 .map(|(key, value)| pb::Header {
                     key: key.to_owned(),
-                    value,
+                    value: value.to_owned(),
                 })
                 .collect(),
         }))

@@ -174,7 +174,7 @@ fn encode_decision(d: &Decision, buf: &mut impl BufMut) {
             varint_field(DURATION_SECONDS, secs, buf);
         }
     }
-    for (k, v) in &d.headers {
+    for (k, v) in d.headers.iter() {
         message_key(RESPONSE_HEADERS_TO_ADD, header_body_len(k, v), buf);
         str_field(HEADER_KEY, k, buf);
         str_field(HEADER_VALUE, v, buf);
@@ -286,12 +286,12 @@ mod tests {
         (
             any::<bool>(),
             prop::collection::vec(arb_status(), 0..5),
-            prop::collection::vec((key, prop_oneof![Just(String::new()), ".{0,300}"]), 0..8),
+            prop::collection::vec((key, prop_oneof![Just(String::new()), ".{0,300}"]), 0..10),
         )
             .prop_map(|(over, statuses, headers)| Decision {
                 overall: if over { Code::OverLimit } else { Code::Ok },
                 statuses,
-                headers,
+                headers: headers.into_iter().collect(),
             })
     }
 
@@ -319,7 +319,7 @@ mod tests {
                 reset_in: Some(7),
                 reason: Some(Reason::QuotaExceeded),
             }],
-            headers: vec![("retry-after", "7".into())],
+            headers: [("retry-after", "7".to_owned())].into_iter().collect(),
         };
         let want = convert::response_to_proto(d.clone());
         let wire = WireResponse::new(d);
