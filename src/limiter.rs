@@ -18,6 +18,7 @@
 //! # });
 //! ```
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -357,9 +358,10 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             };
             style.get_or_insert(plan.plan.header_style);
-            for &i in &members {
+            for &i in &members[1..] {
                 plan_statuses[i] = Some(status.clone());
             }
+            plan_statuses[members[0]] = Some(status);
         }
         // Statuses of governed descriptors are in place; the others get the
         // rule statuses, in order.
@@ -495,20 +497,26 @@ impl<S: CounterStore> RateLimiter<S> {
             Call::Charge { usage, dedupe } => (true, 0, usage, dedupe),
         };
 
+        // Every counter and bucket key of the call, one after the other: one
+        // allocation for all of them. Keys are ranges into it.
+        let mut arena: Vec<u8> = Vec::with_capacity(512);
+
         // 1. The throttle (requests only).
         let mut throttle_state: Option<usize> = None;
         let mut throttled: Option<(
-            Vec<u8>,
+            Range<usize>,
             &crate::plans::model::Throttle,
             bucket::Outcome,
             &Arc<engine::Limit>,
         )> = None;
         if !charge {
             if let Some((t, method, limit)) = pd::select_throttle(plan, stage, entries) {
-                let bkey = pd::bucket_key(&p.id, &key.id, method.map(|m| (stage, m)));
+                let bkey = pd::push_key(&mut arena, |b| {
+                    pd::bucket_key_into(b, &p.id, &key.id, method.map(|m| (stage, m)));
+                });
                 let outcome = self
                     .buckets
-                    .update(&bkey, |s| bucket::take(s, t, hits, now_us));
+                    .update(&arena[bkey.clone()], |s| bucket::take(s, t, hits, now_us));
                 throttle_state = Some(states.len());
                 states.push(LimitState::throttle(
                     limit,
@@ -527,15 +535,19 @@ impl<S: CounterStore> RateLimiter<S> {
         // 2. Counters: quota (+ daily usage) and usage limits, in one call.
         let retention = i64::from(self.retention_days) * 86_400;
         // The quota and daily usage counters' keys.
-        let mut keys: SmallVec<[Vec<u8>; 2]> = SmallVec::new();
+        let mut keys: SmallVec<[Range<usize>; 2]> = SmallVec::new();
         let mut quota_at = None;
         let quota = match (&p.quota, &plan.calendar, charge) {
             (Some(q), Some(cal), false) => {
                 let span = cal.containing(now_s);
                 let day = cal.day_containing(now_s);
                 let effective = pd::effective_quota(q.limit, cat.grant(&p.id, &key.id, span.start));
-                keys.push(pd::quota_key(&p.id, &key.id, span.start));
-                keys.push(pd::daily_key(&p.id, &key.id, day.start));
+                keys.push(pd::push_key(&mut arena, |b| {
+                    pd::quota_key_into(b, &p.id, &key.id, span.start);
+                }));
+                keys.push(pd::push_key(&mut arena, |b| {
+                    pd::daily_key_into(b, &p.id, &key.id, day.start);
+                }));
                 Some((q, span, day, effective))
             }
             _ => None,
@@ -557,10 +569,21 @@ impl<S: CounterStore> RateLimiter<S> {
             } else {
                 0
             };
-            let counter = usage::counter_key(&p.id, &l.name, scope, pattern, span.start);
+            let counter = pd::push_key(&mut arena, |b| {
+                usage::counter_key_into(b, &p.id, &l.name, scope, pattern, span.start);
+            });
             let prev = l.window.sliding_secs().map(|len| {
                 (
-                    usage::counter_key(&p.id, &l.name, scope, pattern, span.start - len),
+                    pd::push_key(&mut arena, |b| {
+                        usage::counter_key_into(
+                            b,
+                            &p.id,
+                            &l.name,
+                            scope,
+                            pattern,
+                            span.start - len,
+                        );
+                    }),
                     usage::previous_weight_ppm(now_s, len),
                 )
             });
@@ -584,7 +607,12 @@ impl<S: CounterStore> RateLimiter<S> {
             let values = {
                 let peeks: SmallVec<[CounterOp<'_>; 4]> = prev_idx
                     .iter()
-                    .filter_map(|&i| plans[i].prev.as_ref().map(|(k, _)| CounterOp::new(k, 0, 0)))
+                    .filter_map(|&i| {
+                        plans[i]
+                            .prev
+                            .as_ref()
+                            .map(|(k, _)| CounterOp::new(&arena[k.clone()], 0, 0))
+                    })
                     .collect();
                 self.apply(&peeks, wrote)?
             };
@@ -610,7 +638,7 @@ impl<S: CounterStore> RateLimiter<S> {
         // Per-model daily usage: requests when counted, tokens and spend
         // when charged.
         let model_name = model.unwrap_or("");
-        let mut model_ops: SmallVec<[(Vec<u8>, u64); 4]> = SmallVec::new();
+        let mut model_ops: SmallVec<[(Range<usize>, u64); 4]> = SmallVec::new();
         if charge {
             let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
             for (m, v) in [
@@ -621,39 +649,53 @@ impl<S: CounterStore> RateLimiter<S> {
             ] {
                 if v > 0 {
                     model_ops.push((
-                        usage::model_usage_key(&p.id, &key.id, day_start, m, model_name),
+                        pd::push_key(&mut arena, |b| {
+                            usage::model_usage_key_into(
+                                b, &p.id, &key.id, day_start, m, model_name,
+                            );
+                        }),
                         v,
                     ));
                 }
             }
         } else if hits > 0 {
             model_ops.push((
-                usage::model_usage_key(
-                    &p.id,
-                    &key.id,
-                    day_start,
-                    ModelMetric::Requests,
-                    model_name,
-                ),
+                pd::push_key(&mut arena, |b| {
+                    usage::model_usage_key_into(
+                        b,
+                        &p.id,
+                        &key.id,
+                        day_start,
+                        ModelMetric::Requests,
+                        model_name,
+                    );
+                }),
                 hits,
             ));
         }
         if quota.is_none() && !charge && hits > 0 {
             // No quota: still keep daily usage for GetUsage.
-            keys.push(pd::daily_key(&p.id, &key.id, day_start));
+            keys.push(pd::push_key(&mut arena, |b| {
+                pd::daily_key_into(b, &p.id, &key.id, day_start);
+            }));
         }
+        // Every key is in; from here on they are read only.
+        let arena: &[u8] = &arena;
+        let k = |r: &Range<usize>| &arena[r.clone()];
         // Declared after what its operations borrow (keys, model_ops).
         let mut ops: SmallVec<[CounterOp<'_>; 8]> = SmallVec::new();
         if let Some((_, span, day, effective)) = &quota {
-            ops.push(CounterOp::new(&keys[0], hits, expiry(span.end)).when(Cond::Cap(*effective)));
             ops.push(
-                CounterOp::new(&keys[1], hits, expiry(day.end.saturating_add(retention)))
+                CounterOp::new(k(&keys[0]), hits, expiry(span.end)).when(Cond::Cap(*effective)),
+            );
+            ops.push(
+                CounterOp::new(k(&keys[1]), hits, expiry(day.end.saturating_add(retention)))
                     .when(Cond::IfPrevApplied),
             );
             quota_at = Some(0);
         } else if let Some(daily) = keys.first() {
             ops.push(CounterOp::new(
-                daily,
+                k(daily),
                 hits,
                 expiry(day_end.saturating_add(retention)),
             ));
@@ -673,7 +715,7 @@ impl<S: CounterStore> RateLimiter<S> {
             } else {
                 lp.span.end
             };
-            let op = CounterOp::new(&lp.counter, lp.amount, expiry(exp));
+            let op = CounterOp::new(k(&lp.counter), lp.amount, expiry(exp));
             ops.push(if dedupe_at.is_some() {
                 op.when(Cond::IfPrevApplied)
             } else if charge || lp.amount == 0 {
@@ -683,8 +725,8 @@ impl<S: CounterStore> RateLimiter<S> {
             });
         }
         let model_exp = expiry(day_end.saturating_add(retention));
-        for (k, v) in &model_ops {
-            let op = CounterOp::new(k, *v, model_exp);
+        for (key, v) in &model_ops {
+            let op = CounterOp::new(k(key), *v, model_exp);
             ops.push(if dedupe_at.is_some() {
                 op.when(Cond::IfPrevApplied)
             } else {
@@ -703,28 +745,39 @@ impl<S: CounterStore> RateLimiter<S> {
         let mut rollback: SmallVec<[CounterOp<'_>; 8]> = SmallVec::new();
         // States to give back their amount if the call is refused and rolled back.
         let mut restore: SmallVec<[(usize, u64); 6]> = SmallVec::new();
-        let mut statuses: SmallVec<[Status; 6]> = SmallVec::new();
+        // What each allowing limit reports: (remaining, reset in, limit). The
+        // answer names the one with the least left; its status is built once,
+        // at the end (no reference counting for the others).
+        let granted_quota;
+        let mut oks: SmallVec<[(u32, u64, &Arc<engine::Limit>); 6]> = SmallVec::new();
         if let (Some(i), Some((q, span, _, effective))) = (quota_at, &quota) {
             let used = values[i];
             let limit = match &plan.quota_limit {
-                Some(l) if *effective == q.limit => l.clone(),
-                _ => pd::quota_limit(&p.name, q, *effective),
+                Some(l) if *effective == q.limit => l,
+                _ => {
+                    granted_quota = pd::quota_limit(&p.name, q, *effective);
+                    &granted_quota
+                }
             };
             let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
             states.push(LimitState::requests(
-                &limit,
+                limit,
                 effective.saturating_sub(used.min(*effective)),
                 Some(reset_in),
             ));
             if pd::quota_allows(used, hits, *effective) {
                 if hits > 0 {
-                    rollback.push(CounterOp::new(&keys[0], hits, 0).when(Cond::Sub));
-                    rollback.push(CounterOp::new(&keys[1], hits, 0).when(Cond::Sub));
+                    rollback.push(CounterOp::new(k(&keys[0]), hits, 0).when(Cond::Sub));
+                    rollback.push(CounterOp::new(k(&keys[1]), hits, 0).when(Cond::Sub));
                     restore.push((states.len() - 1, hits));
                 }
-                statuses.push(ok_status(limit, effective - used, reset_in));
+                oks.push((status_remaining(effective - used), reset_in, limit));
             } else {
-                refused = Some(refusal(Some(limit), reset_in, Reason::QuotaExceeded));
+                refused = Some(refusal(
+                    Some(limit.clone()),
+                    reset_in,
+                    Reason::QuotaExceeded,
+                ));
             }
         }
         for (j, lp) in plans.iter().enumerate() {
@@ -736,7 +789,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 Metric::Spend => Reason::BudgetExceeded { customer },
             };
             let reset_in = u64::try_from(lp.span.end - now_s).unwrap_or(0);
-            let limit = lp.report.clone();
+            let limit = lp.report;
             // Usage "now": the counter (after this call's add, if applied) plus the sliding share.
             let would = value.saturating_add(lp.prev_share);
             let (allowed, used_now) = if charge {
@@ -765,10 +818,10 @@ impl<S: CounterStore> RateLimiter<S> {
             });
             if allowed {
                 if !charge && lp.amount > 0 {
-                    rollback.push(CounterOp::new(&lp.counter, lp.amount, 0).when(Cond::Sub));
+                    rollback.push(CounterOp::new(k(&lp.counter), lp.amount, 0).when(Cond::Sub));
                     restore.push((states.len() - 1, lp.amount));
                 }
-                statuses.push(ok_status(limit, remaining, reset_in));
+                oks.push((status_remaining(remaining), reset_in, limit));
             } else if refused.is_none() {
                 let retry = match lp.limit.window.sliding_secs() {
                     Some(len) => {
@@ -789,13 +842,13 @@ impl<S: CounterStore> RateLimiter<S> {
                     }
                     None => reset_in.max(1),
                 };
-                refused = Some(refusal(Some(limit), retry, reason));
+                refused = Some(refusal(Some(limit.clone()), retry, reason));
             }
         }
         if let Some(r) = refused {
             if !charge {
-                for (k, v) in &model_ops {
-                    rollback.push(CounterOp::new(k, *v, 0).when(Cond::Sub));
+                for (key, v) in &model_ops {
+                    rollback.push(CounterOp::new(k(key), *v, 0).when(Cond::Sub));
                 }
                 // Undo what this call counted, and give back its tokens.
                 self.apply(&rollback, wrote)?;
@@ -805,7 +858,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 if let Some((bkey, t, _, _)) = &throttled {
                     if hits > 0 {
-                        self.buckets.update(bkey, |s| {
+                        self.buckets.update(k(bkey), |s| {
                             let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
                             (bucket::refund(s, t, hits, now_us), ())
                         });
@@ -830,7 +883,7 @@ impl<S: CounterStore> RateLimiter<S> {
                         lp.span.end
                     };
                     out.reserved.push(Reserved {
-                        counter: lp.counter.clone(),
+                        counter: k(&lp.counter).to_vec(),
                         limit: lp.limit.clone(),
                         price: price.copied(),
                         amount: lp.amount,
@@ -839,28 +892,35 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             }
         }
-        if let Some((_, _, o, limit)) = throttled {
-            // First, so a tie reports the throttle.
-            statuses.insert(
-                0,
-                ok_status(
-                    limit.clone(),
-                    o.remaining,
-                    o.reset_in.map_or(0, pd::ceil_secs),
-                ),
-            );
-        }
-        // Report the binding limit: the one with the least left.
-        Ok(statuses
+        // Report the binding limit: the one with the least left; the
+        // throttle first, so a tie reports it.
+        let throttle_ok = throttled.as_ref().map(|(_, _, o, limit)| {
+            (
+                status_remaining(o.remaining),
+                o.reset_in.map_or(0, pd::ceil_secs),
+                *limit,
+            )
+        });
+        Ok(throttle_ok
             .into_iter()
-            .min_by_key(|s| s.remaining)
-            .unwrap_or(Status {
-                code: Code::Ok,
-                limit: None,
-                remaining: 0,
-                reset_in: None,
-                reason: None,
-            }))
+            .chain(oks)
+            .min_by_key(|(remaining, _, _)| *remaining)
+            .map_or(
+                Status {
+                    code: Code::Ok,
+                    limit: None,
+                    remaining: 0,
+                    reset_in: None,
+                    reason: None,
+                },
+                |(remaining, reset_in, limit)| Status {
+                    code: Code::Ok,
+                    limit: Some(limit.clone()),
+                    remaining,
+                    reset_in: Some(reset_in),
+                    reason: None,
+                },
+            ))
     }
 
     /// The live state of a key's quota in a plan at `now` (Unix seconds);
@@ -1377,12 +1437,12 @@ type States = SmallVec<[LimitState; 6]>;
 struct LimitPlan<'a> {
     limit: &'a UsageLimit,
     /// How it is reported (built once per plan).
-    report: Arc<engine::Limit>,
+    report: &'a Arc<engine::Limit>,
     lim: u64,
     span: period::Span,
     amount: u64,
-    counter: Vec<u8>,
-    prev: Option<(Vec<u8>, u64)>,
+    counter: Range<usize>,
+    prev: Option<(Range<usize>, u64)>,
     prev_value: u64,
     prev_share: u64,
 }
@@ -1451,14 +1511,9 @@ fn refusal(limit: Option<Arc<engine::Limit>>, reset_in: u64, reason: Reason) -> 
     }
 }
 
-fn ok_status(limit: Arc<engine::Limit>, remaining: u64, reset_in: u64) -> Status {
-    Status {
-        code: Code::Ok,
-        limit: Some(limit),
-        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-        reset_in: Some(reset_in),
-        reason: None,
-    }
+/// A status's remaining count (the wire's uint32, saturating).
+fn status_remaining(remaining: u64) -> u32 {
+    u32::try_from(remaining).unwrap_or(u32::MAX)
 }
 
 fn model_entries(model: &str) -> Vec<Entry> {

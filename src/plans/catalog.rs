@@ -54,12 +54,9 @@ pub struct CompiledPlan {
 impl CompiledPlan {
     /// The reported limit of usage limit `i` for `pattern` (`None` = the
     /// default limit).
-    pub fn limit_report(&self, i: usize, pattern: Option<&str>) -> Arc<Limit> {
+    pub fn limit_report(&self, i: usize, pattern: Option<&str>) -> &Arc<Limit> {
         let (default, patterns) = &self.limit_reports[i];
-        pattern
-            .and_then(|p| patterns.get(p))
-            .unwrap_or(default)
-            .clone()
+        pattern.and_then(|p| patterns.get(p)).unwrap_or(default)
     }
 }
 

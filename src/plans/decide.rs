@@ -18,6 +18,12 @@ pub const PLAN_KEY_TAG: u8 = 0xFF;
 
 fn key(kind: u8, parts: &[&[u8]], tail: i64) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + parts.iter().map(|p| p.len() + 1).sum::<usize>() + 8);
+    key_into(&mut k, kind, parts, tail);
+    k
+}
+
+/// Appends a key to `k` (a decision builds all its keys in one buffer).
+fn key_into(k: &mut Vec<u8>, kind: u8, parts: &[&[u8]], tail: i64) {
     k.push(PLAN_KEY_TAG);
     k.push(kind);
     for p in parts {
@@ -27,7 +33,14 @@ fn key(kind: u8, parts: &[&[u8]], tail: i64) -> Vec<u8> {
         k.push(0);
     }
     k.extend_from_slice(&tail.to_be_bytes());
-    k
+}
+
+/// Appends the key that `f` writes to `buf` and returns where it is: a
+/// decision builds every key in one buffer, one allocation for all.
+pub fn push_key(buf: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> std::ops::Range<usize> {
+    let start = buf.len();
+    f(buf);
+    start..buf.len()
 }
 
 /// The quota counter of a key in a plan for the period starting at `start`.
@@ -35,17 +48,45 @@ pub fn quota_key(plan_id: &str, key_id: &str, start: i64) -> Vec<u8> {
     key(b'q', &[plan_id.as_bytes(), key_id.as_bytes()], start)
 }
 
+/// [`quota_key`], appended to `buf`.
+pub fn quota_key_into(buf: &mut Vec<u8>, plan_id: &str, key_id: &str, start: i64) {
+    key_into(buf, b'q', &[plan_id.as_bytes(), key_id.as_bytes()], start);
+}
+
 /// The daily usage counter of a key in a plan for the day starting at `day_start`.
 pub fn daily_key(plan_id: &str, key_id: &str, day_start: i64) -> Vec<u8> {
     key(b'd', &[plan_id.as_bytes(), key_id.as_bytes()], day_start)
 }
 
+/// [`daily_key`], appended to `buf`.
+pub fn daily_key_into(buf: &mut Vec<u8>, plan_id: &str, key_id: &str, day_start: i64) {
+    key_into(
+        buf,
+        b'd',
+        &[plan_id.as_bytes(), key_id.as_bytes()],
+        day_start,
+    );
+}
+
 /// The bucket of a key's plan throttle, or of one per-method throttle
 /// (`method` = (stage index, method key)).
 pub fn bucket_key(plan_id: &str, key_id: &str, method: Option<(usize, &str)>) -> Vec<u8> {
+    let mut k = Vec::new();
+    bucket_key_into(&mut k, plan_id, key_id, method);
+    k
+}
+
+/// [`bucket_key`], appended to `buf`.
+pub fn bucket_key_into(
+    buf: &mut Vec<u8>,
+    plan_id: &str,
+    key_id: &str,
+    method: Option<(usize, &str)>,
+) {
     match method {
-        None => key(b't', &[plan_id.as_bytes(), key_id.as_bytes()], -1),
-        Some((stage, m)) => key(
+        None => key_into(buf, b't', &[plan_id.as_bytes(), key_id.as_bytes()], -1),
+        Some((stage, m)) => key_into(
+            buf,
             b't',
             &[plan_id.as_bytes(), key_id.as_bytes(), m.as_bytes()],
             stage as i64,

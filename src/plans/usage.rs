@@ -154,13 +154,17 @@ pub fn model_usage_prefix(plan_id: &str, key_id: &str) -> Vec<u8> {
 /// The prefix with room for `extra` more bytes.
 fn model_usage_prefix_with(plan_id: &str, key_id: &str, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(10 + plan_id.len() + key_id.len() + extra);
+    model_usage_prefix_into(&mut k, plan_id, key_id);
+    k
+}
+
+fn model_usage_prefix_into(k: &mut Vec<u8>, plan_id: &str, key_id: &str) {
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'm');
     for part in [plan_id.as_bytes(), key_id.as_bytes()] {
         k.extend_from_slice(&(part.len() as u32).to_be_bytes());
         k.extend_from_slice(part);
     }
-    k
 }
 
 /// A per-model daily usage counter: prefix, day start, metric, model.
@@ -172,10 +176,27 @@ pub fn model_usage_key(
     model: &str,
 ) -> Vec<u8> {
     let mut k = model_usage_prefix_with(plan_id, key_id, 9 + model.len());
+    model_usage_rest_into(&mut k, day_start, metric, model);
+    k
+}
+
+/// [`model_usage_key`], appended to `k`.
+pub fn model_usage_key_into(
+    k: &mut Vec<u8>,
+    plan_id: &str,
+    key_id: &str,
+    day_start: i64,
+    metric: ModelMetric,
+    model: &str,
+) {
+    model_usage_prefix_into(k, plan_id, key_id);
+    model_usage_rest_into(k, day_start, metric, model);
+}
+
+fn model_usage_rest_into(k: &mut Vec<u8>, day_start: i64, metric: ModelMetric, model: &str) {
     k.extend_from_slice(&day_start.to_be_bytes());
     k.push(metric.tag());
     k.extend_from_slice(model.as_bytes());
-    k
 }
 
 /// Decodes the part of a per-model usage counter key after its prefix.
@@ -303,11 +324,30 @@ pub fn counter_key(
     pattern: Option<&str>,
     window_start: i64,
 ) -> Vec<u8> {
-    let pattern = pattern.unwrap_or("");
     // Tag, kind, five length-prefixed parts, the window start: one allocation.
     let mut k = Vec::with_capacity(
-        2 + 5 * 4 + plan_id.len() + limit_name.len() + 1 + scope.1.len() + pattern.len() + 8,
+        2 + 5 * 4
+            + plan_id.len()
+            + limit_name.len()
+            + 1
+            + scope.1.len()
+            + pattern.map_or(0, str::len)
+            + 8,
     );
+    counter_key_into(&mut k, plan_id, limit_name, scope, pattern, window_start);
+    k
+}
+
+/// [`counter_key`], appended to `k`.
+pub fn counter_key_into(
+    k: &mut Vec<u8>,
+    plan_id: &str,
+    limit_name: &str,
+    scope: (u8, &str),
+    pattern: Option<&str>,
+    window_start: i64,
+) {
+    let pattern = pattern.unwrap_or("");
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'l');
     for part in [
@@ -322,7 +362,6 @@ pub fn counter_key(
     k.extend_from_slice(&(pattern.len() as u32).to_be_bytes());
     k.extend_from_slice(pattern.as_bytes());
     k.extend_from_slice(&window_start.to_be_bytes());
-    k
 }
 
 /// The key of a reported request id (for ReportUsage idempotency).
