@@ -378,15 +378,7 @@ impl<S: CounterStore> RateLimiter<S> {
         .into_iter();
         let statuses: Vec<Status> = plan_statuses
             .into_iter()
-            .map(|s| {
-                s.or_else(|| rules.next()).unwrap_or(Status {
-                    code: Code::Ok,
-                    limit: None,
-                    remaining: 0,
-                    reset_in: None,
-                    reason: None,
-                })
-            })
+            .map(|s| s.or_else(|| rules.next()).unwrap_or(Status::NO_LIMIT))
             .collect();
         let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) {
             Code::OverLimit
@@ -905,22 +897,48 @@ impl<S: CounterStore> RateLimiter<S> {
             .into_iter()
             .chain(oks)
             .min_by_key(|(remaining, _, _)| *remaining)
-            .map_or(
-                Status {
-                    code: Code::Ok,
-                    limit: None,
-                    remaining: 0,
-                    reset_in: None,
-                    reason: None,
-                },
-                |(remaining, reset_in, limit)| Status {
-                    code: Code::Ok,
-                    limit: Some(limit.clone()),
-                    remaining,
-                    reset_in: Some(reset_in),
-                    reason: None,
-                },
-            ))
+            .map_or(Status::NO_LIMIT, |(remaining, reset_in, limit)| Status {
+                code: Code::Ok,
+                limit: Some(limit.clone()),
+                remaining,
+                reset_in: Some(reset_in),
+                reason: None,
+            }))
+    }
+
+    /// One plan call outside `ShouldRateLimit` (a usage report, a
+    /// reservation): decided, then committed. Returns the status, the limit
+    /// states and the call's outcome.
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_call(
+        &self,
+        cat: &Catalog,
+        plan: &CompiledPlan,
+        stage: usize,
+        key: &ApiKey,
+        entries: &[Entry],
+        call: Call,
+        now_us: i64,
+    ) -> Result<(Status, States, CallOutcome), storage::Error> {
+        let mut states = States::new();
+        let mut out = CallOutcome::default();
+        let mut wrote = false;
+        let status = self.decide_plan(
+            cat,
+            plan,
+            stage,
+            key,
+            entries,
+            call,
+            now_us,
+            &mut states,
+            &mut out,
+            &mut wrote,
+        )?;
+        if wrote {
+            self.store.commit().await?;
+        }
+        Ok((status, states, out))
     }
 
     /// The live state of a key's quota in a plan at `now` (Unix seconds);
@@ -1074,24 +1092,17 @@ impl<S: CounterStore> RateLimiter<S> {
             self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
         let entries = model_entries(model);
         let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
-        let mut states = States::new();
-        let mut out = CallOutcome::default();
-        let mut wrote = false;
-        self.decide_plan(
-            &cat,
-            &plan,
-            stage_i,
-            &key,
-            &entries,
-            Call::Charge { usage, dedupe },
-            now_us,
-            &mut states,
-            &mut out,
-            &mut wrote,
-        )?;
-        if wrote {
-            self.store.commit().await?;
-        }
+        let (_, states, out) = self
+            .plan_call(
+                &cat,
+                &plan,
+                stage_i,
+                &key,
+                &entries,
+                Call::Charge { usage, dedupe },
+                now_us,
+            )
+            .await?;
         Ok(ReportResult {
             duplicate: out.duplicate,
             states: states.into_vec(),
@@ -1120,24 +1131,17 @@ impl<S: CounterStore> RateLimiter<S> {
         let now_s = now_us.div_euclid(1_000_000);
         let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s)?;
         let entries = model_entries(model);
-        let mut states = States::new();
-        let mut out = CallOutcome::default();
-        let mut wrote = false;
-        let status = self.decide_plan(
-            &cat,
-            &plan,
-            stage_i,
-            &key,
-            &entries,
-            Call::Reserve { estimate },
-            now_us,
-            &mut states,
-            &mut out,
-            &mut wrote,
-        )?;
-        if wrote {
-            self.store.commit().await?;
-        }
+        let (status, states, out) = self
+            .plan_call(
+                &cat,
+                &plan,
+                stage_i,
+                &key,
+                &entries,
+                Call::Reserve { estimate },
+                now_us,
+            )
+            .await?;
         let denied = status.code == Code::OverLimit;
         let headers = crate::plans::headers::build(
             plan.plan.header_style,

@@ -212,6 +212,17 @@ pub struct Status {
     pub reason: Option<Reason>,
 }
 
+impl Status {
+    /// OK with no limit applied (a descriptor no rule matched).
+    pub const NO_LIMIT: Status = Status {
+        code: Code::Ok,
+        limit: None,
+        remaining: 0,
+        reset_in: None,
+        reason: None,
+    };
+}
+
 /// The answer for a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -411,13 +422,7 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
     let statuses: Vec<Status> = slots
         .iter()
         .map(|slot| match slot {
-            Slot::NoLimit => Status {
-                code: Code::Ok,
-                limit: None,
-                remaining: 0,
-                reset_in: None,
-                reason: None,
-            },
+            Slot::NoLimit => Status::NO_LIMIT,
             Slot::Unlimited => Status {
                 code: Code::Ok,
                 limit: None,
