@@ -223,15 +223,7 @@ mod tests {
     use crate::engine::{Reason, Unit};
 
     fn arb_limit() -> impl Strategy<Value = Option<Arc<Limit>>> {
-        let unit = prop::sample::select(vec![
-            Unit::Second,
-            Unit::Minute,
-            Unit::Hour,
-            Unit::Day,
-            Unit::Month,
-            Unit::Year,
-            Unit::Week,
-        ]);
+        let unit = prop::sample::select(Unit::ALL.to_vec());
         let name = prop::option::of(prop_oneof![
             Just(String::new()),
             ".{0,40}",
