@@ -14,14 +14,14 @@
 # which also removes the loop's one-off costs (the first counters, the
 # allocator's first pages).
 #
-# Repeatability: the driver decides on a thread with its own (mimalloc) heap,
+# Repeatability: the driver decides on a thread with its own (jemalloc) cache,
 # and this script preloads a getrandom(3) that returns a fixed sequence
 # (built here with cc; without cc it warns and runs without it), so API key
 # ids and hash seeds, and with them the catalog's maps, are the same every
 # run. The config-rule cases then repeat to the instruction. The plan cases
 # still move by up to ~100 instructions per decision (< 1%) from run to run:
 # the setup's heap layout depends on how sled's threads interleaved with it,
-# and a few paths depend on it (memcmp on catalog strings, mimalloc's slow
+# and a few paths depend on it (memcmp on catalog strings, the allocator's slow
 # path). So each K is run REPS times and the median Ir is used (two whole
 # runs of this script then agree to within ~0.2%); `spread` is the largest
 # minus the smallest per-decision figure of the REPS pairs of runs.

@@ -24,7 +24,7 @@
 //! - the heap: the decisions run on a thread of their own, started before
 //!   the setup ([`Decider`]), so they allocate from a heap that sled's
 //!   threads never touched;
-//! - the allocator: mimalloc, as in the `sluice` binary (glibc's malloc
+//! - the allocator: jemalloc, as in the `sluice` binary (glibc's malloc
 //!   costs more and depends more on the heap's history);
 //! - randomness: API key and plan ids and hash seeds come from the OS;
 //!   `benches/callgrind.sh` preloads a `getrandom` that returns a fixed
@@ -49,7 +49,7 @@ use tokio::runtime::Runtime;
 
 /// The same allocator as the `sluice` binary.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -141,7 +141,7 @@ type Job = Box<dyn FnOnce() -> u64 + Send>;
 
 /// The thread the decisions run on, started before any setup.
 ///
-/// It allocates from a heap of its own (mimalloc: per thread), which only
+/// It allocates from a thread cache of its own (jemalloc), which only
 /// the decisions touch, so the counted loop starts from the same heap every
 /// run. On the main thread, the heap after the setup depends on how sled's
 /// threads interleaved with it, and with it the cost of allocating (tens to

@@ -3,7 +3,7 @@
 //! tonic unary call on a machine, the baseline `benches/load/run.sh` compares
 //! sluice against. Same protos, same tonic server settings as sluice (its
 //! connections from `sluice::server::io::incoming`: TCP nodelay, writes not
-//! vectored; default HTTP/2 settings, a multi-threaded runtime, mimalloc).
+//! vectored; default HTTP/2 settings, a multi-threaded runtime, jemalloc).
 //!
 //! `cargo run --release --example noop_rls -- 127.0.0.1:0` prints
 //! "noop listening on ADDR".
@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 /// The same allocator as the sluice binary, so the ratio stays honest.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 struct Noop;
 

@@ -17,11 +17,15 @@ use sluice::server::{self, RequestLimits};
 use sluice::storage::sled_store::{Durability, SledCounters};
 use sluice::telemetry::{self, LogFormat};
 
-/// mimalloc instead of glibc malloc: a gRPC call allocates ~50 times (h2,
+/// jemalloc instead of glibc malloc: a gRPC call allocates ~50 times (h2,
 /// tonic, the decision), and glibc's malloc/free cost ~12% of a pinned
-/// server's cycles (BENCHMARKS.md). The do-nothing baseline uses it too.
+/// server's cycles; and freed memory goes back to the OS (jemalloc's
+/// background thread purges it even while every other thread idles), where
+/// glibc kept nearly all of a 1M-key burst and mimalloc kept growing while
+/// sled compacted after the purge (BENCHMARKS.md, memory). The do-nothing
+/// baseline uses it too.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// sluice: an Envoy RLS v3 compatible rate limiter for LLM gateways.
 #[derive(Parser, Debug)]

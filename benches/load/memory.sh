@@ -9,7 +9,9 @@
 #   warm-up call, after KEYS distinct keys sent inside one minute window
 #   (the load starts just after a minute boundary), and once that window has
 #   ended and the purger has removed the counters (the server logs each purge
-#   at trace level; the script waits until they sum to every key sent).
+#   at trace level; the script waits until they sum to every key sent), read
+#   SETTLE s and again LATE s after the purge with the server idle (a server
+#   whose RSS climbs back while idle shows it there).
 # Phase "restart": rule `api_key`, 1000 per day, so counters stay live. KEYS
 #   distinct keys, SIGTERM (final flush), restart on the same data dir
 #   (RESTARTS times): wall time from exec to the "sluice listening" log line,
@@ -32,7 +34,9 @@ OUT=${OUT:-benches/load/memory.txt}
 mkdir -p "$(dirname "$OUT")"
 LOAD_TIMEOUT=${LOAD_TIMEOUT:-300}      # seconds for one rls_keys run
 PURGE_TIMEOUT=${PURGE_TIMEOUT:-60}     # seconds after the window ends
-SETTLE=${SETTLE:-5}                    # seconds after purge before the last RSS read
+SETTLE=${SETTLE:-5}                    # seconds after purge before the first RSS read
+LATE=${LATE:-60}                       # seconds after purge of the second (a server left
+                                       # idle must not grow back: sled compacts meanwhile)
 CONCURRENCY=${CONCURRENCY:-64}
 CONNECTIONS=${CONNECTIONS:-4}
 RESTARTS=${RESTARTS:-3}                # restarts measured in phase "restart"
@@ -144,6 +148,8 @@ done
 purge_s=$(( $(date +%s) - (w_end + 1) * 60 ))
 sleep "$SETTLE"
 e_expired=$(rss_kb "$pid")
+sleep $(( LATE > SETTLE ? LATE - SETTLE : 0 ))
+e_late=$(rss_kb "$pid")
 e_purged=$(purged "$log")
 stop "$log"
 
@@ -195,14 +201,16 @@ report="$work/report.txt"
   echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
   echo "load:    $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (1/5/15 min load average; other work on the machine skews the times)"
   echo "binary:  sluice sha256 $(sha256sum "$bin" | cut -c1-16)"
-  echo "command: ${SLUICE:+SLUICE=$SLUICE }KEYS=$KEYS CONCURRENCY=$CONCURRENCY CONNECTIONS=$CONNECTIONS RESTARTS=$RESTARTS bash benches/load/memory.sh"
+  echo "command: ${SLUICE:+SLUICE=$SLUICE }KEYS=$KEYS CONCURRENCY=$CONCURRENCY CONNECTIONS=$CONNECTIONS RESTARTS=$RESTARTS LATE=$LATE bash benches/load/memory.sh"
   echo
   echo "expiry (rule: 1000/minute; load: $e_load)"
   printf '  %-44s %10s MiB\n' "RSS after warm-up (start)" "$(mib "$e_start")"
   printf '  %-44s %10s MiB  (peak %s MiB)\n' "RSS after $KEYS keys, one window" "$(mib "$e_after")" "$(mib "$e_hwm")"
   printf '  %-44s %10s MiB  (purged %s counters, %s s after the window end, read %s s later)\n' "RSS after the window expired and was purged" "$(mib "$e_expired")" "$e_purged" "$purge_s" "$SETTLE"
   printf '  %-44s %10s bytes\n' "bytes per key while live (after - start)/N" "$(per_key "$e_start" "$e_after")"
+  printf '  %-44s %10s MiB  (idle since, %s s after the purge)\n' "RSS later" "$(mib "$e_late")" "$LATE"
   printf '  %-44s %10s bytes\n' "bytes per key left after expiry" "$(per_key "$e_start" "$e_expired")"
+  printf '  %-44s %10s bytes\n' "bytes per key left, later" "$(per_key "$e_start" "$e_late")"
   echo
   echo "restart (rule: 1000/day; load: $r_load)"
   printf '  %-44s %10s MiB\n' "RSS after warm-up (start)" "$(mib "$r_start")"
