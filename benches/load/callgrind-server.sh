@@ -49,8 +49,9 @@ calls() {
     sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p'
 }
 
-# profile NAME MARK MODE CMD...: prints instructions per call of MODE's
-# request (lib.sh's mode_request).
+# profile NAME MARK MODE CMD...: sets $result to the instructions per call of
+# MODE's request (lib.sh's mode_request). Not run in a command substitution:
+# the valgrind it starts must be known to this shell's EXIT trap.
 profile() {
   local name=$1 mark=$2 mode=$3; shift 3
   local log="$work/$name.log" out="$OUT/callgrind.$name"
@@ -72,18 +73,21 @@ profile() {
   callgrind_control -d "$vpid" >/dev/null 2>&1
   kill "$vpid"; wait "$vpid" 2>/dev/null || true; vpid=""
   mv "$out.1" "$out.out"; rm -f "$out"
-  callgrind_annotate "$out.out" 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d , |
-    awk -v n="$N" '{printf "%.0f\n", $1 / n}'
+  result=$(callgrind_annotate "$out.out" 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d , |
+    awk -v n="$N" '{printf "%.0f\n", $1 / n}')
+  [ -n "$result" ] || { echo "$name: no instruction total in $out.out" >&2; exit 1; }
 }
 
-noop=$(profile noop "noop listening on" rule target/release/examples/noop_rls 127.0.0.1:0)
+profile noop "noop listening on" rule target/release/examples/noop_rls 127.0.0.1:0
+noop=$result
 printf 'instructions per call (server, user space), N=%s:\n  %-14s %8s\n' "$N" noop "$noop"
 profiles="$OUT/callgrind.noop.out"
 for mode in $MODES; do
   name=sluice; [ "$mode" = rule ] || name="sluice-$mode"
   rm -rf "$work/data"
-  n=$(profile "$name" "sluice listening on" "$mode" target/release/sluice serve --config-dir "$work/config" \
-    --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN")
+  profile "$name" "sluice listening on" "$mode" target/release/sluice serve --config-dir "$work/config" \
+    --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN"
+  n=$result
   printf '  %-14s %8s  (noop/sluice %.3f)\n' "$name" "$n" "$(awk -v a="$noop" -v b="$n" 'BEGIN {print a / b}')"
   profiles+=" $OUT/callgrind.$name.out"
 done
