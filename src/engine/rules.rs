@@ -224,4 +224,39 @@ mod tests {
             assert_eq!(wildcard_match(p, t), want, "{p} vs {t}");
         }
     }
+
+    /// Every pattern over {a, b, *} and every text over {a, b} up to four
+    /// characters, against a plain recursive matcher.
+    #[test]
+    fn wildcards_agree_with_a_reference_matcher() {
+        fn reference(p: &[u8], t: &[u8]) -> bool {
+            match p.split_first() {
+                None => t.is_empty(),
+                Some((b'*', rest)) => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+                Some((c, rest)) => t.first() == Some(c) && reference(rest, &t[1..]),
+            }
+        }
+        fn all(alphabet: &[u8], max: usize) -> Vec<String> {
+            let mut out = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..max {
+                last = last
+                    .iter()
+                    .flat_map(|s| alphabet.iter().map(move |&c| format!("{s}{}", c as char)))
+                    .collect();
+                out.extend(last.iter().cloned());
+            }
+            out
+        }
+        let texts = all(b"ab", 4);
+        for p in all(b"ab*", 4) {
+            for t in &texts {
+                assert_eq!(
+                    wildcard_match(&p, t),
+                    reference(p.as_bytes(), t.as_bytes()),
+                    "{p:?} vs {t:?}"
+                );
+            }
+        }
+    }
 }
