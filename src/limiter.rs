@@ -561,16 +561,16 @@ impl<S: CounterStore> RateLimiter<S> {
             } else {
                 0
             };
+            let prefix = &plan.limit_key_prefixes[i];
             let counter = pd::push_key(&mut arena, |b| {
-                usage::counter_key_into(b, &p.id, &l.name, scope, pattern, span.start);
+                usage::counter_key_from_prefix_into(b, prefix, scope, pattern, span.start);
             });
             let prev = l.window.sliding_secs().map(|len| {
                 (
                     pd::push_key(&mut arena, |b| {
-                        usage::counter_key_into(
+                        usage::counter_key_from_prefix_into(
                             b,
-                            &p.id,
-                            &l.name,
+                            prefix,
                             scope,
                             pattern,
                             span.start - len,

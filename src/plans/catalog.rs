@@ -49,6 +49,9 @@ pub struct CompiledPlan {
     /// How each usage limit is reported: its default limit, and each model
     /// pattern's, in `plan.limits` order.
     pub limit_reports: Vec<LimitReports>,
+    /// The shared start of each usage limit's counter keys
+    /// ([`super::usage::counter_key_prefix`]), in `plan.limits` order.
+    pub limit_key_prefixes: Vec<Vec<u8>>,
 }
 
 impl CompiledPlan {
@@ -107,6 +110,11 @@ impl CompiledPlan {
                 (default, patterns)
             })
             .collect();
+        let limit_key_prefixes = plan
+            .limits
+            .iter()
+            .map(|l| super::usage::counter_key_prefix(&plan.id, &l.name))
+            .collect();
         Ok(CompiledPlan {
             plan,
             calendar,
@@ -115,6 +123,7 @@ impl CompiledPlan {
             quota_limit,
             limit_calendars,
             limit_reports,
+            limit_key_prefixes,
         })
     }
 }

@@ -347,18 +347,53 @@ pub fn counter_key_into(
     pattern: Option<&str>,
     window_start: i64,
 ) {
-    let pattern = pattern.unwrap_or("");
+    counter_key_prefix_into(k, plan_id, limit_name);
+    counter_key_rest_into(k, scope, pattern, window_start);
+}
+
+/// The part of a limit's counter keys that every call shares: tag, kind,
+/// plan id and limit name. A compiled plan keeps it per limit
+/// ([`super::catalog::CompiledPlan::limit_key_prefixes`]).
+pub fn counter_key_prefix(plan_id: &str, limit_name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + 2 * 4 + plan_id.len() + limit_name.len());
+    counter_key_prefix_into(&mut k, plan_id, limit_name);
+    k
+}
+
+/// [`counter_key_into`] from a [`counter_key_prefix`]: the same bytes, with
+/// the shared part copied in one piece.
+pub fn counter_key_from_prefix_into(
+    k: &mut Vec<u8>,
+    prefix: &[u8],
+    scope: (u8, &str),
+    pattern: Option<&str>,
+    window_start: i64,
+) {
+    k.extend_from_slice(prefix);
+    counter_key_rest_into(k, scope, pattern, window_start);
+}
+
+fn counter_key_prefix_into(k: &mut Vec<u8>, plan_id: &str, limit_name: &str) {
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'l');
-    for part in [
-        plan_id.as_bytes(),
-        limit_name.as_bytes(),
-        &[scope.0],
-        scope.1.as_bytes(),
-    ] {
+    for part in [plan_id.as_bytes(), limit_name.as_bytes()] {
         k.extend_from_slice(&(part.len() as u32).to_be_bytes());
         k.extend_from_slice(part);
     }
+}
+
+fn counter_key_rest_into(
+    k: &mut Vec<u8>,
+    scope: (u8, &str),
+    pattern: Option<&str>,
+    window_start: i64,
+) {
+    let pattern = pattern.unwrap_or("");
+    k.reserve(4 + 1 + 4 + scope.1.len() + 4 + pattern.len() + 8);
+    k.extend_from_slice(&1u32.to_be_bytes());
+    k.push(scope.0);
+    k.extend_from_slice(&(scope.1.len() as u32).to_be_bytes());
+    k.extend_from_slice(scope.1.as_bytes());
     k.extend_from_slice(&(pattern.len() as u32).to_be_bytes());
     k.extend_from_slice(pattern.as_bytes());
     k.extend_from_slice(&window_start.to_be_bytes());
@@ -530,6 +565,39 @@ mod tests {
         );
         assert_eq!(decode_model_usage(b"short"), None);
         assert!(!model_usage_key("p", "k2", 0, ModelMetric::Input, "").starts_with(&prefix));
+    }
+
+    /// Counter keys are stored in sled: their bytes must not change across
+    /// versions, and the prefix path must build the same bytes.
+    #[test]
+    fn counter_key_bytes_are_fixed_and_the_prefix_path_builds_the_same() {
+        let want: Vec<u8> = [
+            &[0xFF, b'l'][..],
+            &[0, 0, 0, 1, b'p'],
+            &[0, 0, 0, 3, b't', b'p', b'm'],
+            &[0, 0, 0, 1, b'k'],
+            &[0, 0, 0, 2, b'k', b'1'],
+            &[0, 0, 0, 2, b'g', b'*'],
+            &60i64.to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(counter_key("p", "tpm", (b'k', "k1"), Some("g*"), 60), want);
+        for (plan, limit, scope, pattern, start) in [
+            ("p", "tpm", (b'k', "k1"), Some("g*"), 60),
+            ("plan-a", "tokens per day", (b'c', "cust"), None, -86_400),
+            ("", "", (b'k', ""), Some(""), 0),
+        ] {
+            let mut k = vec![7u8];
+            counter_key_from_prefix_into(
+                &mut k,
+                &counter_key_prefix(plan, limit),
+                scope,
+                pattern,
+                start,
+            );
+            assert_eq!(k[0], 7, "appends");
+            assert_eq!(k[1..], counter_key(plan, limit, scope, pattern, start)[..]);
+        }
     }
 
     #[test]
