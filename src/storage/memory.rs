@@ -6,9 +6,12 @@
 //! so [`MemoryCounters::purge_expired`] touches only expired keys, and, when
 //! persistence is on, a list of keys changed since the last drain.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
 
 use super::{Cond, CounterOp, CounterStore, Error};
 
@@ -24,25 +27,53 @@ struct Counter {
     dirty: bool,
 }
 
+#[derive(Debug)]
+struct Entry {
+    key: Key,
+    counter: Counter,
+}
+
+/// One shard: its map holds each key with its counter and is looked up with
+/// the hash that also chose the shard, so a key is hashed once per op.
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<Key, Counter, foldhash::fast::RandomState>,
+    map: HashTable<Entry>,
     expiry: BTreeMap<u64, Vec<Key>>,
     dirty: Vec<Key>,
 }
 
 impl Shard {
-    fn insert_new(&mut self, key: &[u8], value: u64, expires_at: u64, dirty: bool) -> &mut Counter {
+    fn find_mut(&mut self, hash: u64, key: &[u8]) -> Option<&mut Entry> {
+        self.map.find_mut(hash, |e| *e.key == *key)
+    }
+
+    fn insert_new(
+        &mut self,
+        hasher: &FixedState,
+        hash: u64,
+        key: &[u8],
+        value: u64,
+        expires_at: u64,
+        dirty: bool,
+    ) -> &mut Counter {
         let key: Key = Arc::from(key);
         self.expiry.entry(expires_at).or_default().push(key.clone());
         if dirty {
             self.dirty.push(key.clone());
         }
-        self.map.entry(key).or_insert(Counter {
-            value,
-            expires_at,
-            dirty,
-        })
+        let entry = Entry {
+            key,
+            counter: Counter {
+                value,
+                expires_at,
+                dirty,
+            },
+        };
+        &mut self
+            .map
+            .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key))
+            .into_mut()
+            .counter
     }
 }
 
@@ -60,10 +91,11 @@ impl Shard {
     /// without the shrink and fell to 20 MiB with it. Between the
     /// quarter-full trigger and hashbrown's 7/8 growth point, a steady load
     /// neither shrinks nor regrows its table.
-    fn shrink_if_sparse(&mut self, capacity_before: usize) {
+    fn shrink_if_sparse(&mut self, hasher: &FixedState, capacity_before: usize) {
         let len = self.map.len();
         if capacity_before >= SHRINK_MIN_CAPACITY && len <= capacity_before / 4 {
-            self.map.shrink_to(len.saturating_mul(2));
+            self.map
+                .shrink_to(len.saturating_mul(2), |e| hasher.hash_one(&*e.key));
         }
     }
 }
@@ -83,7 +115,7 @@ pub struct Changed {
 #[derive(Debug)]
 pub struct MemoryCounters {
     shards: Box<[Mutex<Shard>]>,
-    hasher: foldhash::fast::FixedState,
+    hasher: FixedState,
     track_dirty: bool,
 }
 
@@ -99,16 +131,24 @@ impl MemoryCounters {
     pub fn new(track_dirty: bool) -> Self {
         MemoryCounters {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: foldhash::fast::FixedState::default(),
+            hasher: FixedState::default(),
             track_dirty,
         }
     }
 
-    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) & (SHARDS - 1);
+    /// The key's hash and its shard, locked. The shard comes from bits 48
+    /// to 53 of the hash: the shard's table uses the low bits (bucket) and
+    /// the top seven (control byte), so keys of one shard still spread over
+    /// its whole table.
+    fn shard(&self, key: &[u8]) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let i = ((hash >> 48) as usize) & (SHARDS - 1);
         // A poisoned shard means a panic while holding it; the counters in
         // it are still consistent (every update is a single assignment).
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+        (
+            hash,
+            self.shards[i].lock().unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// Adds hits to each counter, returning the values after the add.
@@ -123,13 +163,12 @@ impl MemoryCounters {
             .collect()
     }
 
-    /// One op; returns (value, whether the add was applied). One hash
-    /// lookup on the common path (a second only when a counter first turns
-    /// dirty since the last drain, to clone its key into the dirty list).
+    /// One op; returns (value, whether the add was applied). One hash and
+    /// one lookup.
     fn add_one(&self, op: &CounterOp<'_>, prev_applied: bool) -> (u64, bool) {
-        let mut guard = self.shard(op.key);
+        let (hash, mut guard) = self.shard(op.key);
         let shard = &mut *guard;
-        let Some(c) = shard.map.get_mut(op.key) else {
+        let Some(entry) = shard.map.find_mut(hash, |e| *e.key == *op.key) else {
             // Absent: the counter reads as 0.
             return match op.cond {
                 Cond::Cap(cap) if op.hits > cap => (op.hits, false),
@@ -137,11 +176,19 @@ impl MemoryCounters {
                 Cond::Sub => (0, true),
                 _ if op.hits == 0 => (0, true),
                 _ => {
-                    let c = shard.insert_new(op.key, op.hits, op.expires_at, self.track_dirty);
+                    let c = shard.insert_new(
+                        &self.hasher,
+                        hash,
+                        op.key,
+                        op.hits,
+                        op.expires_at,
+                        self.track_dirty,
+                    );
                     (c.value, true)
                 }
             };
         };
+        let c = &mut entry.counter;
         match op.cond {
             Cond::Always => {}
             Cond::Cap(cap) => {
@@ -165,16 +212,18 @@ impl MemoryCounters {
         let value = c.value;
         if self.track_dirty && !c.dirty {
             c.dirty = true;
-            if let Some((k, _)) = shard.map.get_key_value(op.key) {
-                shard.dirty.push(k.clone());
-            }
+            shard.dirty.push(entry.key.clone());
         }
         (value, true)
     }
 
     /// The current value of a counter (0 if absent).
     pub fn get(&self, key: &[u8]) -> u64 {
-        self.shard(key).map.get(key).map_or(0, |c| c.value)
+        let (hash, shard) = self.shard(key);
+        shard
+            .map
+            .find(hash, |e| *e.key == *key)
+            .map_or(0, |e| e.counter.value)
     }
 
     /// Number of live counters.
@@ -199,8 +248,8 @@ impl MemoryCounters {
                 shard
                     .map
                     .iter()
-                    .filter(|(k, _)| k.starts_with(prefix))
-                    .map(|(k, c)| (k.to_vec(), c.value)),
+                    .filter(|e| e.key.starts_with(prefix))
+                    .map(|e| (e.key.to_vec(), e.counter.value)),
             );
         }
         out
@@ -208,9 +257,9 @@ impl MemoryCounters {
 
     /// Loads a counter read back from disk (not marked changed).
     pub fn restore(&self, key: &[u8], value: u64, expires_at: u64) {
-        let mut shard = self.shard(key);
-        if !shard.map.contains_key(key) {
-            shard.insert_new(key, value, expires_at, false);
+        let (hash, mut shard) = self.shard(key);
+        if shard.find_mut(hash, key).is_none() {
+            shard.insert_new(&self.hasher, hash, key, value, expires_at, false);
         }
     }
 
@@ -230,11 +279,13 @@ impl MemoryCounters {
             let live = shard.expiry.split_off(&now.saturating_add(1));
             let expired = std::mem::replace(&mut shard.expiry, live);
             for key in expired.into_values().flatten() {
-                if shard.map.remove(&key).is_some() {
+                let hash = self.hasher.hash_one(&*key);
+                if let Ok(entry) = shard.map.find_entry(hash, |e| e.key == key) {
+                    entry.remove();
                     removed += 1;
                 }
             }
-            shard.shrink_if_sparse(capacity);
+            shard.shrink_if_sparse(&self.hasher, capacity);
         }
         removed
     }
@@ -247,7 +298,9 @@ impl MemoryCounters {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let shard = &mut *shard;
             for key in std::mem::take(&mut shard.dirty) {
-                if let Some(c) = shard.map.get_mut(&key) {
+                let hash = self.hasher.hash_one(&*key);
+                if let Some(e) = shard.find_mut(hash, &key) {
+                    let c = &mut e.counter;
                     c.dirty = false;
                     out.push(Changed {
                         value: c.value,
@@ -263,9 +316,10 @@ impl MemoryCounters {
     /// Marks counters changed again (after a failed write).
     pub fn mark_changed(&self, keys: impl IntoIterator<Item = Arc<[u8]>>) {
         for key in keys {
-            let mut shard = self.shard(&key);
+            let (hash, mut shard) = self.shard(&key);
             let shard = &mut *shard;
-            if let Some(c) = shard.map.get_mut(&key) {
+            if let Some(e) = shard.find_mut(hash, &key) {
+                let c = &mut e.counter;
                 if !c.dirty {
                     c.dirty = true;
                     shard.dirty.push(key);
@@ -297,6 +351,25 @@ mod tests {
         CounterOp::new(key, hits, exp)
     }
 
+    /// The shard comes from hash bits the shard's table does not use for
+    /// its buckets: with 6400 keys every shard holds some, and every key is
+    /// found again.
+    #[test]
+    fn keys_spread_over_every_shard_and_are_found_again() {
+        let m = MemoryCounters::new(false);
+        let keys: Vec<Vec<u8>> = (0..6400).map(|i| format!("key-{i}").into_bytes()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            m.add_now(&[op(k, i as u64 + 1, 100)]);
+        }
+        for s in m.shards.iter() {
+            let n = s.lock().unwrap().map.len();
+            assert!((40..=160).contains(&n), "a shard holds {n} of 6400 keys");
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(m.get(k), i as u64 + 1);
+        }
+        assert_eq!(m.len(), 6400);
+    }
     #[test]
     fn capped_adds_apply_only_within_the_cap_and_links_follow() {
         let m = MemoryCounters::new(true);
