@@ -339,7 +339,7 @@ pub fn counter_key(
 }
 
 /// [`counter_key`], appended to `k`.
-pub fn counter_key_into(
+fn counter_key_into(
     k: &mut Vec<u8>,
     plan_id: &str,
     limit_name: &str,
@@ -360,7 +360,7 @@ pub fn counter_key_prefix(plan_id: &str, limit_name: &str) -> Vec<u8> {
     k
 }
 
-/// [`counter_key_into`] from a [`counter_key_prefix`]: the same bytes, with
+/// [`counter_key`] appended to `k`, from a [`counter_key_prefix`]: the same bytes, with
 /// the shared part copied in one piece.
 pub fn counter_key_from_prefix_into(
     k: &mut Vec<u8>,

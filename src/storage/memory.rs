@@ -33,6 +33,18 @@ struct Entry {
     counter: Counter,
 }
 
+/// How every key is hashed: to choose its shard, to look it up in the
+/// shard's table and when the table rehashes. One definition, so the three
+/// always agree.
+fn key_hash(hasher: &FixedState, key: &[u8]) -> u64 {
+    hasher.hash_one(key)
+}
+
+/// The table entry holding `key`.
+fn holds(key: &[u8]) -> impl Fn(&Entry) -> bool + '_ {
+    move |e| *e.key == *key
+}
+
 /// One shard: its map holds each key with its counter and is looked up with
 /// the hash that also chose the shard, so a key is hashed once per op.
 #[derive(Debug, Default)]
@@ -44,7 +56,7 @@ struct Shard {
 
 impl Shard {
     fn find_mut(&mut self, hash: u64, key: &[u8]) -> Option<&mut Entry> {
-        self.map.find_mut(hash, |e| *e.key == *key)
+        self.map.find_mut(hash, holds(key))
     }
 
     fn insert_new(
@@ -71,7 +83,7 @@ impl Shard {
         };
         &mut self
             .map
-            .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key))
+            .insert_unique(hash, entry, |e| key_hash(hasher, &e.key))
             .into_mut()
             .counter
     }
@@ -95,7 +107,7 @@ impl Shard {
         let len = self.map.len();
         if capacity_before >= SHRINK_MIN_CAPACITY && len <= capacity_before / 4 {
             self.map
-                .shrink_to(len.saturating_mul(2), |e| hasher.hash_one(&*e.key));
+                .shrink_to(len.saturating_mul(2), |e| key_hash(hasher, &e.key));
         }
     }
 }
@@ -141,7 +153,7 @@ impl MemoryCounters {
     /// the top seven (control byte), so keys of one shard still spread over
     /// its whole table.
     fn shard(&self, key: &[u8]) -> (u64, MutexGuard<'_, Shard>) {
-        let hash = self.hasher.hash_one(key);
+        let hash = key_hash(&self.hasher, key);
         let i = ((hash >> 48) as usize) & (SHARDS - 1);
         // A poisoned shard means a panic while holding it; the counters in
         // it are still consistent (every update is a single assignment).
@@ -168,7 +180,7 @@ impl MemoryCounters {
     fn add_one(&self, op: &CounterOp<'_>, prev_applied: bool) -> (u64, bool) {
         let (hash, mut guard) = self.shard(op.key);
         let shard = &mut *guard;
-        let Some(entry) = shard.map.find_mut(hash, |e| *e.key == *op.key) else {
+        let Some(entry) = shard.map.find_mut(hash, holds(op.key)) else {
             // Absent: the counter reads as 0.
             return match op.cond {
                 Cond::Cap(cap) if op.hits > cap => (op.hits, false),
@@ -222,7 +234,7 @@ impl MemoryCounters {
         let (hash, shard) = self.shard(key);
         shard
             .map
-            .find(hash, |e| *e.key == *key)
+            .find(hash, holds(key))
             .map_or(0, |e| e.counter.value)
     }
 
@@ -258,7 +270,7 @@ impl MemoryCounters {
     /// Loads a counter read back from disk (not marked changed).
     pub fn restore(&self, key: &[u8], value: u64, expires_at: u64) {
         let (hash, mut shard) = self.shard(key);
-        if shard.find_mut(hash, key).is_none() {
+        if shard.map.find(hash, holds(key)).is_none() {
             shard.insert_new(&self.hasher, hash, key, value, expires_at, false);
         }
     }
@@ -279,8 +291,8 @@ impl MemoryCounters {
             let live = shard.expiry.split_off(&now.saturating_add(1));
             let expired = std::mem::replace(&mut shard.expiry, live);
             for key in expired.into_values().flatten() {
-                let hash = self.hasher.hash_one(&*key);
-                if let Ok(entry) = shard.map.find_entry(hash, |e| e.key == key) {
+                let hash = key_hash(&self.hasher, &key);
+                if let Ok(entry) = shard.map.find_entry(hash, holds(&key)) {
                     entry.remove();
                     removed += 1;
                 }
@@ -298,7 +310,7 @@ impl MemoryCounters {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let shard = &mut *shard;
             for key in std::mem::take(&mut shard.dirty) {
-                let hash = self.hasher.hash_one(&*key);
+                let hash = key_hash(&self.hasher, &key);
                 if let Some(e) = shard.find_mut(hash, &key) {
                     let c = &mut e.counter;
                     c.dirty = false;
