@@ -591,11 +591,15 @@ impl<S: CounterStore> RateLimiter<S> {
                 prev_share: 0,
             });
         }
-        // Sliding limits need the previous window's counter first.
+        // Sliding limits need the previous window's counter: before the
+        // call's own ops when one of them is capped by it (a request that
+        // adds to a sliding limit), else read with them, in the same store
+        // call (a request's token limits, a charge).
         let prev_idx: SmallVec<[usize; 4]> = (0..plans.len())
             .filter(|&i| plans[i].prev.is_some())
             .collect();
-        if !prev_idx.is_empty() {
+        let peek_first = !charge && prev_idx.iter().any(|&i| plans[i].amount > 0);
+        if peek_first {
             let values = {
                 let peeks: SmallVec<[CounterOp<'_>; 4]> = prev_idx
                     .iter()
@@ -608,11 +612,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     .collect();
                 self.apply(&peeks, wrote)?
             };
-            for (&i, v) in prev_idx.iter().zip(values) {
-                let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
-                plans[i].prev_value = v;
-                plans[i].prev_share = usage::previous_share(v, w);
-            }
+            set_previous(&mut plans, &prev_idx, &values);
         }
         // The usage day (the quota calendar's, else the UTC day) of the daily
         // and per-model usage counters that GetUsage reads.
@@ -725,7 +725,18 @@ impl<S: CounterStore> RateLimiter<S> {
                 op
             });
         }
+        let first_peek_op = ops.len();
+        if !peek_first {
+            for &i in &prev_idx {
+                if let Some((key, _)) = &plans[i].prev {
+                    ops.push(CounterOp::new(k(key), 0, 0));
+                }
+            }
+        }
         let values = self.apply(&ops, wrote)?;
+        if !peek_first {
+            set_previous(&mut plans, &prev_idx, &values[first_peek_op..]);
+        }
         if let Some(i) = dedupe_at {
             if values[i] > 1 {
                 out.duplicate = true;
@@ -1502,6 +1513,16 @@ impl LimitState {
             reset_in,
             window: i64::try_from(limit.unit.seconds()).unwrap_or(i64::MAX),
         }
+    }
+}
+
+/// Gives the sliding limits at `prev_idx` their previous window's counter
+/// (`values`, in the same order) and the share of it that still counts.
+fn set_previous(plans: &mut [LimitPlan<'_>], prev_idx: &[usize], values: &[u64]) {
+    for (&i, &v) in prev_idx.iter().zip(values) {
+        let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
+        plans[i].prev_value = v;
+        plans[i].prev_share = usage::previous_share(v, w);
     }
 }
 
