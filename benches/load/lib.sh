@@ -24,7 +24,9 @@ YAML
 # bench_plans FILE: usage plans for the plan and tokens modes (applied through
 # the admin API): a throttle and a quota, and the same plus three token limits
 # (a sliding per-minute limit with a per-model limit, a calendar day, a
-# monthly budget), all far above what a run can reach; one key per plan.
+# monthly budget), all far above what a run can reach; one key per plan. The
+# tokens-nohdr plan is the tokens plan with header_style NONE: the same
+# decision without the six x-ratelimit-* headers in each answer.
 bench_plans() {
   cat > "$1" <<'YAML'
 usage_plans:
@@ -42,20 +44,32 @@ usage_plans:
       - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
     prices:
       "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+  - name: bench-tokens-nohdr
+    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
+    quota: { limit: 1000000000000, period: DAY }
+    stages: [{ domain: bench-tokens-nohdr }]
+    header_style: NONE
+    limits:
+      - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE, model_limits: { "gpt-4o*": 1000000000000 } }
+      - { name: tpd, metric: TOKENS, limit: 1000000000000, window: DAY }
+      - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
+    prices:
+      "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
 api_keys:
   - { name: bench-plan-key, usage_plans: [bench-plan] }
   - { name: bench-tokens-key, usage_plans: [bench-tokens] }
+  - { name: bench-tokens-nohdr-key, usage_plans: [bench-tokens-nohdr] }
 YAML
 }
 
 # mode_request MODE: sets $domain and $entries (an array of key=value) for a
-# mode's request: plan and tokens modes name a plan's domain and carry
+# mode's request: the plan and tokens modes name a plan's domain and carry
 # $BENCH_KEY_PLACEHOLDER until apply_plans gives the real key; the others
 # send one api_key descriptor against the per-key rule.
 mode_request() {
   case $1 in
     plan) domain=bench-plan; entries=("api_key=$BENCH_KEY_PLACEHOLDER") ;;
-    tokens) domain=bench-tokens; entries=("api_key=$BENCH_KEY_PLACEHOLDER" model=gpt-4o-mini) ;;
+    tokens|tokens-nohdr) domain=bench-$1; entries=("api_key=$BENCH_KEY_PLACEHOLDER" model=gpt-4o-mini) ;;
     *) domain=bench; entries=(api_key=key-1) ;;
   esac
 }
