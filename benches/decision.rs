@@ -9,10 +9,13 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use prost::bytes::BytesMut;
+use prost::Message;
 use sluice::config;
 use sluice::engine::{self, Request};
 use sluice::limiter::{counter_ops, RateLimiter};
+use sluice::server::wire::WireResponse;
 use sluice::storage::memory::MemoryCounters;
 
 mod common;
@@ -51,6 +54,12 @@ fn bench(c: &mut Criterion) {
         });
     }
 
+    let rule_limiter = RateLimiter::new(cfg.clone(), MemoryCounters::default());
+    let answer = rt
+        .block_on(rule_limiter.should_rate_limit(&one, now))
+        .expect("memory store never fails");
+    bench_answer(c, "config rule, 1 descriptor", &answer);
+
     // Many distinct keys: hashing, shard locks and counter creation.
     let limiter = RateLimiter::new(cfg.clone(), MemoryCounters::default());
     let keyed: Vec<Request> = (0..10_000)
@@ -71,6 +80,25 @@ fn bench(c: &mut Criterion) {
 }
 
 /// Plan-based decisions against the config-rule path above.
+/// `server/answer encoding, {name}`: `d` as the `ShouldRateLimit` handler
+/// answers it, encoded into a gRPC frame buffer.
+fn bench_answer(c: &mut Criterion, name: &str, d: &engine::Decision) {
+    let mut buf = BytesMut::with_capacity(8192);
+    c.bench_function(&format!("server/answer encoding, {name}"), |b| {
+        b.iter_batched(
+            || d.clone(),
+            |d| {
+                buf.clear();
+                WireResponse::new(d)
+                    .encode(&mut buf)
+                    .expect("the buffer has room");
+                black_box(buf.len())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn bench_plans(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -124,6 +152,13 @@ fn bench_plans(c: &mut Criterion) {
                 .expect("memory store never fails")
         })
     });
+    // The answer for it, encoded as the RLS handler hands it to tonic: one
+    // status with a named limit and six x-ratelimit-* headers (the decision
+    // is cloned outside the timing; its drop is inside).
+    let answer = rt
+        .block_on(limiter.decide(&check, now_us))
+        .expect("memory store never fails");
+    bench_answer(c, "plan with 3 token limits (6 headers)", &answer);
     let charge = token_req(Some("total_tokens"));
     c.bench_function("limiter/plan decision with 3 token limits, charge", |b| {
         b.iter(|| {

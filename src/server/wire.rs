@@ -4,7 +4,9 @@
 //! name and per header name and value, and the vectors that hold them: a
 //! dozen allocations for a plan's answer with its six `x-ratelimit-*`
 //! headers, made only to be copied into the wire buffer and freed. A
-//! [`WireResponse`] writes the same bytes from the decision itself. A plan
+//! [`WireResponse`] writes the same bytes from the decision itself, in one
+//! pass into one buffer, when the handler returns (tonic then copies them
+//! into its frame as one slice). A plan
 //! refusal (a reason header, a JSON body, dynamic metadata) is rare and
 //! still goes through the generated types ([`convert::response_to_proto`]).
 //!
@@ -14,7 +16,7 @@
 
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::DecodeContext;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, skip_field, WireType};
+use prost::encoding::{skip_field, WireType};
 use prost::DecodeError;
 
 use crate::engine::{Code, Decision, Limit, Status};
@@ -24,8 +26,9 @@ use crate::server::convert;
 /// A `ShouldRateLimit` answer, ready to encode.
 #[derive(Debug)]
 pub enum WireResponse {
-    /// A decision without a plan refusal, encoded directly.
-    Decision(Decision),
+    /// A decision without a plan refusal, already encoded (the bytes of the
+    /// `RateLimitResponse` message).
+    Encoded(Vec<u8>),
     /// A response built with the generated types (plan refusals).
     Built(RateLimitResponse),
 }
@@ -37,12 +40,12 @@ impl Default for WireResponse {
 }
 
 impl WireResponse {
-    /// The answer for `d`: encoded directly unless a plan refused it.
+    /// The answer for `d`: encoded now unless a plan refused it.
     pub fn new(d: Decision) -> Self {
         if convert::refusal_reason(&d).is_some() {
             WireResponse::Built(convert::response_to_proto(d))
         } else {
-            WireResponse::Decision(d)
+            WireResponse::Encoded(encode_decision(&d))
         }
     }
 }
@@ -62,8 +65,9 @@ const DURATION_SECONDS: u32 = 1;
 const HEADER_KEY: u32 = 1;
 const HEADER_VALUE: u32 = 2;
 
-/// Bytes of a field key (every tag here is below 16: one byte).
-const KEY_LEN: usize = 1;
+// Wire types.
+const VARINT: u32 = 0;
+const LENGTH_DELIMITED: u32 = 2;
 
 fn code(c: Code) -> u64 {
     // The wire enum: UNKNOWN = 0, OK = 1, OVER_LIMIT = 2.
@@ -78,113 +82,178 @@ fn int32(v: i32) -> u64 {
     i64::from(v) as u64
 }
 
-fn varint_field_len(v: u64) -> usize {
-    if v == 0 {
-        0
-    } else {
-        KEY_LEN + encoded_len_varint(v)
-    }
-}
-
-fn varint_field(tag: u32, v: u64, buf: &mut impl BufMut) {
-    if v != 0 {
-        encode_key(tag, WireType::Varint, buf);
-        encode_varint(v, buf);
-    }
-}
-
-fn str_field_len(s: &str) -> usize {
-    if s.is_empty() {
-        0
-    } else {
-        KEY_LEN + encoded_len_varint(s.len() as u64) + s.len()
-    }
-}
-
-fn str_field(tag: u32, s: &str, buf: &mut impl BufMut) {
-    if !s.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(s.len() as u64, buf);
-        buf.put_slice(s.as_bytes());
-    }
-}
-
-/// A nested message field of body length `len`.
-fn message_len(len: usize) -> usize {
-    KEY_LEN + encoded_len_varint(len as u64) + len
-}
-
-fn message_key(tag: u32, len: usize, buf: &mut impl BufMut) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
-}
-
-fn limit_body_len(l: &Limit) -> usize {
-    varint_field_len(u64::from(l.requests_per_unit))
-        + varint_field_len(int32(l.unit.wire()))
-        + str_field_len(l.name.as_deref().unwrap_or_default())
-}
-
 fn seconds(reset_in: u64) -> u64 {
     // int64 on the wire: prost clamps nothing, convert.rs caps at i64::MAX.
     i64::try_from(reset_in).unwrap_or(i64::MAX) as u64
 }
 
-fn status_body_len(s: &Status) -> usize {
-    varint_field_len(code(s.code))
-        + s.limit
-            .as_deref()
-            .map_or(0, |l| message_len(limit_body_len(l)))
-        + varint_field_len(u64::from(s.remaining))
-        + s.reset_in
-            .map_or(0, |r| message_len(varint_field_len(seconds(r))))
-}
+/// Bytes a field key and a varint (a value or a length) may take at most.
+const KEY_VARINT: usize = 1 + 10;
+/// At most what a status takes besides its limit's name: its own key and
+/// length, and those of its limit and reset duration, and four varint fields.
+const STATUS_MAX: usize = 9 * KEY_VARINT;
+/// At most what a header takes besides its name and value.
+const HEADER_MAX: usize = 3 * KEY_VARINT;
 
-fn header_body_len(key: &str, value: &str) -> usize {
-    str_field_len(key) + str_field_len(value)
-}
-
-fn decision_len(d: &Decision) -> usize {
-    varint_field_len(code(d.overall))
+/// At most the encoded length of `d` (every key and varint at its longest).
+fn size_bound(d: &Decision) -> usize {
+    KEY_VARINT
         + d.statuses
             .iter()
-            .map(|s| message_len(status_body_len(s)))
+            .map(|s| {
+                STATUS_MAX
+                    + s.limit
+                        .as_deref()
+                        .and_then(|l| l.name.as_deref())
+                        .map_or(0, str::len)
+            })
             .sum::<usize>()
         + d.headers
             .iter()
-            .map(|(k, v)| message_len(header_body_len(k, v)))
+            .map(|(k, v)| HEADER_MAX + k.len() + v.len())
             .sum::<usize>()
 }
 
-fn encode_decision(d: &Decision, buf: &mut impl BufMut) {
-    varint_field(RESPONSE_OVERALL_CODE, code(d.overall), buf);
-    for s in &d.statuses {
-        message_key(RESPONSE_STATUSES, status_body_len(s), buf);
-        varint_field(STATUS_CODE, code(s.code), buf);
+/// A write cursor over a buffer sized by [`size_bound`].
+struct Out<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl Out<'_> {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.buf[self.at] = b;
+        self.at += 1;
+    }
+
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    /// A field key (every tag here is below 16: one byte).
+    #[inline]
+    fn key(&mut self, tag: u32, wire_type: u32) {
+        self.byte(((tag << 3) | wire_type) as u8);
+    }
+
+    /// A varint field; proto3 leaves out a 0.
+    #[inline]
+    fn varint_field(&mut self, tag: u32, v: u64) {
+        if v != 0 {
+            self.key(tag, VARINT);
+            self.varint(v);
+        }
+    }
+
+    /// A string field; proto3 leaves out an empty one.
+    #[inline]
+    fn str_field(&mut self, tag: u32, s: &str) {
+        if !s.is_empty() {
+            self.key(tag, LENGTH_DELIMITED);
+            self.varint(s.len() as u64);
+            self.buf[self.at..self.at + s.len()].copy_from_slice(s.as_bytes());
+            self.at += s.len();
+        }
+    }
+
+    /// Starts a nested message field: its key and one byte for its length,
+    /// set by [`end_message`](Self::end_message). Returns where the body
+    /// starts.
+    #[inline]
+    fn begin_message(&mut self, tag: u32) -> usize {
+        self.key(tag, LENGTH_DELIMITED);
+        self.byte(0);
+        self.at
+    }
+
+    /// Sets the length of the message whose body started at `body`: in the
+    /// byte kept for it, or (a body of 128 bytes or more) in a longer
+    /// varint, the body moved right to make room.
+    #[inline]
+    fn end_message(&mut self, body: usize) {
+        let len = self.at - body;
+        if len < 0x80 {
+            self.buf[body - 1] = len as u8;
+        } else {
+            self.long_length(body, len);
+        }
+    }
+
+    #[cold]
+    fn long_length(&mut self, body: usize, len: usize) {
+        let mut prefix = [0u8; 10];
+        let mut n = 0;
+        let mut v = len as u64;
+        while v >= 0x80 {
+            prefix[n] = (v as u8) | 0x80;
+            n += 1;
+            v >>= 7;
+        }
+        prefix[n] = v as u8;
+        n += 1;
+        self.buf.copy_within(body..self.at, body - 1 + n);
+        self.buf[body - 1..body - 1 + n].copy_from_slice(&prefix[..n]);
+        self.at += n - 1;
+    }
+
+    fn limit(&mut self, l: &Limit) {
+        let body = self.begin_message(STATUS_CURRENT_LIMIT);
+        self.varint_field(LIMIT_REQUESTS_PER_UNIT, u64::from(l.requests_per_unit));
+        self.varint_field(LIMIT_UNIT, int32(l.unit.wire()));
+        self.str_field(LIMIT_NAME, l.name.as_deref().unwrap_or_default());
+        self.end_message(body);
+    }
+
+    fn status(&mut self, s: &Status) {
+        let body = self.begin_message(RESPONSE_STATUSES);
+        self.varint_field(STATUS_CODE, code(s.code));
         if let Some(l) = s.limit.as_deref() {
-            message_key(STATUS_CURRENT_LIMIT, limit_body_len(l), buf);
-            varint_field(LIMIT_REQUESTS_PER_UNIT, u64::from(l.requests_per_unit), buf);
-            varint_field(LIMIT_UNIT, int32(l.unit.wire()), buf);
-            str_field(LIMIT_NAME, l.name.as_deref().unwrap_or_default(), buf);
+            self.limit(l);
         }
-        varint_field(STATUS_LIMIT_REMAINING, u64::from(s.remaining), buf);
+        self.varint_field(STATUS_LIMIT_REMAINING, u64::from(s.remaining));
         if let Some(r) = s.reset_in {
-            let secs = seconds(r);
-            message_key(STATUS_DURATION_UNTIL_RESET, varint_field_len(secs), buf);
-            varint_field(DURATION_SECONDS, secs, buf);
+            let reset = self.begin_message(STATUS_DURATION_UNTIL_RESET);
+            self.varint_field(DURATION_SECONDS, seconds(r));
+            self.end_message(reset);
         }
+        self.end_message(body);
+    }
+}
+
+/// The `RateLimitResponse` bytes of `d`, in one pass into one allocation:
+/// each nested message's length is written once its body is (no second
+/// walk to size them).
+fn encode_decision(d: &Decision) -> Vec<u8> {
+    let mut buf = vec![0u8; size_bound(d)];
+    let mut out = Out {
+        buf: &mut buf,
+        at: 0,
+    };
+    out.varint_field(RESPONSE_OVERALL_CODE, code(d.overall));
+    for s in &d.statuses {
+        out.status(s);
     }
     for (k, v) in d.headers.iter() {
-        message_key(RESPONSE_HEADERS_TO_ADD, header_body_len(k, v), buf);
-        str_field(HEADER_KEY, k, buf);
-        str_field(HEADER_VALUE, v, buf);
+        let body = out.begin_message(RESPONSE_HEADERS_TO_ADD);
+        out.str_field(HEADER_KEY, k);
+        out.str_field(HEADER_VALUE, v);
+        out.end_message(body);
     }
+    let len = out.at;
+    buf.truncate(len);
+    buf
 }
 
 impl prost::Message for WireResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         match self {
-            WireResponse::Decision(d) => encode_decision(d, buf),
+            WireResponse::Encoded(bytes) => buf.put_slice(bytes),
             WireResponse::Built(r) => r.encode_raw(buf),
         }
     }
@@ -202,7 +271,7 @@ impl prost::Message for WireResponse {
 
     fn encoded_len(&self) -> usize {
         match self {
-            WireResponse::Decision(d) => decision_len(d),
+            WireResponse::Encoded(bytes) => bytes.len(),
             WireResponse::Built(r) => r.encoded_len(),
         }
     }
@@ -294,7 +363,7 @@ mod tests {
         fn direct_encoding_is_prosts_byte_for_byte(d in arb_decision()) {
             let want = convert::response_to_proto(d.clone()).encode_to_vec();
             let wire = WireResponse::new(d);
-            prop_assert!(matches!(wire, WireResponse::Decision(_)));
+            prop_assert!(matches!(wire, WireResponse::Encoded(_)));
             prop_assert_eq!(wire.encoded_len(), want.len());
             prop_assert_eq!(wire.encode_to_vec(), want);
         }
