@@ -3,10 +3,12 @@
 # (sled on, pinned to CPU 0) under h2load (CPU 1, 32 connections x 16
 # streams), as CPU nanoseconds per call, split by part, one column per mode.
 #
-#   bash benches/load/perf-split.sh                   # modes rule tokens tokens-nohdr
+#   bash benches/load/perf-split.sh                   # modes noop rule tokens tokens-nohdr
 #   MODES="rule plan" SECS=10 bash benches/load/perf-split.sh
 #
-# Modes are run.sh's requests: rule (pinned), plan, tokens, tokens-nohdr.
+# Modes are run.sh's requests: rule (pinned), plan, tokens, tokens-nohdr; and
+# noop, the do-nothing server (examples/noop_rls.rs) with rule's request, whose
+# column is the floor each part of sluice's is compared with.
 # Needs perf (Debian: apt-get install linux-perf) allowed to profile your own
 # processes (kernel.perf_event_paranoid 2 or less) and h2load. Builds sluice
 # with frame pointers (for perf's call stacks) into target/perf: the release
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 
-MODES=${MODES:-"rule tokens tokens-nohdr"}
+MODES=${MODES:-"noop rule tokens tokens-nohdr"}
 SECS=${SECS:-8}           # seconds of samples per mode
 FREQ=${FREQ:-2000}        # samples per second
 OUT=${OUT:-benches/load/perf-split.txt}
@@ -29,7 +31,7 @@ command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf
 command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; }
 
 RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/perf \
-  cargo build --release --quiet --bin sluice --example rls_body --example rls_check
+  cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
 bin=target/perf/release
 
 work=$(mktemp -d)
@@ -57,13 +59,19 @@ kernel (network stack, scheduling)
 gRPC, HTTP/2, runtime, allocator (tonic, hyper, h2, tokio, jemalloc)'
 
 for mode in $MODES; do
-  case $mode in rule) req=pinned ;; plan|tokens|tokens-nohdr) req=$mode ;; *) echo "unknown mode $mode" >&2; exit 1 ;; esac
+  case $mode in noop|rule) req=pinned ;; plan|tokens|tokens-nohdr) req=$mode ;; *) echo "unknown mode $mode" >&2; exit 1 ;; esac
   mode_request "$req"
   rm -rf "$work/data"
-  taskset -c 0 "$bin/sluice" serve --config-dir "$work/config" --data-dir "$work/data" \
-    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN" > "$work/sluice.log" 2>&1 &
+  if [ "$mode" = noop ]; then
+    taskset -c 0 "$bin/examples/noop_rls" 127.0.0.1:0 > "$work/sluice.log" 2>&1 &
+    mark="noop listening on"
+  else
+    taskset -c 0 "$bin/sluice" serve --config-dir "$work/config" --data-dir "$work/data" \
+      --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN" > "$work/sluice.log" 2>&1 &
+    mark="sluice listening on"
+  fi
   pids+=($!)
-  addr=$(wait_addr "$work/sluice.log" "sluice listening on" 100) || { echo "sluice did not start" >&2; cat "$work/sluice.log" >&2; exit 1; }
+  addr=$(wait_addr "$work/sluice.log" "$mark" 100) || { echo "$mode did not start" >&2; cat "$work/sluice.log" >&2; exit 1; }
   if [ "$domain" != bench ]; then apply_plans "$work/sluice.log" "$work/plans.yaml" "$work/apply.out"; fi
   "$bin/examples/rls_body" "$domain" "${entries[@]}" > "$work/body.bin"
   "$bin/examples/rls_check" "$addr" "$domain" "${entries[@]}" >/dev/null
@@ -91,7 +99,7 @@ for mode in $MODES; do
         return 5
       }
       if (s ~ /ProstDecoder/) return 6
-      if (s ~ /WireResponse|prost::message::Message::encode|Message>::encode/) return 7
+      if (s ~ /prost::message::Message::encode|(WireResponse|RateLimitResponse) as prost::message::Message>|drop_in_place<sluice::(server::wire::WireResponse|proto::envoy::service::ratelimit::v3::RateLimitResponse)>|sluice::server::wire::[a-z_]+\+/) return 7
       if (s ~ /sled::/) return 8
       if (leaf ~ /kernel\.kallsyms/) return 9
       return 10
