@@ -53,7 +53,7 @@ decision: API key lookup (Catalog::resolve)
 decision: answer headers (plans::headers::build)
 decision: the rest (request conversion, statuses, drops)
 request decode (prost)
-answer encode (prost, WireResponse)
+answer encode (WireResponse::new; prost)
 sled (its own threads)
 kernel (network stack, scheduling)
 gRPC, HTTP/2, runtime, allocator (tonic, hyper, h2, tokio, jemalloc)'
@@ -91,6 +91,8 @@ for mode in $MODES; do
   # stack, one frame per line, innermost first; a blank line ends it.
   perf script -i "$work/$mode.data" 2>/dev/null | awk -v mode="$mode" -v rps="$rps" -v secs="$SECS" '
     function part(s, leaf) {
+      # sluice encodes its answer as the handler returns (WireResponse::new).
+      if (s ~ /sluice::server::wire::WireResponse::new/) return 7
       if (s ~ /should_rate_limit::\{\{closure/) {
         if (s ~ /decide_plan/) return 1
         if (s ~ /decide_rules/) return 2
