@@ -88,7 +88,7 @@ for mode in $MODES; do
   profile "$name" "sluice listening on" "$mode" target/release/sluice serve --config-dir "$work/config" \
     --data-dir "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --admin-token "$BENCH_ADMIN_TOKEN"
   n=$result
-  printf '  %-14s %8s  (noop/sluice %.3f)\n' "$name" "$n" "$(awk -v a="$noop" -v b="$n" 'BEGIN {print a / b}')"
+  printf '  %-20s %8s  (noop/sluice %.3f)\n' "$name" "$n" "$(awk -v a="$noop" -v b="$n" 'BEGIN {print a / b}')"
   profiles+=" $OUT/callgrind.$name.out"
 done
 echo "profiles: $profiles (callgrind_annotate --inclusive=yes)"
