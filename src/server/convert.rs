@@ -65,13 +65,14 @@ pub fn request_from_proto(
             limits.max_descriptors
         ));
     }
-    // Collected in place: the wire vectors' allocations are reused.
-    let descriptors = req
-        .descriptors
-        .into_iter()
-        .enumerate()
-        .map(|(i, d)| descriptor_from_proto(i, d, limits))
-        .collect::<Result<Vec<_>, _>>()?;
+    // A new vector, not collected in place: a wire descriptor is larger
+    // than ours, so an in-place collect shrinks the allocation with a
+    // realloc, which costs more than a fresh allocation and a free
+    // (callgrind: 432 instructions per call for the realloc alone).
+    let mut descriptors = Vec::with_capacity(req.descriptors.len());
+    for (i, d) in req.descriptors.into_iter().enumerate() {
+        descriptors.push(descriptor_from_proto(i, d, limits)?);
+    }
     Ok(engine::Request {
         domain: req.domain,
         descriptors,
