@@ -28,38 +28,37 @@ YAML
 # tokens-nohdr plan is the tokens plan with header_style NONE: the same
 # decision without the six x-ratelimit-* headers in each answer.
 bench_plans() {
-  cat > "$1" <<'YAML'
+  {
+    cat <<'YAML'
 usage_plans:
   - name: bench-plan
     throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
     quota: { limit: 1000000000000, period: DAY }
     stages: [{ domain: bench-plan }]
-  - name: bench-tokens
+YAML
+    local plan
+    for plan in bench-tokens:OPENAI bench-tokens-nohdr:NONE; do
+      cat <<YAML
+  - name: ${plan%%:*}
     throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
     quota: { limit: 1000000000000, period: DAY }
-    stages: [{ domain: bench-tokens }]
+    stages: [{ domain: ${plan%%:*} }]
+    header_style: ${plan#*:}
     limits:
       - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE, model_limits: { "gpt-4o*": 1000000000000 } }
       - { name: tpd, metric: TOKENS, limit: 1000000000000, window: DAY }
       - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
     prices:
       "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
-  - name: bench-tokens-nohdr
-    throttle: { rate_limit: 1000000000, burst_limit: 2000000000 }
-    quota: { limit: 1000000000000, period: DAY }
-    stages: [{ domain: bench-tokens-nohdr }]
-    header_style: NONE
-    limits:
-      - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE, model_limits: { "gpt-4o*": 1000000000000 } }
-      - { name: tpd, metric: TOKENS, limit: 1000000000000, window: DAY }
-      - { name: budget, metric: SPEND, limit: 1000000000000, window: MONTH }
-    prices:
-      "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+YAML
+    done
+    cat <<'YAML'
 api_keys:
   - { name: bench-plan-key, usage_plans: [bench-plan] }
   - { name: bench-tokens-key, usage_plans: [bench-tokens] }
   - { name: bench-tokens-nohdr-key, usage_plans: [bench-tokens-nohdr] }
 YAML
+  } > "$1"
 }
 
 # mode_request MODE: sets $domain and $entries (an array of key=value) for a
