@@ -123,3 +123,19 @@ h2load_calls() {
 
 # median: the median of the numbers on stdin, one per line.
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# bench_workdir: sets $work, a fresh temporary directory, and $pids, the
+# background processes the script starts; when the script exits, each is
+# stopped and the directory removed (bench_cleanup, the EXIT trap).
+bench_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  local p
+  for p in "${pids[@]}"; do if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}

@@ -43,14 +43,7 @@ RESTARTS=${RESTARTS:-3}                # restarts measured in phase "restart"
 
 cargo build --release --quiet --bin sluice --example rls_keys
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir
 # Private copies: a rebuild of target/ during the run must not swap binaries
 # between the phases.
 cp "${SLUICE:-target/release/sluice}" "$work/sluice"

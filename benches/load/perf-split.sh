@@ -34,14 +34,7 @@ RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/perf \
   cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
 bin=target/perf/release
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir
 bench_config "$work/config/bench.yaml"
 bench_plans "$work/plans.yaml"
 

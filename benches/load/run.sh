@@ -36,10 +36,7 @@ case $LOADGEN in
 esac
 cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workdir
 
 bench_config "$work/config/bench.yaml"
 bench_plans "$work/plans.yaml"
