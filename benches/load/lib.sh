@@ -1,6 +1,7 @@
-# Shared by the load scripts in benches/load (run.sh, reload.sh,
-# callgrind-server.sh): sourced, not run. Every function writes only to the
-# paths it is given.
+# Shared by the load scripts in benches/load (run.sh, reload.sh, memory.sh,
+# perf-split.sh, callgrind-server.sh): sourced, not run. Every function
+# writes only to the paths it is given, except bench_workdir, which sets
+# $work and $pids and the EXIT trap.
 
 # A stand-in for a generated API key value (slk_ + 32 characters, the same
 # length), for requests to the do-nothing server, which ignores it.
