@@ -3,6 +3,8 @@
 
 mod proc;
 
+use std::net::SocketAddr;
+
 use proc::*;
 
 const RLS: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -47,16 +49,27 @@ fn grpcurl_is_available() {
     assert!(f.output().contains("grpcurl"), "{}", f.output());
 }
 
+/// The services `grpcurl list` shows on `addr`.
+fn listed(addr: SocketAddr) -> Vec<String> {
+    let addr = addr.to_string();
+    let f = run_grpcurl(["-plaintext", addr.as_str(), "list"]);
+    assert!(f.success(), "grpcurl list {addr} failed: {}", f.output());
+    f.stdout.lines().map(|l| l.trim().to_owned()).collect()
+}
+
+const ADMIN: &str = "sluice.admin.v1.AdminService";
+const USAGE: &str = "sluice.usage.v1.UsageService";
+
 #[test]
 fn list_shows_rls_health_and_reflection() {
     let tmp = tempdir();
     let s = default_server(&tmp);
-    let addr = s.addr.to_string();
-    let f = run_grpcurl(["-plaintext", addr.as_str(), "list"]);
-    assert!(f.success(), "grpcurl list failed: {}", f.output());
-    let services: Vec<&str> = f.stdout.lines().map(str::trim).collect();
-    for want in [RLS, "grpc.health.v1.Health"] {
-        assert!(services.contains(&want), "{want} not listed: {services:?}");
+    let services = listed(s.addr);
+    for want in [RLS, USAGE, "grpc.health.v1.Health"] {
+        assert!(
+            services.iter().any(|s| s == want),
+            "{want} not listed: {services:?}"
+        );
     }
     assert!(
         services
@@ -64,6 +77,49 @@ fn list_shows_rls_health_and_reflection() {
             .any(|s| s.starts_with("grpc.reflection.") && s.ends_with(".ServerReflection")),
         "no reflection service listed: {services:?}"
     );
+}
+
+/// Each port lists only what it answers: the admin API is not offered on
+/// the RLS port (a call there would be UNIMPLEMENTED), nor RLS on the admin
+/// port; both still describe any message type.
+#[test]
+fn each_port_lists_only_the_services_it_serves() {
+    let tmp = tempdir();
+    let mut s = default_server(&tmp);
+    let rls = listed(s.addr);
+    assert!(
+        !rls.iter().any(|s| s == ADMIN),
+        "admin listed on the RLS port: {rls:?}"
+    );
+    let admin_addr = s.admin_addr();
+    let admin = listed(admin_addr);
+    assert!(
+        admin.iter().any(|s| s == ADMIN),
+        "admin not listed on its port: {admin:?}"
+    );
+    for other in [RLS, USAGE] {
+        assert!(
+            !admin.iter().any(|s| s == other),
+            "{other} listed on the admin port: {admin:?}"
+        );
+    }
+    assert!(
+        admin.iter().any(|s| s == "grpc.health.v1.Health"),
+        "{admin:?}"
+    );
+    let addr = s.addr.to_string();
+    let f = run_grpcurl([
+        "-plaintext",
+        addr.as_str(),
+        "describe",
+        "sluice.admin.v1.UsagePlan",
+    ]);
+    assert!(
+        f.success(),
+        "describe on the RLS port failed: {}",
+        f.output()
+    );
+    assert!(f.stdout.contains("message UsagePlan"), "{}", f.output());
 }
 
 #[test]

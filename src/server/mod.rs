@@ -49,7 +49,7 @@ pub async fn serve<S: CounterStore>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let (reflection_v1, reflection_v1alpha) = reflection();
+    let (reflection_v1, reflection_v1alpha) = reflection(&[RLS_SERVICE, usage::USAGE_SERVICE]);
     let usage = crate::proto::usage::usage_service_server::UsageServiceServer::new(
         usage::UsageServer::new(limiter.clone()),
     );
@@ -78,8 +78,20 @@ pub async fn serve<S: CounterStore>(
         .await
 }
 
-/// Reflection v1 and v1alpha over every proto sluice serves.
-fn reflection() -> (
+/// Services served on both ports: health and the two reflection versions.
+const COMMON_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reflection v1 and v1alpha that know every proto sluice has (so any
+/// message type can be described) but list only `services`, the ones served
+/// on that port (with [`COMMON_SERVICES`]): `grpcurl list` on the RLS port does
+/// not offer the admin API, which only the admin port answers.
+fn reflection(
+    services: &[&str],
+) -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -87,14 +99,18 @@ fn reflection() -> (
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 ) {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let builder = || {
+        services.iter().chain(&COMMON_SERVICES).fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let v1 = builder()
         .build_v1()
         .expect("embedded descriptor sets are valid (checked by tests)");
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let v1alpha = builder()
         .build_v1alpha()
         .expect("embedded descriptor sets are valid (checked by tests)");
     (v1, v1alpha)
@@ -123,7 +139,7 @@ pub async fn serve_admin<S: CounterStore>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let (reflection_v1, reflection_v1alpha) = reflection();
+    let (reflection_v1, reflection_v1alpha) = reflection(&[admin::ADMIN_SERVICE]);
     let admin = AdminServiceServer::with_interceptor(
         admin::AdminServer::new(registry, limiter, retention_days),
         auth,
