@@ -122,6 +122,56 @@ fn each_port_lists_only_the_services_it_serves() {
     assert!(f.stdout.contains("message UsagePlan"), "{}", f.output());
 }
 
+/// A call to the other port's service is UNIMPLEMENTED with a message that
+/// says where it is served (tonic's own answer has an empty message).
+#[test]
+fn a_call_to_the_wrong_port_says_which_port_serves_it() {
+    let tmp = tempdir();
+    let mut s = default_server(&tmp);
+    let rls_addr = s.addr.to_string();
+    let admin_addr = s.admin_addr().to_string();
+    let f = run_grpcurl([
+        "-plaintext",
+        "-d",
+        "{}",
+        rls_addr.as_str(),
+        "sluice.admin.v1.AdminService/ListUsagePlans",
+    ]);
+    assert!(
+        !f.success(),
+        "admin call answered on the RLS port: {}",
+        f.output()
+    );
+    let out = f.output();
+    assert!(out.contains("Unimplemented"), "{out}");
+    assert!(
+        out.contains("/sluice.admin.v1.AdminService/ListUsagePlans is not served on this port")
+            && out.contains("is on the admin port (--admin-listen"),
+        "{out}"
+    );
+    let f = run_grpcurl([
+        "-plaintext",
+        "-d",
+        r#"{"domain":"llm-gateway"}"#,
+        admin_addr.as_str(),
+        &format!("{RLS}/ShouldRateLimit"),
+    ]);
+    assert!(
+        !f.success(),
+        "RLS call answered on the admin port: {}",
+        f.output()
+    );
+    let out = f.output();
+    assert!(out.contains("Unimplemented"), "{out}");
+    assert!(out.contains("are on the RLS port (--listen"), "{out}");
+    // The right port still answers.
+    assert!(should_ok(
+        &s,
+        r#"{"domain":"llm-gateway","descriptors":[{"entries":[{"key":"api_key","value":"a"}]}]}"#
+    )
+    .contains(r#""overallCode":"OK""#));
+}
+
 #[test]
 fn describe_rls_service() {
     let tmp = tempdir();

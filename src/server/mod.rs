@@ -15,6 +15,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::codegen::http;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 pub use convert::RequestLimits;
@@ -69,13 +71,36 @@ pub async fn serve<S: CounterStore>(
         // nothing, while an INFO span per call cost ~10% of throughput
         // (BENCHMARKS.md, profile).
         .trace_fn(|req| tracing::debug_span!("grpc", path = %req.uri().path()))
-        .add_service(rls)
-        .add_service(usage)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_routes(unknown_methods_explained(
+            Routes::new(rls)
+                .add_service(usage)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha),
+            "envoy.service.ratelimit.v3.RateLimitService, \
+             sluice.usage.v1.UsageService, health and reflection; the admin API \
+             (sluice.admin.v1.AdminService) is on the admin port \
+             (--admin-listen, default 127.0.0.1:8082)",
+        ))
         .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
+}
+
+/// `routes`, with a call to a method they do not serve answered
+/// UNIMPLEMENTED with a message that names the method and says what the port
+/// serves (`here`), instead of tonic's empty message: the usual cause is a
+/// client pointed at the other port.
+fn unknown_methods_explained(mut routes: Routes, here: &'static str) -> Routes {
+    let router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = router.fallback(move |uri: http::Uri| async move {
+        let status = tonic::Status::unimplemented(format!(
+            "{} is not served on this port, which serves {here}",
+            uri.path()
+        ));
+        let (parts, ()) = status.into_http::<()>().into_parts();
+        http::Response::from_parts(parts, tonic::body::Body::empty())
+    });
+    routes
 }
 
 /// Services served on both ports: health and the two reflection versions.
@@ -154,10 +179,15 @@ pub async fn serve_admin<S: CounterStore>(
     };
     tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("admin", path = %req.uri().path()))
-        .add_service(admin)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_routes(unknown_methods_explained(
+            Routes::new(admin)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha),
+            "sluice.admin.v1.AdminService, health and reflection; \
+             envoy.service.ratelimit.v3.RateLimitService and sluice.usage.v1.UsageService \
+             are on the RLS port (--listen, default 127.0.0.1:8081)",
+        ))
         .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
 }
