@@ -728,10 +728,12 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     if is_blank(text) {
         return Ok(Spec::default());
     }
-    let spec: Spec = serde_saphyr::from_str(text).map_err(|e| parse_error(path, &e))?;
+    let Some(spec) = one_document::<Spec>(path, text)? else {
+        return Ok(Spec::default());
+    };
     // The same text again, for the lines of names; it parsed once, so this
     // only fails on something exotic, and then the messages lack a line.
-    let names: Option<NamesOnly> = serde_saphyr::from_str(text).ok();
+    let names: Option<NamesOnly> = one_document(path, text).ok().flatten();
     let line_of_plan = |i: usize| {
         names
             .as_ref()
@@ -875,6 +877,27 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
         }
     }
     Ok(spec)
+}
+
+/// The one YAML document of `text` (none if every document is empty:
+/// leading and trailing `---` markers, as Kubernetes and Helm write them,
+/// are fine). A second document is an error rather than silently ignored.
+fn one_document<'de, T: serde::Deserialize<'de>>(
+    path: &Path,
+    text: &'de str,
+) -> Result<Option<T>, Error> {
+    let mut docs: Vec<T> =
+        serde_saphyr::from_str_multiple(text).map_err(|e| parse_error(path, &e))?;
+    if docs.len() > 1 {
+        return Err(Error::Parse {
+            path: path.to_owned(),
+            message: format!(
+                "{} YAML documents (separated by `---`): put everything in one document",
+                docs.len()
+            ),
+        });
+    }
+    Ok(docs.pop())
 }
 
 fn parse_error(path: &Path, e: &serde_saphyr::Error) -> Error {
@@ -2086,6 +2109,21 @@ mod tests {
                 .unwrap()
                 .as_second()
         );
+    }
+
+    #[test]
+    fn document_markers_are_fine_and_a_second_document_is_an_error() {
+        for text in [format!("---\n{EXAMPLE}"), format!("{EXAMPLE}\n---\n")] {
+            assert_eq!(parse(&text), parse(EXAMPLE));
+        }
+        let e = parse_spec(
+            Path::new("plans.yaml"),
+            "usage_plans: []\n---\napi_keys: []\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("plans.yaml"), "{e}");
+        assert!(e.contains("2 YAML documents"), "{e}");
     }
 
     #[test]

@@ -107,22 +107,42 @@ pub struct Config {
 /// # Errors
 /// [`Error::Syntax`] or [`Error::Invalid`], naming `path`, line and field.
 pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRules), Error> {
+    let empty = || Error::Syntax {
+        path: path.to_owned(),
+        pos: None,
+        message: "file is empty: expected a `domain` and `descriptors`".into(),
+    };
     if text.trim().is_empty() {
+        return Err(empty());
+    }
+    // Every document of the file, empty ones (a leading or trailing `---`,
+    // as Kubernetes and Helm write them) skipped: upstream's YAML decoder
+    // reads the first document and accepts those markers.
+    let opts = serde_saphyr::options! { with_snippet: false };
+    let mut docs: Vec<FileYaml> = serde_saphyr::from_str_multiple_with_options(text, opts)
+        .map_err(|e| {
+            let pos = e.location().map(Position::from);
+            Error::Syntax {
+                path: path.to_owned(),
+                pos,
+                message: describe(&e.to_string(), pos, text),
+            }
+        })?;
+    if docs.len() > 1 {
+        // Upstream would silently ignore every domain after the first.
+        let second = &docs[1].domain;
         return Err(Error::Syntax {
             path: path.to_owned(),
-            pos: None,
-            message: "file is empty: expected a `domain` and `descriptors`".into(),
+            pos: Some(second.referenced.into()),
+            message: format!(
+                "a second YAML document (domain `{}`): a config file holds one domain; \
+                 envoyproxy/ratelimit would read only the first and ignore the rest, so \
+                 put each domain in its own file",
+                second.value
+            ),
         });
     }
-    let opts = serde_saphyr::options! { with_snippet: false };
-    let file: FileYaml = serde_saphyr::from_str_with_options(text, opts).map_err(|e| {
-        let pos = e.location().map(Position::from);
-        Error::Syntax {
-            path: path.to_owned(),
-            pos,
-            message: describe(&e.to_string(), pos, text),
-        }
-    })?;
+    let file = docs.pop().ok_or_else(empty)?;
     let invalid = |loc: Location, field: &'static str, message: String| Error::Invalid {
         path: path.to_owned(),
         pos: loc.into(),

@@ -103,3 +103,42 @@ descriptors:
 "#;
     parse_file(Path::new("full.yaml"), yaml).unwrap();
 }
+
+/// Document markers as Kubernetes ConfigMaps and Helm templates write them
+/// load, as upstream's decoder (the first document) reads them.
+#[test]
+fn leading_and_trailing_document_markers_load() {
+    let body = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 5}\n";
+    for text in [
+        format!("---\n{body}"),
+        format!("{body}---\n"),
+        format!("---\n{body}---\n"),
+        format!("# comment\n---\n{body}...\n"),
+    ] {
+        let (domain, _, rules) =
+            parse_file(Path::new("rules.yaml"), &text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert_eq!(domain, "d");
+        let plain = parse_file(Path::new("rules.yaml"), body).unwrap().2;
+        assert_eq!(rules, plain, "{text:?}");
+    }
+}
+
+/// A second domain in one file is an error naming its line, where upstream
+/// would silently drop it.
+#[test]
+fn a_second_document_is_an_error_naming_its_domain_and_line() {
+    let e = err("domain: a\ndescriptors: []\n---\ndomain: b\n");
+    assert!(
+        e.starts_with("rules.yaml:4:9: a second YAML document (domain `b`)"),
+        "{e}"
+    );
+    assert!(e.contains("put each domain in its own file"), "{e}");
+}
+
+#[test]
+fn a_file_of_comments_only_is_empty() {
+    assert_eq!(
+        err("# nothing here\n---\n"),
+        "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
+    );
+}
