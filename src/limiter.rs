@@ -18,6 +18,7 @@
 //! # });
 //! ```
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +101,7 @@ pub struct ReportResult {
     /// The request id was reported before: nothing was counted.
     pub duplicate: bool,
     /// The state of the plan's limits after the report.
-    pub states: Vec<LimitState>,
+    pub states: Vec<LimitState<'static>>,
 }
 
 /// The result of Reserve.
@@ -111,7 +112,7 @@ pub struct ReserveResult {
     /// The reservation id, when allowed.
     pub id: Option<String>,
     /// The state of the plan's limits.
-    pub states: Vec<LimitState>,
+    pub states: Vec<LimitState<'static>>,
     /// Headers for the client (the plan's style).
     pub headers: engine::Headers,
 }
@@ -444,16 +445,16 @@ impl<S: CounterStore> RateLimiter<S> {
     /// every token and spend limit, whatever the limits say (they were
     /// spent); the status says whether the limits are now exceeded.
     #[allow(clippy::too_many_arguments)]
-    fn decide_plan(
+    fn decide_plan<'p>(
         &self,
         cat: &Catalog,
-        plan: &CompiledPlan,
+        plan: &'p CompiledPlan,
         stage: usize,
         key: &ApiKey,
         entries: &[Entry],
         call: Call,
         now_us: i64,
-        states: &mut States,
+        states: &mut States<'p>,
         out: &mut CallOutcome,
         wrote: &mut bool,
     ) -> Result<Status, storage::Error> {
@@ -763,8 +764,14 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             };
             let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
+            // The name is the plan's quota name, whatever grant applies.
+            let name = match plan.quota_limit.as_ref().and_then(|l| l.name.as_deref()) {
+                Some(n) => Cow::Borrowed(n),
+                None => Cow::Owned(limit.name.as_deref().unwrap_or_default().to_owned()),
+            };
             states.push(LimitState::requests(
                 limit,
+                name,
                 effective.saturating_sub(used.min(*effective)),
                 Some(reset_in),
             ));
@@ -812,7 +819,7 @@ impl<S: CounterStore> RateLimiter<S> {
             };
             let remaining = lp.lim.saturating_sub(used_now);
             states.push(LimitState {
-                name: limit.name.clone().unwrap_or_default(),
+                name: Cow::Borrowed(limit.name.as_deref().unwrap_or_default()),
                 tokens: lp.limit.metric != Metric::Requests,
                 limit: lp.lim,
                 remaining,
@@ -921,16 +928,16 @@ impl<S: CounterStore> RateLimiter<S> {
     /// reservation): decided, then committed. Returns the status, the limit
     /// states and the call's outcome.
     #[allow(clippy::too_many_arguments)]
-    async fn plan_call(
+    async fn plan_call<'p>(
         &self,
         cat: &Catalog,
-        plan: &CompiledPlan,
+        plan: &'p CompiledPlan,
         stage: usize,
         key: &ApiKey,
         entries: &[Entry],
         call: Call,
         now_us: i64,
-    ) -> Result<(Status, States, CallOutcome), storage::Error> {
+    ) -> Result<(Status, States<'p>, CallOutcome), storage::Error> {
         let mut states = States::new();
         let mut out = CallOutcome::default();
         let mut wrote = false;
@@ -1116,7 +1123,7 @@ impl<S: CounterStore> RateLimiter<S> {
             .await?;
         Ok(ReportResult {
             duplicate: out.duplicate,
-            states: states.into_vec(),
+            states: states.into_iter().map(LimitState::into_owned).collect(),
         })
     }
 
@@ -1192,7 +1199,7 @@ impl<S: CounterStore> RateLimiter<S> {
         Ok(ReserveResult {
             status,
             id,
-            states: states.into_vec(),
+            states: states.into_iter().map(LimitState::into_owned).collect(),
             headers,
         })
     }
@@ -1446,7 +1453,7 @@ type Group<'a> = (
 
 /// The limit states of one decision (throttle, quota and a few limits fit
 /// without a heap allocation).
-type States = SmallVec<[LimitState; 6]>;
+type States<'a> = SmallVec<[LimitState<'a>; 6]>;
 
 /// One usage limit as a call sees it.
 struct LimitPlan<'a> {
@@ -1462,11 +1469,13 @@ struct LimitPlan<'a> {
     prev_share: u64,
 }
 
-/// The state of one limit after a decision, for response headers.
+/// The state of one limit after a decision, for response headers. Within a
+/// decision the name is borrowed from the plan (no reference counting on
+/// the hot path); results handed out own it (`LimitState<'static>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LimitState {
+pub struct LimitState<'a> {
     /// Reported name ("plan/limit").
-    pub name: Arc<str>,
+    pub name: Cow<'a, str>,
     /// A token or spend limit (else requests).
     pub tokens: bool,
     /// The limit per window.
@@ -1479,14 +1488,26 @@ pub struct LimitState {
     pub window: i64,
 }
 
-impl LimitState {
+impl<'a> LimitState<'a> {
+    /// The same state, owning its name.
+    pub fn into_owned(self) -> LimitState<'static> {
+        LimitState {
+            name: Cow::Owned(self.name.into_owned()),
+            tokens: self.tokens,
+            limit: self.limit,
+            remaining: self.remaining,
+            reset_in: self.reset_in,
+            window: self.window,
+        }
+    }
+
     /// A throttle: its capacity is the limit; its window, the time to refill it.
     fn throttle(
-        limit: &engine::Limit,
+        limit: &'a engine::Limit,
         t: &crate::plans::model::Throttle,
         remaining: u64,
         reset_in: Option<u64>,
-    ) -> LimitState {
+    ) -> LimitState<'a> {
         let window = if t.rate_limit > 0.0 {
             (f64::from(t.burst_limit) / t.rate_limit)
                 .ceil()
@@ -1495,7 +1516,7 @@ impl LimitState {
             i64::MAX
         };
         LimitState {
-            name: limit.name.clone().unwrap_or_default(),
+            name: Cow::Borrowed(limit.name.as_deref().unwrap_or_default()),
             tokens: false,
             limit: u64::from(t.burst_limit),
             remaining,
@@ -1504,9 +1525,15 @@ impl LimitState {
         }
     }
 
-    fn requests(limit: &engine::Limit, remaining: u64, reset_in: Option<u64>) -> LimitState {
+    /// A request limit (the quota), named `name`.
+    fn requests(
+        limit: &engine::Limit,
+        name: Cow<'a, str>,
+        remaining: u64,
+        reset_in: Option<u64>,
+    ) -> LimitState<'a> {
         LimitState {
-            name: limit.name.clone().unwrap_or_default(),
+            name,
             tokens: false,
             limit: u64::from(limit.requests_per_unit),
             remaining,

@@ -57,7 +57,7 @@ fn write_sf_string(out: &mut String, s: &str) {
 /// The headers for a decision's limit states.
 pub fn build(
     style: HeaderStyle,
-    states: &[LimitState],
+    states: &[LimitState<'_>],
     denied: bool,
     retry_after: Option<u64>,
 ) -> Headers {
@@ -138,7 +138,13 @@ pub fn build(
 mod tests {
     use super::*;
 
-    fn st(name: &str, tokens: bool, limit: u64, remaining: u64, reset: u64) -> LimitState {
+    fn st(
+        name: &'static str,
+        tokens: bool,
+        limit: u64,
+        remaining: u64,
+        reset: u64,
+    ) -> LimitState<'static> {
         LimitState {
             name: name.into(),
             tokens,

@@ -55,7 +55,7 @@ fn secs(s: u64) -> Duration {
     }
 }
 
-fn limits(states: &[LimitState]) -> Vec<pb::LimitStatus> {
+fn limits(states: &[LimitState<'_>]) -> Vec<pb::LimitStatus> {
     states
         .iter()
         .map(|s| pb::LimitStatus {
