@@ -122,6 +122,16 @@ fn each_port_lists_only_the_services_it_serves() {
     assert!(f.stdout.contains("message UsagePlan"), "{}", f.output());
 }
 
+/// grpcurl's output for a call to `method` on `addr` that must fail with
+/// UNIMPLEMENTED.
+fn unimplemented(addr: &str, method: &str, body: &str) -> String {
+    let f = run_grpcurl(["-plaintext", "-d", body, addr, method]);
+    assert!(!f.success(), "{method} answered on {addr}: {}", f.output());
+    let out = f.output();
+    assert!(out.contains("Unimplemented"), "{out}");
+    out
+}
+
 /// A call to the other port's service is UNIMPLEMENTED with a message that
 /// says where it is served (tonic's own answer has an empty message).
 #[test]
@@ -130,39 +140,21 @@ fn a_call_to_the_wrong_port_says_which_port_serves_it() {
     let mut s = default_server(&tmp);
     let rls_addr = s.addr.to_string();
     let admin_addr = s.admin_addr().to_string();
-    let f = run_grpcurl([
-        "-plaintext",
-        "-d",
-        "{}",
-        rls_addr.as_str(),
+    let out = unimplemented(
+        &rls_addr,
         "sluice.admin.v1.AdminService/ListUsagePlans",
-    ]);
-    assert!(
-        !f.success(),
-        "admin call answered on the RLS port: {}",
-        f.output()
+        "{}",
     );
-    let out = f.output();
-    assert!(out.contains("Unimplemented"), "{out}");
     assert!(
         out.contains("/sluice.admin.v1.AdminService/ListUsagePlans is not served on this port")
             && out.contains("is on the admin port (--admin-listen"),
         "{out}"
     );
-    let f = run_grpcurl([
-        "-plaintext",
-        "-d",
-        r#"{"domain":"llm-gateway"}"#,
-        admin_addr.as_str(),
+    let out = unimplemented(
+        &admin_addr,
         &format!("{RLS}/ShouldRateLimit"),
-    ]);
-    assert!(
-        !f.success(),
-        "RLS call answered on the admin port: {}",
-        f.output()
+        r#"{"domain":"llm-gateway"}"#,
     );
-    let out = f.output();
-    assert!(out.contains("Unimplemented"), "{out}");
     assert!(out.contains("are on the RLS port (--listen"), "{out}");
     // The right port still answers.
     assert!(should_ok(
