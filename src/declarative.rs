@@ -708,14 +708,6 @@ struct LimitNameOnly {
     name: serde_saphyr::Spanned<String>,
 }
 
-/// Whether a YAML text has no content but comments and blank lines.
-fn is_blank(text: &str) -> bool {
-    text.lines().all(|l| {
-        let l = l.trim();
-        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
-    })
-}
-
 /// Parses and checks a declarative file. `path` is only used in messages.
 ///
 /// # Errors
@@ -725,9 +717,7 @@ fn is_blank(text: &str) -> bool {
 /// that is not TOKENS, weights without `count: WEIGHTED` (or missing with
 /// it), or a plan listed twice in one key's `usage_plans`.
 pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
-    if is_blank(text) {
-        return Ok(Spec::default());
-    }
+    // A file of comments, blank lines and `---` holds no document.
     let Some(spec) = one_document::<Spec>(path, text)? else {
         return Ok(Spec::default());
     };

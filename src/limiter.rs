@@ -764,14 +764,12 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             };
             let reset_in = u64::try_from(span.end - now_s).unwrap_or(0);
-            // The name is the plan's quota name, whatever grant applies.
-            let name = match plan.quota_limit.as_ref().and_then(|l| l.name.as_deref()) {
-                Some(n) => Cow::Borrowed(n),
-                None => Cow::Owned(limit.name.as_deref().unwrap_or_default().to_owned()),
-            };
+            // The plan's quota name (a plan with a quota has its limit),
+            // whatever grant applies.
+            let name = plan.quota_limit.as_ref().and_then(|l| l.name.as_deref());
             states.push(LimitState::requests(
                 limit,
-                name,
+                name.unwrap_or_default(),
                 effective.saturating_sub(used.min(*effective)),
                 Some(reset_in),
             ));
@@ -1528,12 +1526,12 @@ impl<'a> LimitState<'a> {
     /// A request limit (the quota), named `name`.
     fn requests(
         limit: &engine::Limit,
-        name: Cow<'a, str>,
+        name: &'a str,
         remaining: u64,
         reset_in: Option<u64>,
     ) -> LimitState<'a> {
         LimitState {
-            name,
+            name: Cow::Borrowed(name),
             tokens: false,
             limit: u64::from(limit.requests_per_unit),
             remaining,

@@ -51,7 +51,8 @@ pub async fn serve<S: CounterStore>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let (reflection_v1, reflection_v1alpha) = reflection(&[RLS_SERVICE, usage::USAGE_SERVICE]);
+    let own = [RLS_SERVICE, usage::USAGE_SERVICE];
+    let (reflection_v1, reflection_v1alpha) = reflection(&own);
     let usage = crate::proto::usage::usage_service_server::UsageServiceServer::new(
         usage::UsageServer::new(limiter.clone()),
     );
@@ -77,20 +78,23 @@ pub async fn serve<S: CounterStore>(
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha),
-            "envoy.service.ratelimit.v3.RateLimitService, \
-             sluice.usage.v1.UsageService, health and reflection; the admin API \
-             (sluice.admin.v1.AdminService) is on the admin port \
-             (--admin-listen, default 127.0.0.1:8082)",
+            &own,
+            &format!(
+                "the admin API ({}) is on the admin port (--admin-listen, default 127.0.0.1:8082)",
+                admin::ADMIN_SERVICE
+            ),
         ))
         .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
 }
 
 /// `routes`, with a call to a method they do not serve answered
-/// UNIMPLEMENTED with a message that names the method and says what the port
-/// serves (`here`), instead of tonic's empty message: the usual cause is a
+/// UNIMPLEMENTED with a message that names the method, the port's own
+/// services (`own`, as reflection lists them) and where the rest is
+/// (`elsewhere`), instead of tonic's empty message: the usual cause is a
 /// client pointed at the other port.
-fn unknown_methods_explained(mut routes: Routes, here: &'static str) -> Routes {
+fn unknown_methods_explained(mut routes: Routes, own: &[&str], elsewhere: &str) -> Routes {
+    let here: Arc<str> = format!("{}, health and reflection; {elsewhere}", own.join(", ")).into();
     let router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = router.fallback(move |uri: http::Uri| async move {
         let status = tonic::Status::unimplemented(format!(
@@ -164,7 +168,8 @@ pub async fn serve_admin<S: CounterStore>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let (reflection_v1, reflection_v1alpha) = reflection(&[admin::ADMIN_SERVICE]);
+    let own = [admin::ADMIN_SERVICE];
+    let (reflection_v1, reflection_v1alpha) = reflection(&own);
     let admin = AdminServiceServer::with_interceptor(
         admin::AdminServer::new(registry, limiter, retention_days),
         auth,
@@ -184,9 +189,11 @@ pub async fn serve_admin<S: CounterStore>(
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha),
-            "sluice.admin.v1.AdminService, health and reflection; \
-             envoy.service.ratelimit.v3.RateLimitService and sluice.usage.v1.UsageService \
-             are on the RLS port (--listen, default 127.0.0.1:8081)",
+            &own,
+            &format!(
+                "{RLS_SERVICE} and {} are on the RLS port (--listen, default 127.0.0.1:8081)",
+                usage::USAGE_SERVICE
+            ),
         ))
         .serve_with_incoming_shutdown(io::incoming(listener), drain)
         .await
