@@ -7,10 +7,17 @@
 //!
 //! `cargo run --release --example noop_rls -- 127.0.0.1:0` prints
 //! "noop listening on ADDR".
+//!
+//! `noop_rls ADDR --answer FILE` answers every call with the bytes of FILE
+//! instead (an encoded `RateLimitResponse`, e.g. one sluice gave, saved by
+//! `rls_check --save-answer`), through sluice's own answer type: still no
+//! work per call beyond copying those bytes. `benches/load/floor.sh` uses it
+//! to measure what a larger request and answer alone cost.
 
 use sluice::proto::rls::rate_limit_response::{Code, DescriptorStatus};
 use sluice::proto::rls::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
+use sluice::server::wire::WireResponse;
 use tonic::{Request, Response, Status};
 
 /// The same allocator as the sluice binary, so the ratio stays honest.
@@ -40,15 +47,49 @@ impl RateLimitService for Noop {
     }
 }
 
+/// Answers every call with the same encoded answer.
+struct Canned(Vec<u8>);
+
+#[tonic::async_trait]
+impl sluice::server::rls::RateLimitService for Canned {
+    async fn should_rate_limit(
+        &self,
+        _request: Request<RateLimitRequest>,
+    ) -> Result<Response<WireResponse>, Status> {
+        Ok(Response::new(WireResponse::Encoded(self.0.clone())))
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let usage = "usage: noop_rls [ADDR] [--answer FILE]";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (addr, answer) = match args.as_slice() {
+        [] => ("127.0.0.1:0", None),
+        [addr] => (addr.as_str(), None),
+        [addr, flag, file] if flag == "--answer" => (addr.as_str(), Some(file)),
+        _ => return Err(usage.into()),
+    };
+    let answer = match answer {
+        Some(file) => {
+            let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+            // Refuse what a client could not decode.
+            <RateLimitResponse as prost::Message>::decode(bytes.as_slice())
+                .map_err(|e| format!("{file}: not a RateLimitResponse: {e}"))?;
+            Some(bytes)
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("noop listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
-        .add_service(RateLimitServiceServer::new(Noop))
+    let mut builder = tonic::transport::Server::builder();
+    let router = match answer {
+        Some(bytes) => builder.add_service(sluice::server::rls::RateLimitServiceServer::new(
+            Canned(bytes),
+        )),
+        None => builder.add_service(RateLimitServiceServer::new(Noop)),
+    };
+    router
         .serve_with_incoming_shutdown(sluice::server::io::incoming(listener), async {
             let _ = tokio::signal::ctrl_c().await;
         })

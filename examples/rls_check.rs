@@ -2,7 +2,10 @@
 //! a gRPC OK with overall code OK: h2load counts HTTP 200 even when the gRPC
 //! status is an error, so the load script checks a sample this way.
 //!
-//! `cargo run --example rls_check -- ADDR DOMAIN key=value [key=value ...]`
+//! `cargo run --example rls_check -- [--save-answer FILE] ADDR DOMAIN key=value [key=value ...]`
+//!
+//! With `--save-answer`, the answer's encoded bytes are written to FILE (for
+//! `noop_rls --answer`).
 
 use sluice::proto::common::rate_limit_descriptor::Entry;
 use sluice::proto::common::RateLimitDescriptor;
@@ -12,8 +15,14 @@ use sluice::proto::rls::RateLimitRequest;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: rls_check ADDR DOMAIN key=value [key=value ...]";
+    let mut args = std::env::args().skip(1).peekable();
+    let usage = "usage: rls_check [--save-answer FILE] ADDR DOMAIN key=value [key=value ...]";
+    let save = if args.peek().map(String::as_str) == Some("--save-answer") {
+        args.next();
+        Some(args.next().ok_or(usage)?)
+    } else {
+        None
+    };
     let addr = args.next().ok_or(usage)?;
     let domain = args.next().ok_or(usage)?;
     let entries = args
@@ -40,6 +49,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_inner();
     if resp.overall_code != Code::Ok as i32 {
         return Err(format!("expected overall OK, got {resp:?}").into());
+    }
+    if let Some(file) = save {
+        std::fs::write(&file, prost::Message::encode_to_vec(&resp))
+            .map_err(|e| format!("{file}: {e}"))?;
     }
     println!("ok: {resp:?}");
     Ok(())
