@@ -858,6 +858,13 @@ impl<S: CounterStore> RateLimiter<S> {
                 for (key, v) in &model_ops {
                     rollback.push(CounterOp::new(k(key), *v, 0).when(Cond::Sub));
                 }
+                // Without a quota the daily usage counter was counted
+                // unconditionally: a refused call was not used.
+                if quota.is_none() {
+                    if let Some(daily) = keys.first() {
+                        rollback.push(CounterOp::new(k(daily), hits, 0).when(Cond::Sub));
+                    }
+                }
                 // Undo what this call counted, and give back its tokens.
                 self.apply(&rollback, wrote)?;
                 for (i, amount) in restore {

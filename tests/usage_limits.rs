@@ -397,6 +397,44 @@ async fn request_limit_refuses_the_fourth_and_does_not_count_refusals() {
     );
 }
 
+/// Without a quota, a key's daily usage (GetUsage's `days[].used`, "hits
+/// allowed that day") counts the calls its limits allowed, not the ones they
+/// refused: a request limit's refusals and a spent token limit's alike.
+#[tokio::test]
+async fn daily_usage_without_a_quota_counts_only_allowed_calls() {
+    let env = Env::new();
+    let (rp, rk, rv) = env.plan_and_key(plan("rq", vec![rpm("rpm", 1)])).await;
+    let (tp, tk, tv) = env.plan_and_key(plan("tq", vec![tpm("tpm", 100)])).await;
+    assert_eq!(env.request(&rv, None, 1, w(10)).await.code, Code::Ok);
+    for _ in 0..3 {
+        assert_eq!(
+            sum(&env.request(&rv, None, 1, w(10)).await).0,
+            Code::OverLimit
+        );
+    }
+    // The token limit: one request allowed, 150 tokens charged (over 100),
+    // then requests refused until the window moves on.
+    assert_eq!(env.request(&tv, None, 1, w(10)).await.code, Code::Ok);
+    env.charge(&tv, "total_tokens", None, 150, w(11)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            sum(&env.request(&tv, None, 1, w(12)).await).0,
+            Code::OverLimit
+        );
+    }
+    let day = jiff::civil::date(2026, 1, 1);
+    for (p, k) in [(&rp, &rk), (&tp, &tk)] {
+        let compiled = env.limiter.catalog().plan(&p.id).unwrap().clone();
+        let (days, _) = env
+            .limiter
+            .usage(&compiled, &k.id, &[day], w(20))
+            .await
+            .unwrap();
+        assert_eq!(days.len(), 1);
+        assert_eq!((days[0].date, days[0].used), (day, 1), "plan {}", p.name);
+    }
+}
+
 // --------------------------------------------- 2: the sliding window --
 
 /// Most hits in any half-open span of `len` seconds.
