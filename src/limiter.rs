@@ -818,7 +818,7 @@ impl<S: CounterStore> RateLimiter<S> {
             let remaining = lp.lim.saturating_sub(used_now);
             states.push(LimitState {
                 name: Cow::Borrowed(limit.name.as_deref().unwrap_or_default()),
-                tokens: lp.limit.metric != Metric::Requests,
+                metric: lp.limit.metric,
                 limit: lp.lim,
                 remaining,
                 reset_in: Some(reset_in),
@@ -1481,8 +1481,9 @@ struct LimitPlan<'a> {
 pub struct LimitState<'a> {
     /// Reported name ("plan/limit").
     pub name: Cow<'a, str>,
-    /// A token or spend limit (else requests).
-    pub tokens: bool,
+    /// What the limit counts: requests (the throttle and the quota too),
+    /// tokens, or spend.
+    pub metric: Metric,
     /// The limit per window.
     pub limit: u64,
     /// What is left.
@@ -1498,7 +1499,7 @@ impl<'a> LimitState<'a> {
     pub fn into_owned(self) -> LimitState<'static> {
         LimitState {
             name: Cow::Owned(self.name.into_owned()),
-            tokens: self.tokens,
+            metric: self.metric,
             limit: self.limit,
             remaining: self.remaining,
             reset_in: self.reset_in,
@@ -1522,7 +1523,7 @@ impl<'a> LimitState<'a> {
         };
         LimitState {
             name: Cow::Borrowed(limit.name.as_deref().unwrap_or_default()),
-            tokens: false,
+            metric: Metric::Requests,
             limit: u64::from(t.burst_limit),
             remaining,
             reset_in,
@@ -1539,7 +1540,7 @@ impl<'a> LimitState<'a> {
     ) -> LimitState<'a> {
         LimitState {
             name: Cow::Borrowed(name),
-            tokens: false,
+            metric: Metric::Requests,
             limit: u64::from(limit.requests_per_unit),
             remaining,
             reset_in,

@@ -1018,6 +1018,28 @@ async fn spend_accumulates_exact_micro_units_and_refuses_when_spent() {
     );
 }
 
+/// OpenAI clients read `x-ratelimit-*-tokens` as tokens: a spend budget,
+/// even a spent one, never shows there; the token limit does.
+#[tokio::test]
+async fn openai_token_headers_show_token_limits_never_the_budget() {
+    let env = Env::new();
+    let mut p = spend_plan("mixed");
+    p.limits.push(tpm("tpm", 100_000));
+    let (_, _, v) = env.plan_and_key(p).await;
+    let t = at(2026, 1, 1, 18, 0, 0);
+    let g = Some("gpt-4o");
+    // 100k output tokens at 10.00/M = 1_000_000: the budget is spent; the
+    // minute's tokens too (100k of 100k).
+    env.charge(&v, "output_tokens", g, 100_000, t).await;
+    // A minute later the token limit's window has moved on (its sliding
+    // share is what is left of the last minute); the budget is still spent.
+    let d = env.request_d(&v, g, 0, t + 120 * S).await;
+    assert_eq!(hdr(&d, "x-ratelimit-limit-tokens"), Some("100000"));
+    assert_eq!(hdr(&d, "x-ratelimit-remaining-tokens"), Some("100000"));
+    let s = &d.statuses[0];
+    assert_eq!(sum(s), over(21_480, BUDGET));
+}
+
 #[tokio::test]
 async fn spend_rounds_up_per_charge() {
     let env = Env::new();

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::model::HeaderStyle;
+use super::model::{HeaderStyle, Metric};
 use crate::engine::Headers;
 use crate::limiter::LimitState;
 
@@ -66,9 +66,10 @@ pub fn build(
         return h;
     }
     if matches!(style, HeaderStyle::Openai | HeaderStyle::Both) {
-        const NAMES: [(bool, [&str; 3]); 2] = [
+        // Spend limits have no OpenAI header: `-tokens` carries tokens only.
+        const NAMES: [(Metric, [&str; 3]); 2] = [
             (
-                false,
+                Metric::Requests,
                 [
                     "x-ratelimit-limit-requests",
                     "x-ratelimit-remaining-requests",
@@ -76,7 +77,7 @@ pub fn build(
                 ],
             ),
             (
-                true,
+                Metric::Tokens,
                 [
                     "x-ratelimit-limit-tokens",
                     "x-ratelimit-remaining-tokens",
@@ -84,10 +85,10 @@ pub fn build(
                 ],
             ),
         ];
-        for (tokens, [limit, remaining, reset]) in NAMES {
+        for (metric, [limit, remaining, reset]) in NAMES {
             let binding = states
                 .iter()
-                .filter(|s| s.tokens == tokens)
+                .filter(|s| s.metric == metric)
                 .min_by_key(|s| s.remaining);
             if let Some(s) = binding {
                 push_num(&mut h, limit, s.limit);
@@ -105,10 +106,10 @@ pub fn build(
                     out.push_str(", ");
                 }
                 write_sf_string(out, &s.name);
-                let unit = if s.tokens {
-                    ";sluice-unit=\"tokens\""
-                } else {
-                    ""
+                let unit = match s.metric {
+                    Metric::Requests => "",
+                    Metric::Tokens => ";sluice-unit=\"tokens\"",
+                    Metric::Spend => ";sluice-unit=\"spend\"",
                 };
                 let _ = write!(out, ";q={};w={}{unit}", s.limit, s.window.max(1));
             }
@@ -140,14 +141,14 @@ mod tests {
 
     fn st(
         name: &'static str,
-        tokens: bool,
+        metric: Metric,
         limit: u64,
         remaining: u64,
         reset: u64,
     ) -> LimitState<'static> {
         LimitState {
             name: name.into(),
-            tokens,
+            metric,
             limit,
             remaining,
             reset_in: Some(reset),
@@ -158,10 +159,12 @@ mod tests {
     #[test]
     fn openai_style_reports_the_binding_limit_per_kind() {
         let states = [
-            st("p/throttle", false, 10, 19, 1),
-            st("p/rpm", false, 100, 7, 30),
-            st("p/tpm", true, 1000, 400, 42),
-            st("p/tpd", true, 100000, 90000, 3600),
+            st("p/throttle", Metric::Requests, 10, 19, 1),
+            st("p/rpm", Metric::Requests, 100, 7, 30),
+            st("p/tpm", Metric::Tokens, 1000, 400, 42),
+            st("p/tpd", Metric::Tokens, 100000, 90000, 3600),
+            // A spent budget is no token limit: it shows in no OpenAI header.
+            st("p/budget", Metric::Spend, 5_000_000, 0, 86400),
         ];
         let h = build(HeaderStyle::Openai, &states, false, None);
         let get = |k: &str| h.get(k);
@@ -179,19 +182,23 @@ mod tests {
 
     #[test]
     fn ietf_style_lists_every_policy() {
-        let states = [st("p/rpm", false, 100, 7, 30), st("p/\"x\"", true, 5, 0, 2)];
+        let states = [
+            st("p/rpm", Metric::Requests, 100, 7, 30),
+            st("p/\"x\"", Metric::Tokens, 5, 0, 2),
+            st("p/b", Metric::Spend, 9, 4, 3),
+        ];
         let h = build(HeaderStyle::Ietf, &states, false, None);
         assert_eq!(
             h.to_vec(),
             vec![
                 (
                     "ratelimit-policy",
-                    "\"p/rpm\";q=100;w=60, \"p/\\\"x\\\"\";q=5;w=60;sluice-unit=\"tokens\""
+                    "\"p/rpm\";q=100;w=60, \"p/\\\"x\\\"\";q=5;w=60;sluice-unit=\"tokens\", \"p/b\";q=9;w=60;sluice-unit=\"spend\""
                         .to_owned()
                 ),
                 (
                     "ratelimit",
-                    "\"p/rpm\";r=7;t=30, \"p/\\\"x\\\"\";r=0;t=2".to_owned()
+                    "\"p/rpm\";r=7;t=30, \"p/\\\"x\\\"\";r=0;t=2, \"p/b\";r=4;t=3".to_owned()
                 ),
             ]
         );

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Code;
 use crate::limiter::{LimitState, RateLimiter, UsageError};
+use crate::plans::model::Metric;
 use crate::plans::usage::Usage;
 use crate::proto::usage as pb;
 use crate::proto::usage::usage_service_server::UsageService;
@@ -60,7 +61,7 @@ fn limits(states: &[LimitState<'_>]) -> Vec<pb::LimitStatus> {
         .iter()
         .map(|s| pb::LimitStatus {
             name: s.name.to_string(),
-            tokens: s.tokens,
+            tokens: s.metric != Metric::Requests,
             limit: i64::try_from(s.limit).unwrap_or(i64::MAX),
             remaining: i64::try_from(s.remaining).unwrap_or(i64::MAX),
             reset_after: s.reset_in.map(secs),
