@@ -138,7 +138,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
                 "a second YAML document (domain `{}`): a config file holds one domain; \
                  envoyproxy/ratelimit would read only the first and ignore the rest, so \
                  put each domain in its own file",
-                second.value
+                second.value.as_deref().unwrap_or_default()
             ),
         });
     }
@@ -150,7 +150,8 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
         message,
     };
     let domain_pos: Position = file.domain.referenced.into();
-    if file.domain.value.is_empty() {
+    let domain = file.domain.value.unwrap_or_default();
+    if domain.is_empty() {
         return Err(invalid(
             file.domain.referenced,
             "domain",
@@ -164,7 +165,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
         "",
         &invalid,
     )?;
-    Ok((file.domain.value, domain_pos, DomainRules { root }))
+    Ok((domain, domain_pos, DomainRules { root }))
 }
 
 /// The parser's message without the "at line X, column Y" that the position
@@ -197,7 +198,7 @@ fn load_level(
 ) -> Result<(), Error> {
     for d in descriptors {
         let key_loc = d.key.referenced;
-        let key = d.key.value;
+        let key = d.key.value.unwrap_or_default();
         if key.is_empty() {
             return Err(invalid(key_loc, "key", "descriptor has empty key".into()));
         }
@@ -237,21 +238,22 @@ fn load_level(
                         ));
                     }
                     for item in r.value {
-                        if item.name.value.is_empty() {
+                        let replaced = item.name.value.unwrap_or_default();
+                        if replaced.is_empty() {
                             return Err(invalid(
                                 item.name.referenced,
                                 "replaces.name",
                                 "should not have an empty replaces entry".into(),
                             ));
                         }
-                        if name.as_deref() == Some(item.name.value.as_str()) {
+                        if name.as_deref() == Some(replaced.as_str()) {
                             return Err(invalid(
                                 item.name.referenced,
                                 "replaces.name",
                                 "replaces should not contain name of same descriptor".into(),
                             ));
                         }
-                        replaces.push(Arc::from(item.name.value));
+                        replaces.push(Arc::from(replaced));
                     }
                 }
                 if rl.unlimited {
@@ -273,7 +275,7 @@ fn load_level(
                     };
                     Some(RuleLimit::Limited {
                         limit: Arc::new(Limit {
-                            requests_per_unit: rl.requests_per_unit,
+                            requests_per_unit: rl.requests_per_unit.unwrap_or(0),
                             unit,
                             name,
                         }),

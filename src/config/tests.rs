@@ -54,7 +54,26 @@ fn errors_name_file_line_and_field() {
         ),
         (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n",
-            "rules.yaml:6:26: invalid u32 (in `requests_per_unit: -1`)",
+            "rules.yaml:6:26: requests_per_unit must be a whole number from 0 to 4294967295, not -1 (in `requests_per_unit: -1`)",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 2.5}\n",
+            "requests_per_unit must be a whole number from 0 to 4294967295, not 2.5",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: many}\n",
+            "requests_per_unit must be a whole number from 0 to 4294967295, not 'many'",
+        ),
+        // Nulls read as upstream's YAML library reads them (empty), so they
+        // get upstream's messages, not the parser's.
+        ("domain:\n", "rules.yaml:1:7: field `domain`: config file cannot have empty domain"),
+        (
+            "domain: d\ndescriptors:\n  - key:\n    value: v\n",
+            "rules.yaml:3:8: field `key`: descriptor has empty key",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      replaces:\n        - name:\n",
+            "rules.yaml:7:15: field `replaces.name`: should not have an empty replaces entry",
         ),
         ("descriptors: []\n", "missing field `domain`"),
         ("domain: [\n", "rules.yaml:"),
@@ -141,4 +160,29 @@ fn a_file_of_comments_only_is_empty() {
         err("# nothing here\n---\n"),
         "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
     );
+}
+
+/// `requests_per_unit:` with no value is 0, a limit that always denies, as
+/// upstream reads it; quoted and whole-float numbers load as numbers.
+#[test]
+fn requests_per_unit_null_quoted_and_float_forms() {
+    for (v, want) in [
+        ("", 0),
+        ("\"7\"", 7),
+        ("1e3", 1000),
+        ("4294967295", u32::MAX),
+    ] {
+        let yaml =
+            format!("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {{unit: minute, requests_per_unit: {v}}}\n");
+        let (_, _, rules) = parse_file(Path::new("r.yaml"), &yaml).unwrap();
+        let entry = crate::engine::Entry {
+            key: "a".into(),
+            value: "x".into(),
+        };
+        let m = rules.lookup(&[entry]).expect("the rule matches");
+        let crate::engine::RuleLimit::Limited { limit, .. } = m.limit else {
+            panic!("a counted limit for requests_per_unit: {v}");
+        };
+        assert_eq!(limit.requests_per_unit, want, "requests_per_unit: {v}");
+    }
 }
