@@ -1598,20 +1598,34 @@ pub fn counter_ops(slots: &[Slot]) -> smallvec::SmallVec<[CounterOp<'_>; 4]> {
         .collect()
 }
 
-/// Where the config comes from: a directory watched for changes, or the
-/// embedded default while that directory does not exist.
+/// Where the config comes from: a directory watched for changes, or (for
+/// the default directory only) the embedded default while it does not exist.
 #[derive(Debug)]
 pub struct ConfigSource {
     dir: PathBuf,
+    /// Whether a missing directory means the embedded default (the default
+    /// directory) rather than an error (a directory the operator named: a
+    /// typo must not silently serve other rules).
+    fallback: bool,
     last: Option<Vec<(PathBuf, String)>>,
 }
 
 impl ConfigSource {
-    /// A source for `dir`.
+    /// A source for `dir`, named by the operator: it must exist at start.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         ConfigSource {
             dir: dir.into(),
+            fallback: false,
             last: None,
+        }
+    }
+
+    /// A source for the default directory `dir`: while it does not exist,
+    /// the embedded default config is served.
+    pub fn with_default(dir: impl Into<PathBuf>) -> Self {
+        ConfigSource {
+            fallback: true,
+            ..ConfigSource::new(dir)
         }
     }
 
@@ -1621,11 +1635,17 @@ impl ConfigSource {
     }
 
     /// The initial config: the directory's files, or the embedded default when
-    /// the directory does not exist.
+    /// the default directory does not exist.
     ///
     /// # Errors
-    /// A config error naming file, line and field.
+    /// A config error naming file, line and field; [`config::Error::NoDir`]
+    /// for a named directory that does not exist.
     pub fn load_initial(&mut self) -> Result<Config, config::Error> {
+        if !self.dir.exists() && !self.fallback {
+            return Err(config::Error::NoDir {
+                path: self.dir.clone(),
+            });
+        }
         if !self.dir.exists() {
             tracing::info!(
                 dir = %self.dir.display(),

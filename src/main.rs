@@ -61,7 +61,8 @@ enum Command {
     },
     /// Validate a config directory and exit (0 = valid).
     CheckConfig {
-        /// Directory of envoyproxy/ratelimit YAML files, one domain per file.
+        /// Directory of envoyproxy/ratelimit YAML files, one domain per file
+        /// (must exist).
         #[arg(long, env = "SLUICE_CONFIG_DIR", default_value = "config")]
         config_dir: PathBuf,
     },
@@ -83,10 +84,12 @@ enum DurabilityArg {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Directory of envoyproxy/ratelimit YAML files, one domain per file.
-    /// If it does not exist, an embedded default config is served.
-    #[arg(long, env = "SLUICE_CONFIG_DIR", default_value = "config")]
-    config_dir: PathBuf,
+    /// Directory of envoyproxy/ratelimit YAML files, one domain per file
+    /// [default: config]. A directory named here (or in SLUICE_CONFIG_DIR)
+    /// must exist; without either, a missing ./config serves an embedded
+    /// example config.
+    #[arg(long, env = "SLUICE_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     /// Directory for persisted counters (created if missing).
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
@@ -311,8 +314,12 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
-    let mut source = ConfigSource::new(&args.config_dir);
+    let mut source = match &args.config_dir {
+        Some(dir) => ConfigSource::new(dir),
+        None => ConfigSource::with_default("config"),
+    };
     let config = source.load_initial().context("invalid config")?;
+    let source_dir = source.dir().to_path_buf();
     let durability = match args.durability {
         DurabilityArg::Interval => {
             Durability::Interval(Duration::from_millis(args.flush_interval_ms))
@@ -347,7 +354,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), config_dir = %args.config_dir.display(), ?durability, "sluice listening on {addr}");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), config_dir = %source_dir.display(), ?durability, "sluice listening on {addr}");
     tracing::info!(%admin_addr, "sluice admin API listening on {admin_addr}");
     let watcher = tokio::spawn(watch_config(
         limiter.clone(),

@@ -48,7 +48,7 @@ fn printed_value(out: &str, name: &str) -> String {
 async fn the_example_applies_idempotently_and_exports_to_a_no_op() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let mut s = SluiceCmd::serve_embedded(&data).start();
     let admin = s.admin_addr();
 
     // Dry run: lists six changes and makes none.
@@ -156,7 +156,7 @@ async fn the_example_applies_idempotently_and_exports_to_a_no_op() {
 async fn bad_files_and_bad_tokens_fail_clearly_and_change_nothing() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let mut s = SluiceCmd::serve_embedded(&data).start();
     let admin = s.admin_addr();
 
     let bad = dir.path().join("bad.yaml");
@@ -218,7 +218,7 @@ async fn bad_files_and_bad_tokens_fail_clearly_and_change_nothing() {
 async fn usage_limits_apply_idempotently_and_export_to_a_no_op() {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let mut s = SluiceCmd::serve(&dir.path().join("no-config"), &data).start();
+    let mut s = SluiceCmd::serve_embedded(&data).start();
     let admin = s.admin_addr();
 
     let text = r#"usage_plans:

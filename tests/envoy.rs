@@ -54,7 +54,7 @@ async fn usage_plans_through_real_envoy() {
     let tmp = tempdir();
     let data: PathBuf = tmp.path().join("data");
     // No config dir: sluice serves its embedded default (domain llm-gateway).
-    let mut sluice = SluiceCmd::serve(&tmp.path().join("no-config"), &data).start();
+    let mut sluice = SluiceCmd::serve_embedded(&data).start();
     let mut admin = Admin::connect(&mut sluice, &data).await;
     // The upstream answers `200 OK`, body `ok`, to any request.
     let upstream = Upstream::start(&[("content-type", "text/plain")], "ok");

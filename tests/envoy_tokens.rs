@@ -139,7 +139,7 @@ async fn token_budget_through_real_envoy() {
     let tmp = tempdir();
     let data: PathBuf = tmp.path().join("data");
     // No config dir: sluice serves its embedded default (domain llm-gateway).
-    let mut sluice = SluiceCmd::serve(&tmp.path().join("no-config"), &data).start();
+    let mut sluice = SluiceCmd::serve_embedded(&data).start();
     let mut admin = Admin::connect(&mut sluice, &data).await;
     let mut rls = sluice.client().await;
     // A tiny LLM-like upstream: every response is `200 OK` with the header

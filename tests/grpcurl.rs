@@ -11,7 +11,7 @@ const RLS: &str = "envoy.service.ratelimit.v3.RateLimitService";
 
 /// A sluice serving the embedded default config.
 fn default_server(tmp: &tempfile::TempDir) -> Sluice {
-    SluiceCmd::serve(&tmp.path().join("none"), &tmp.path().join("data"))
+    SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .cwd(tmp.path())
         .start()
 }

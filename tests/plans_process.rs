@@ -165,7 +165,7 @@ async fn first_start_generates_a_private_admin_token_and_later_starts_reuse_it()
     let tmp = tempdir();
     let data = tmp.path().join("data");
     let file = token_file(&data);
-    let cmd = SluiceCmd::serve(&tmp.path().join("no-config"), &data).cwd(tmp.path());
+    let cmd = SluiceCmd::serve_embedded(&data).cwd(tmp.path());
 
     let mut s = cmd.start();
     let admin = s.admin_addr();
@@ -231,7 +231,7 @@ async fn first_start_generates_a_private_admin_token_and_later_starts_reuse_it()
 async fn admin_token_flag_replaces_the_file_token() {
     let tmp = tempdir();
     let data = tmp.path().join("data");
-    let cmd = SluiceCmd::serve(&tmp.path().join("no-config"), &data).cwd(tmp.path());
+    let cmd = SluiceCmd::serve_embedded(&data).cwd(tmp.path());
     let mut s = cmd.start();
     let admin = s.admin_addr();
     let file_token = read_token(&data);
@@ -274,9 +274,7 @@ fn sigterm_right_after_startup_stops_cleanly() {
     for i in 0..20 {
         let tmp = tempdir();
         let data = tmp.path().join("data");
-        let mut s = SluiceCmd::serve(&tmp.path().join("no-config"), &data)
-            .cwd(tmp.path())
-            .start();
+        let mut s = SluiceCmd::serve_embedded(&data).cwd(tmp.path()).start();
         s.admin_addr();
         let status = s.terminate();
         assert_eq!(
@@ -300,7 +298,7 @@ fn empty_admin_token_file_is_refused() {
         let file = token_file(&data);
         std::fs::write(&file, content).expect("write token file");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let f = SluiceCmd::serve(&tmp.path().join("no-config"), &data)
+        let f = SluiceCmd::serve_embedded(&data)
             .cwd(tmp.path())
             .expect_failure();
         assert!(
@@ -335,7 +333,7 @@ fn empty_admin_token_file_is_refused() {
 async fn acknowledged_admin_writes_survive_kill9() {
     let tmp = tempdir();
     let data = tmp.path().join("data");
-    let cmd = SluiceCmd::serve(&tmp.path().join("no-config"), &data).cwd(tmp.path());
+    let cmd = SluiceCmd::serve_embedded(&data).cwd(tmp.path());
     let domain = "llm-gateway";
 
     let mut s = cmd.start();
@@ -466,7 +464,7 @@ async fn quota_usage_survives_kill9_with_sync_durability() {
     avoid_window_edge(86_400, 120);
     let tmp = tempdir();
     let data = tmp.path().join("data");
-    let cmd = SluiceCmd::serve(&tmp.path().join("no-config"), &data)
+    let cmd = SluiceCmd::serve_embedded(&data)
         .cwd(tmp.path())
         .args(["--durability", "sync"]);
     let (value, mut s) = use_three_of_five(&cmd, &data).await;
@@ -485,7 +483,7 @@ async fn quota_usage_survives_graceful_stop_with_interval_durability() {
         avoid_window_edge(86_400, 120);
         let tmp = tempdir();
         let data = tmp.path().join("data");
-        let cmd = SluiceCmd::serve(&tmp.path().join("no-config"), &data)
+        let cmd = SluiceCmd::serve_embedded(&data)
             .cwd(tmp.path())
             .args(extra.iter().copied());
         let (value, mut s) = use_three_of_five(&cmd, &data).await;
@@ -509,9 +507,7 @@ async fn quota_usage_survives_graceful_stop_with_interval_durability() {
 async fn invalid_admin_calls_leave_the_server_serving() {
     let tmp = tempdir();
     let data = tmp.path().join("data");
-    let mut s = SluiceCmd::serve(&tmp.path().join("no-config"), &data)
-        .cwd(tmp.path())
-        .start();
+    let mut s = SluiceCmd::serve_embedded(&data).cwd(tmp.path()).start();
     let admin = s.admin_addr();
     let token = read_token(&data);
     let t = Some(token.as_str());

@@ -48,7 +48,7 @@ fn assert_exit_ok(s: &mut Sluice, status: std::process::ExitStatus) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_start_without_config_dir_serves_embedded_default_and_health() {
     let tmp = tempdir();
-    let mut s = SluiceCmd::serve(&tmp.path().join("no-such-config"), &tmp.path().join("data"))
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .cwd(tmp.path())
         .start();
     assert!(
@@ -317,7 +317,7 @@ fn data_dir_that_is_a_regular_file_is_refused() {
     let tmp = tempdir();
     let data = tmp.path().join("data-file");
     std::fs::write(&data, b"not a directory").unwrap();
-    let f = SluiceCmd::serve(&tmp.path().join("none"), &data)
+    let f = SluiceCmd::serve_embedded(&data)
         .cwd(tmp.path())
         .expect_failure();
     assert!(!f.success());
@@ -362,7 +362,7 @@ fn garbage_sled_files_are_refused_naming_the_path() {
     write_garbage(&data.join("sled/conf"), 4096);
     write_garbage(&data.join("sled/db"), 256 * 1024);
     let db_before = std::fs::read(data.join("sled/db")).unwrap();
-    let f = SluiceCmd::serve(&tmp.path().join("none"), &data)
+    let f = SluiceCmd::serve_embedded(&data)
         .cwd(tmp.path())
         .expect_failure();
     assert!(!f.success());
@@ -421,15 +421,36 @@ async fn corrupted_real_data_dir_is_refused_not_reset() {
     }
 }
 
+/// A config dir the operator names must exist: a typo in `--config-dir` (or
+/// SLUICE_CONFIG_DIR) must not silently serve the embedded example rules.
+/// `check-config` refuses it too. Nothing is created.
+#[test]
+fn a_named_config_dir_that_does_not_exist_is_refused() {
+    let tmp = tempdir();
+    let missing = tmp.path().join("confg");
+    let data = tmp.path().join("data");
+    let f = SluiceCmd::serve(&missing, &data)
+        .cwd(tmp.path())
+        .expect_failure();
+    assert!(!f.success());
+    let want = format!("{}: config dir not found", missing.display());
+    assert!(f.stderr.contains(&want), "want `{want}` in:\n{}", f.stderr);
+    assert!(!data.exists(), "nothing may be created");
+    let f = SluiceCmd::serve_embedded(&data)
+        .env("SLUICE_CONFIG_DIR", &missing)
+        .expect_failure();
+    assert!(f.stderr.contains(&want), "want `{want}` in:\n{}", f.stderr);
+    let f = SluiceCmd::check_config(&missing).run();
+    assert!(!f.success());
+    assert!(f.stderr.contains(&want), "want `{want}` in:\n{}", f.stderr);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_in_use_by_another_sluice_is_refused() {
     let tmp = tempdir();
     let data = tmp.path().join("data");
-    let none = tmp.path().join("none");
-    let mut first = SluiceCmd::serve(&none, &data).cwd(tmp.path()).start();
-    let f = SluiceCmd::serve(&none, &data)
-        .cwd(tmp.path())
-        .expect_failure();
+    let mut first = SluiceCmd::serve_embedded(&data).start();
+    let f = SluiceCmd::serve_embedded(&data).expect_failure();
     assert!(!f.success());
     assert!(
         f.stderr.contains(&data.display().to_string()),
@@ -454,7 +475,7 @@ async fn data_dir_in_use_by_another_sluice_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_json_lines() {
     let tmp = tempdir();
-    let mut s = SluiceCmd::serve(&tmp.path().join("none"), &tmp.path().join("data"))
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .cwd(tmp.path())
         .args(["--log-format", "json"])
         .start();
@@ -490,7 +511,7 @@ async fn json_log_format_writes_json_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_request_is_invalid_argument_and_server_stays_up() {
     let tmp = tempdir();
-    let mut s = SluiceCmd::serve(&tmp.path().join("none"), &tmp.path().join("data"))
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .cwd(tmp.path())
         .start();
     let mut c = s.client().await;
@@ -534,7 +555,7 @@ async fn bad_request_is_invalid_argument_and_server_stays_up() {
 #[test]
 fn sigterm_does_not_wait_forever_for_a_stuck_client() {
     let tmp = tempdir();
-    let mut s = SluiceCmd::serve(&tmp.path().join("no-config"), &tmp.path().join("data"))
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .arg("--drain-timeout-ms")
         .arg("500")
         .start();

@@ -193,9 +193,10 @@ fn run_walkthrough(blocks: Vec<String>, epilogue: &str) -> Walk {
     }
 
     let tmp = tempdir();
-    // `--data-dir data` relative to the cwd is the default; the config dir
-    // does not exist, so the embedded default (domain llm-gateway) is served.
-    let mut s = SluiceCmd::serve(&tmp.path().join("no-config"), Path::new("data"))
+    // `--data-dir data` relative to the cwd is the default; no
+    // `--config-dir` and no ./config, so the embedded default (domain
+    // llm-gateway) is served, as in the quick start.
+    let mut s = SluiceCmd::serve_embedded(Path::new("data"))
         .cwd(tmp.path())
         .start();
     let admin = s.admin_addr();

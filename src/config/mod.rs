@@ -57,6 +57,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A config directory that was named explicitly does not exist.
+    #[error("{}: config dir not found (leave out --config-dir and SLUICE_CONFIG_DIR to serve the embedded example config)", path.display())]
+    NoDir {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The file is not valid YAML or does not fit the schema.
     #[error("{}:{}: {message}", path.display(), pos.map_or_else(|| "?".to_string(), |p| p.to_string()))]
     Syntax {

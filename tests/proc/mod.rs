@@ -173,6 +173,7 @@ pub fn run_command(mut cmd: Command, timeout: Duration) -> Finished {
 pub struct SluiceCmd {
     args: Vec<OsString>,
     cwd: Option<PathBuf>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl SluiceCmd {
@@ -181,9 +182,28 @@ impl SluiceCmd {
         let mut c = SluiceCmd {
             args: Vec::new(),
             cwd: None,
+            envs: Vec::new(),
         };
         c = c.arg("serve");
         c = c.arg("--config-dir").arg(config_dir);
+        c = c.arg("--data-dir").arg(data_dir);
+        c = c.arg("--admin-listen").arg("127.0.0.1:0");
+        c.arg("--listen").arg("127.0.0.1:0")
+    }
+
+    /// `sluice serve --data-dir DATA --admin-listen 127.0.0.1:0 --listen
+    /// 127.0.0.1:0` without `--config-dir`, run in DATA's parent directory
+    /// (which has no `config` directory): the embedded default config.
+    pub fn serve_embedded(data_dir: &Path) -> Self {
+        let mut c = SluiceCmd {
+            args: Vec::new(),
+            envs: Vec::new(),
+            cwd: data_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf),
+        };
+        c = c.arg("serve");
         c = c.arg("--data-dir").arg(data_dir);
         c = c.arg("--admin-listen").arg("127.0.0.1:0");
         c.arg("--listen").arg("127.0.0.1:0")
@@ -194,6 +214,7 @@ impl SluiceCmd {
         SluiceCmd {
             args: Vec::new(),
             cwd: None,
+            envs: Vec::new(),
         }
         .arg("check-config")
         .arg("--config-dir")
@@ -209,6 +230,13 @@ impl SluiceCmd {
     /// Adds arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the child (after the `SLUICE_*`
+    /// variables of the test's own environment are removed).
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.envs.push((k.into(), v.into()));
         self
     }
 
@@ -232,6 +260,7 @@ impl SluiceCmd {
             }
         }
         cmd.env("RUST_LOG", "info").env_remove("NO_COLOR");
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
