@@ -70,8 +70,14 @@
 //! limit that is not TOKENS, weights without `count: WEIGHTED` (or missing
 //! with it), a plan listed twice in one key's `usage_plans`, and
 //! every `usage_plans` entry naming a plan that is in the file or on the
-//! server (and, with `prune`, in the file). Everything else is validated by
-//! the server; its message is reported with the resource's name.
+//! server (and, with `prune`, in the file), every plan as the server checks
+//! it on its own (time zones, rates, anchors, stages, limits: the admin
+//! API's own check, [`crate::server::admin::check_plan`]), a key given two
+//! plans that govern one domain and stage, and, with `prune`, a file that
+//! lists nothing at all (it would delete everything). What needs the
+//! server's state (the shared price table, say) is validated by the server;
+//! its message is reported with the resource's name, and the changes made
+//! before it stay made.
 //!
 //! # Comparison
 //!
@@ -835,6 +841,16 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
             }
         }
     }
+    // Everything the server checks in a plan on its own, checked now: a
+    // dry run reports it, and a real run stops before its first change.
+    for (i, p) in spec.usage_plans.iter().enumerate() {
+        crate::server::admin::check_plan(&plan_to_proto(p)).map_err(|e| {
+            invalid(
+                line_of_plan(i),
+                format!("usage_plans[{i}] ({:?}): {e}", p.name),
+            )
+        })?;
+    }
     let mut keys: HashMap<&str, usize> = HashMap::new();
     for (i, k) in spec.api_keys.iter().enumerate() {
         if k.name.trim().is_empty() {
@@ -1383,13 +1399,29 @@ impl fmt::Display for ChangeSet {
 ///
 /// # Errors
 /// [`Error::Conflict`] when a key's `usage_plans` names a plan that is
-/// neither in the file nor on the server (or, with `prune`, not in the file).
+/// neither in the file nor on the server (or, with `prune`, not in the file),
+/// and, with `prune`, when the file lists nothing at all while the server
+/// has plans or keys (an empty or truncated file, e.g. a failed `export`
+/// redirected into it, must not delete everything).
 pub fn diff(
     spec: &Spec,
     plans: &[pb::UsagePlan],
     keys: &[pb::ApiKey],
     prune: bool,
 ) -> Result<ChangeSet, Error> {
+    if prune
+        && spec.usage_plans.is_empty()
+        && spec.api_keys.is_empty()
+        && !(plans.is_empty() && keys.is_empty())
+    {
+        return Err(Error::Conflict(format!(
+            "the file lists no usage plans and no API keys: with --prune that would delete \
+             all {} usage plans and {} API keys on the server; refusing (delete them \
+             through the admin API if that is what you want)",
+            plans.len(),
+            keys.len()
+        )));
+    }
     let server_plans: HashMap<&str, &pb::UsagePlan> =
         plans.iter().map(|p| (p.name.as_str(), p)).collect();
     let plan_names: HashMap<&str, &str> = plans
@@ -1418,6 +1450,38 @@ pub fn diff(
                     "api key {:?}: usage_plans names usage plan {p:?}, which is not in the file, so pruning would delete it",
                     k.name
                 )));
+            }
+        }
+    }
+
+    // A key may have one plan per domain and stage (the server refuses the
+    // second binding): check the file's bindings against the plans as they
+    // will be, before anything is changed.
+    let file_stages: HashMap<&str, Vec<pb::ApiStage>> = spec
+        .usage_plans
+        .iter()
+        .map(|p| (p.name.as_str(), plan_to_proto(p).stages))
+        .collect();
+    let stages_of = |name: &str| -> &[pb::ApiStage] {
+        match file_stages.get(name) {
+            Some(s) => s,
+            None => server_plans.get(name).map_or(&[], |p| &p.stages),
+        }
+    };
+    for k in &spec.api_keys {
+        for (i, a) in k.usage_plans.iter().enumerate() {
+            for b in &k.usage_plans[i + 1..] {
+                let shared = stages_of(a).iter().find(|sa| {
+                    stages_of(b)
+                        .iter()
+                        .any(|sb| sa.domain == sb.domain && sa.stage == sb.stage)
+                });
+                if let Some(st) = shared {
+                    return Err(Error::Conflict(format!(
+                        "api key {:?}: usage plans {a:?} and {b:?} both govern domain {:?} stage {:?}; a key may have one plan per domain and stage",
+                        k.name, st.domain, st.stage
+                    )));
+                }
             }
         }
     }
@@ -2636,6 +2700,70 @@ mod tests {
         );
     }
 
+    /// What the server checks in a plan is checked while parsing, with the
+    /// plan's line: a dry run reports it, a real run makes no change.
+    #[test]
+    fn plans_are_checked_as_the_server_checks_them() {
+        for (yaml, want) in [
+            (
+                "usage_plans:\n  - name: ok\n  - name: bad\n    quota: { limit: 10, period: DAY, time_zone: Mars/Base }\n",
+                "p.yaml:3: usage_plans[1] (\"bad\"): quota.time_zone: unknown IANA time zone \"Mars/Base\"",
+            ),
+            (
+                "usage_plans:\n  - name: neg\n    throttle: { rate_limit: -1, burst_limit: 2 }\n",
+                "p.yaml:2: usage_plans[0] (\"neg\"): throttle.rate_limit",
+            ),
+            (
+                "usage_plans:\n  - name: wk\n    quota: { limit: 10, period: WEEK, anchor_day: 9 }\n",
+                "p.yaml:2: usage_plans[0] (\"wk\"): quota.anchor_day",
+            ),
+        ] {
+            let e = parse_spec(Path::new("p.yaml"), yaml).unwrap_err().to_string();
+            assert!(e.starts_with(want), "want `{want}`\ngot  `{e}`");
+        }
+    }
+
+    /// A key bound to two plans that govern one domain and stage is refused
+    /// before any change (the server would refuse the second binding after
+    /// the first was made), whether the plans are in the file or on the
+    /// server.
+    #[test]
+    fn a_key_may_not_get_two_plans_for_one_stage() {
+        let spec = parse(
+            "usage_plans:\n  - name: gold\n    stages: [{ domain: d }]\n  - name: llm\n    stages: [{ domain: d }, { domain: e }]\n  - name: other\n    stages: [{ domain: d, stage: beta }]\napi_keys:\n  - name: k\n    usage_plans: [gold, other]\n  - name: j\n    usage_plans: [other, gold, llm]\n",
+        );
+        let e = diff(&spec, &[], &[], false).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "api key \"j\": usage plans \"gold\" and \"llm\" both govern domain \"d\" stage \"\"; a key may have one plan per domain and stage"
+        );
+        // The same with the second plan only on the server.
+        let mut llm = plan_spec("llm");
+        llm.stages[0].domain = "d".into();
+        let server = [server_plan("p9", &llm)];
+        let spec = parse("api_keys:\n  - name: j\n    usage_plans: [llm]\n");
+        assert!(diff(&spec, &server, &[], false).is_ok());
+        let spec = parse(
+            "usage_plans:\n  - name: gold\n    stages: [{ domain: d }]\napi_keys:\n  - name: j\n    usage_plans: [gold, llm]\n",
+        );
+        let e = diff(&spec, &server, &[], false).unwrap_err().to_string();
+        assert!(e.contains("both govern domain \"d\""), "{e}");
+    }
+
+    #[test]
+    fn an_empty_file_never_prunes_everything() {
+        let spec = parse(EXAMPLE);
+        let (plans, keys) = applied(&spec);
+        for text in ["", "# nothing\n", "usage_plans: []\napi_keys: []\n"] {
+            let empty = parse_spec(Path::new("e.yaml"), text).unwrap();
+            let e = diff(&empty, &plans, &keys, true).unwrap_err().to_string();
+            assert!(e.contains("refusing"), "{text:?}: {e}");
+            // Without prune it is no change; on an empty server, nothing to do.
+            assert!(diff(&empty, &plans, &keys, false).unwrap().is_empty());
+            assert!(diff(&empty, &[], &[], true).unwrap().is_empty());
+        }
+    }
+
     #[test]
     fn bindings_must_name_known_plans() {
         let spec = Spec {
@@ -2688,7 +2816,7 @@ mod tests {
             "/v1/{model}/POST".into(),
             ThrottleSpec {
                 rate_limit: 0.1,
-                burst_limit: 0,
+                burst_limit: 1,
             },
         );
         p.tags.insert("null".into(), "~".into());

@@ -457,6 +457,17 @@ fn header_style_from(v: i32) -> Result<model::HeaderStyle, Error> {
     }
 }
 
+/// Checks a wire plan as `CreateUsagePlan` and `UpdateUsagePlan` do, without
+/// the checks that need the server's state (a taken name, the shared price
+/// table, bound keys): `sluice apply` runs it on every plan of its file
+/// before it changes anything.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first bad field, as the server would.
+pub fn check_plan(p: &pb::UsagePlan) -> Result<(), Error> {
+    model::validate_plan(&plan_from(p)?)
+}
+
 /// The model fields of a wire plan (id and times are not taken).
 fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
     Ok(model::Plan {
