@@ -464,6 +464,16 @@ async fn usage_calls_are_validated_with_canonical_codes() {
         .await,
         "input_tokens",
     );
+    // A figure no model produces would exhaust every limit at once.
+    invalid(
+        "ReportUsage of i64::MAX input tokens",
+        u.report_usage(ReportUsageRequest {
+            input_tokens: i64::MAX,
+            ..base()
+        })
+        .await,
+        "input_tokens: at most 1000000000 per call",
+    );
     invalid(
         "ReportUsage negative output",
         u.report_usage(ReportUsageRequest {
@@ -541,6 +551,15 @@ async fn usage_calls_are_validated_with_canonical_codes() {
         })
         .await,
         "input_tokens",
+    );
+    invalid(
+        "Reserve of 1000000001 output tokens",
+        u.reserve(ReserveRequest {
+            output_tokens: 1_000_000_001,
+            ..rbase()
+        })
+        .await,
+        "output_tokens: at most 1000000000 per call",
     );
     invalid(
         "Reserve ttl 0",

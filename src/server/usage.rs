@@ -36,7 +36,19 @@ impl<S> UsageServer<S> {
     }
 }
 
+/// The most tokens one call may report, estimate or settle per field: far
+/// above any model's context and output (a few million), far below what
+/// would saturate a counter. A larger figure is a client's bug, and counted
+/// it would exhaust every token and spend limit of the key at once, with no
+/// way back until the windows end.
+pub const MAX_TOKENS_PER_CALL: i64 = 1_000_000_000;
+
 fn tokens(field: &str, v: i64) -> Result<u64, Status> {
+    if v > MAX_TOKENS_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {MAX_TOKENS_PER_CALL} per call, got {v}"
+        )));
+    }
     u64::try_from(v)
         .map_err(|_| Status::invalid_argument(format!("{field}: must be >= 0, got {v}")))
 }
