@@ -258,6 +258,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { config_dir } => {
+            // Warnings about what loads but is not implemented go to stderr.
+            telemetry::init(telemetry::LogFormat::Text);
             let cfg = ConfigSource::new(&config_dir).load_initial()?;
             for (domain, file) in &cfg.sources {
                 println!("ok: domain {domain} ({})", file.display());

@@ -270,6 +270,27 @@ descriptors:
       requests_per_unit: 5
 ";
 
+/// upstream's examples/ratelimit/config/quota.yaml loads, and both
+/// check-config and serve warn (file, line, field) that its quota_mode is
+/// not implemented, since the answers differ from upstream's.
+#[test]
+fn quota_mode_loads_with_a_warning() {
+    let tmp = tempdir();
+    let cfg = tmp.path().join("cfg");
+    write_atomic(
+        &cfg.join("quota.yaml"),
+        "---\ndomain: quota\ndescriptors:\n  - key: service\n    value: service_1\n    quota_mode: true\n    rate_limit:\n      unit: minute\n      requests_per_unit: 1\n",
+    );
+    let want = "quota.yaml:4:10: field `quota_mode`: quota_mode is not implemented: the limit on 'service_service_1' is enforced as an ordinary limit";
+    let c = SluiceCmd::check_config(&cfg).cwd(tmp.path()).run();
+    assert!(c.success(), "{}", c.output());
+    assert!(c.stderr.contains(want), "{}", c.output());
+    let mut s = SluiceCmd::serve(&cfg, &tmp.path().join("data"))
+        .cwd(tmp.path())
+        .start();
+    assert!(s.stderr().contains(want), "{}", s.stderr());
+}
+
 #[test]
 fn bad_config_at_startup_fails_naming_file_line_and_field() {
     let tmp = tempdir();

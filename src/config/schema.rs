@@ -48,9 +48,9 @@ pub struct DescriptorYaml {
     #[serde(default)]
     #[allow(dead_code)]
     pub value_to_metric: bool,
-    /// Accepted; quota mode is not implemented yet, so it changes nothing.
+    /// Accepted; quota mode is not implemented yet: the limit is enforced as
+    /// an ordinary one, and loading warns.
     #[serde(default)]
-    #[allow(dead_code)]
     pub quota_mode: bool,
     /// Accepted (any YAML); not returned in dynamic metadata yet.
     #[serde(default)]
