@@ -38,7 +38,7 @@
 //!         input_weight: 0.5         # WEIGHTED only, then required
 //!         output_weight: 2.0        # WEIGHTED only, then required
 //!         limit: 100000             # required: requests, tokens or micro-units (SPEND)
-//!         window: MINUTE            # required: MINUTE, HOUR, DAY, WEEK or MONTH
+//!         window: MINUTE            # required: MINUTE, HOUR, DAY, WEEK or MONTH (CALENDAR_DAY etc. too)
 //!         anchor_day: 0             # WEEK/MONTH only, as the quota's; default 0
 //!         time_zone: UTC            # calendar windows; default UTC
 //!         model_limits: { "gpt-4o*": 30000 }   # default {}
@@ -416,14 +416,14 @@ pub enum WindowSpec {
     /// A sliding 3600 s window.
     #[serde(rename = "HOUR")]
     Hour,
-    /// A calendar day (CALENDAR_DAY).
-    #[serde(rename = "DAY")]
+    /// A calendar day (the admin API's CALENDAR_DAY, also accepted here).
+    #[serde(rename = "DAY", alias = "CALENDAR_DAY")]
     Day,
-    /// A calendar week from the anchor weekday (CALENDAR_WEEK).
-    #[serde(rename = "WEEK")]
+    /// A calendar week from the anchor weekday (CALENDAR_WEEK, also accepted).
+    #[serde(rename = "WEEK", alias = "CALENDAR_WEEK")]
     Week,
-    /// A calendar month from the anchor day (CALENDAR_MONTH).
-    #[serde(rename = "MONTH")]
+    /// A calendar month from the anchor day (CALENDAR_MONTH, also accepted).
+    #[serde(rename = "MONTH", alias = "CALENDAR_MONTH")]
     Month,
 }
 
@@ -2748,6 +2748,19 @@ mod tests {
         );
         let e = diff(&spec, &server, &[], false).unwrap_err().to_string();
         assert!(e.contains("both govern domain \"d\""), "{e}");
+    }
+
+    /// The admin API's window names load too: a file written from the API's
+    /// documentation is the same plan as one written with the short names.
+    #[test]
+    fn api_window_names_are_accepted() {
+        let long = parse(
+            "usage_plans:\n  - name: p\n    limits:\n      - { name: a, metric: TOKENS, limit: 1, window: CALENDAR_DAY }\n      - { name: b, metric: TOKENS, limit: 1, window: CALENDAR_WEEK }\n      - { name: c, metric: TOKENS, limit: 1, window: CALENDAR_MONTH }\n",
+        );
+        let short = parse(
+            "usage_plans:\n  - name: p\n    limits:\n      - { name: a, metric: TOKENS, limit: 1, window: DAY }\n      - { name: b, metric: TOKENS, limit: 1, window: WEEK }\n      - { name: c, metric: TOKENS, limit: 1, window: MONTH }\n",
+        );
+        assert_eq!(long, short);
     }
 
     #[test]

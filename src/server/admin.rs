@@ -309,6 +309,25 @@ fn limit_from(i: usize, l: &pb::UsageLimit) -> Result<model::UsageLimit, Error> 
             ))
         }
     };
+    // What a limit does not use is refused, not silently dropped.
+    if metric != model::Metric::Tokens && !matches!(count, model::TokenCount::Total) {
+        return Err(Error::invalid(
+            f("count"),
+            "only a TOKENS limit counts INPUT, OUTPUT or WEIGHTED tokens",
+        ));
+    }
+    if !matches!(count, model::TokenCount::Weighted { .. })
+        && (l.input_weight != 0.0 || l.output_weight != 0.0)
+    {
+        return Err(Error::invalid(
+            f(if l.input_weight != 0.0 {
+                "input_weight"
+            } else {
+                "output_weight"
+            }),
+            "only a limit with count WEIGHTED has weights",
+        ));
+    }
     let window = match pb::LimitWindow::try_from(l.window) {
         Ok(pb::LimitWindow::Minute) => model::LimitWindow::Minute,
         Ok(pb::LimitWindow::Hour) => model::LimitWindow::Hour,
