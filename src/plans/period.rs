@@ -96,7 +96,7 @@ pub enum CalendarError {
     /// The offset (days after the natural start of the period, as AWS usage
     /// plans count) is out of range for the period kind.
     #[error(
-        "quota.anchor_day: offset {offset} is out of range for a {} period (expected {})",
+        "quota.offset: {offset} is out of range for a {} period (expected {})",
         period_name(*period),
         offset_range(*period)
     )]

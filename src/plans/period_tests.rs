@@ -349,13 +349,20 @@ fn invalid_calendars_name_the_field() {
         Calendar::new(Period::Day, 1, "UTC"),
         Calendar::new(Period::Week, 7, "UTC"),
         Calendar::new(Period::Month, 32, "UTC"),
-        Calendar::from_offset(Period::Month, 31, "UTC"),
-        Calendar::from_offset(Period::Day, 1, "UTC"),
-        Calendar::from_offset(Period::Week, 7, "UTC"),
     ];
     for result in anchor_errors {
         let message = result.unwrap_err().to_string();
         assert!(message.starts_with("quota.anchor_day: "), "{message}");
+    }
+    // An offset's error names the offset, the field the caller set.
+    let offset_errors = [
+        Calendar::from_offset(Period::Month, 31, "UTC"),
+        Calendar::from_offset(Period::Day, 1, "UTC"),
+        Calendar::from_offset(Period::Week, 7, "UTC"),
+    ];
+    for result in offset_errors {
+        let message = result.unwrap_err().to_string();
+        assert!(message.starts_with("quota.offset: "), "{message}");
     }
     assert_eq!(
         Calendar::new(Period::Week, 7, "UTC").unwrap_err(),
@@ -375,7 +382,7 @@ fn invalid_calendars_name_the_field() {
         Calendar::from_offset(Period::Month, 31, "UTC")
             .unwrap_err()
             .to_string(),
-        "quota.anchor_day: offset 31 is out of range for a MONTH period \
+        "quota.offset: 31 is out of range for a MONTH period \
          (expected 0..=30, days after the 1st)"
     );
 
