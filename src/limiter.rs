@@ -124,7 +124,8 @@ pub struct DayUsage {
     pub date: jiff::civil::Date,
     /// Hits allowed that day.
     pub used: u64,
-    /// Quota left at the end of that day (now, for today); `None` without a quota.
+    /// Quota left at the end of that day (now, for today); `None` without a
+    /// quota, and for days after today.
     pub remaining: Option<u64>,
 }
 
