@@ -918,11 +918,22 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
     assert!(m.contains("v1/chat/POST"), "{m}");
 
     // Names are unique.
-    err(
+    let m = err(
         "duplicate name",
         try_create_plan(&mut admin, plan("good", OTHER, None, daily(1))).await,
         Code::AlreadyExists,
     );
+    assert!(
+        m.contains("a usage plan named \"good\" already exists"),
+        "{m}"
+    );
+    // A name that is another plan's id would make that id ambiguous.
+    let m = err(
+        "a name that is an id",
+        try_create_plan(&mut admin, plan(&good.id, OTHER, None, daily(1))).await,
+        Code::AlreadyExists,
+    );
+    assert!(m.contains("is the id of an existing usage plan"), "{m}");
 
     // An invalid update is refused and leaves the plan as it was.
     invalid(

@@ -321,11 +321,8 @@ impl Registry {
         plan.update_time = now;
         model::validate_plan(&plan)?;
         model::validate_spend_prices(&plan, self.catalog.load().shared_prices())?;
-        if self.catalog.load().plan(&plan.name).is_some() {
-            return Err(Error::AlreadyExists(format!(
-                "a usage plan named {:?} already exists",
-                plan.name
-            )));
+        if let Some(other) = self.catalog.load().plan(&plan.name) {
+            return Err(name_taken("usage plan", &plan.name, &other.plan.id));
         }
         self.commit(Changes {
             plans_put: vec![plan.clone()],
@@ -359,10 +356,7 @@ impl Registry {
         model::validate_spend_prices(&p, cat.shared_prices())?;
         if let Some(other) = cat.plan(&p.name) {
             if other.plan.id != p.id {
-                return Err(Error::AlreadyExists(format!(
-                    "a usage plan named {:?} already exists",
-                    p.name
-                )));
+                return Err(name_taken("usage plan", &p.name, &other.plan.id));
             }
         }
         for k in cat.keys_by_name().filter(|k| k.plan_ids.contains(&p.id)) {
@@ -452,11 +446,8 @@ impl Registry {
         key.previous = None;
         key.plan_ids.clear();
         model::validate_key(&key)?;
-        if cat.key(&key.name).is_some() {
-            return Err(Error::AlreadyExists(format!(
-                "an API key named {:?} already exists",
-                key.name
-            )));
+        if let Some(other) = cat.key(&key.name) {
+            return Err(name_taken("API key", &key.name, &other.id));
         }
         if cat.key_by_hash(&hash).is_some() {
             return Err(Error::AlreadyExists(
@@ -496,10 +487,7 @@ impl Registry {
         model::validate_key(&k)?;
         if let Some(other) = cat.key(&k.name) {
             if other.id != k.id {
-                return Err(Error::AlreadyExists(format!(
-                    "an API key named {:?} already exists",
-                    k.name
-                )));
+                return Err(name_taken("API key", &k.name, &other.id));
             }
         }
         self.commit(Changes {
@@ -910,6 +898,24 @@ pub fn parse_import_csv(text: &str) -> Result<(Vec<ImportRow>, Vec<String>), Err
         });
     }
     Ok((rows, warnings))
+}
+
+/// The error for a name already in use: by another resource's name, or as
+/// another resource's id (names and ids address plans and keys alike, so a
+/// name may not be an id either).
+fn name_taken(what: &str, name: &str, other_id: &str) -> Error {
+    let article = if what.starts_with(['A', 'E', 'I', 'O', 'U']) {
+        "an"
+    } else {
+        "a"
+    };
+    if name == other_id {
+        Error::AlreadyExists(format!(
+            "{name:?} is the id of an existing {what}: names and ids address {what}s alike, so it cannot be a name"
+        ))
+    } else {
+        Error::AlreadyExists(format!("{article} {what} named {name:?} already exists"))
+    }
 }
 
 #[cfg(test)]
