@@ -853,7 +853,11 @@ pub fn parse_import_csv(text: &str) -> Result<(Vec<ImportRow>, Vec<String>), Err
     let mut rows = Vec::new();
     let mut warnings = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
-        let line = i + 2;
+        // The record's own first line (a quoted field may span lines).
+        let line = match &rec {
+            Ok(r) => r.position().map_or(i + 2, |p| p.line() as usize),
+            Err(e) => e.position().map_or(i + 2, |p| p.line() as usize),
+        };
         let rec = match rec {
             Ok(r) => r,
             Err(e) => {
@@ -865,7 +869,15 @@ pub fn parse_import_csv(text: &str) -> Result<(Vec<ImportRow>, Vec<String>), Err
         let name = cell(Some(name_col)).unwrap_or_default();
         let value = cell(Some(key_col)).unwrap_or_default();
         if name.is_empty() || value.is_empty() {
-            warnings.push(format!("line {line}: Name and Key must not be empty"));
+            let spans = rec.iter().map(|c| c.matches('\n').count()).sum::<usize>();
+            warnings.push(if spans > 0 {
+                format!(
+                    "line {line}: a quoted field runs on to line {} (a quote not closed?), so this row has no Name or Key",
+                    line + spans
+                )
+            } else {
+                format!("line {line}: Name and Key must not be empty")
+            });
             continue;
         }
         let enabled = match cell(enabled_col).as_deref() {
@@ -941,6 +953,25 @@ mod tests {
         assert!(warnings[0].starts_with("line 3:"), "{warnings:?}");
         assert!(warnings[1].starts_with("line 4:"), "{warnings:?}");
         assert!(parse_import_csv("Name,Value\na,b\n").is_err());
+    }
+
+    /// An unclosed quote swallows the rows after it: the warning says so,
+    /// with the row's own line, and the rows before it still import.
+    #[test]
+    fn an_unclosed_quote_is_named_as_such() {
+        let text = "Name,Key,Description\n\
+                    alice,abcdefghijklmnopqrstu,\"multi\nline\"\n\
+                    bob,bcdefghijklmnopqrstuv,ok\n\
+                    \"carol,cdefghijklmnopqrstuvw,x\n\
+                    dave,defghijklmnopqrstuvwx,y\n";
+        let (rows, warnings) = parse_import_csv(text).unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(rows[1].line, 4, "bob's row starts on line 4");
+        assert_eq!(
+            warnings,
+            ["line 5: a quoted field runs on to line 6 (a quote not closed?), so this row has no Name or Key"]
+        );
     }
 
     #[test]
