@@ -760,6 +760,15 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
         quota: Some(q),
         ..base()
     };
+    // A plan with one calendar-day limit of 10, `l` filling in the rest.
+    let with_limit = |l: UsageLimit| UsagePlan {
+        limits: vec![UsageLimit {
+            limit: 10,
+            window: LimitWindow::CalendarDay as i32,
+            ..l
+        }],
+        ..base()
+    };
     let method_throttles = |k: &str| {
         HashMap::from([(
             k.to_owned(),
@@ -855,33 +864,23 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
         // What a limit does not use is refused, not silently dropped.
         (
             "count INPUT on a REQUESTS limit",
-            UsagePlan {
-                limits: vec![UsageLimit {
-                    name: "rpd".into(),
-                    metric: Metric::Requests as i32,
-                    count: TokenCount::Input as i32,
-                    limit: 10,
-                    window: LimitWindow::CalendarDay as i32,
-                    ..Default::default()
-                }],
-                ..base()
-            },
+            with_limit(UsageLimit {
+                name: "rpd".into(),
+                metric: Metric::Requests as i32,
+                count: TokenCount::Input as i32,
+                ..Default::default()
+            }),
             "limits[0].count: only a TOKENS limit counts",
         ),
         (
             "input_weight without count WEIGHTED",
-            UsagePlan {
-                limits: vec![UsageLimit {
-                    name: "tpd".into(),
-                    metric: Metric::Tokens as i32,
-                    count: TokenCount::Total as i32,
-                    input_weight: 0.5,
-                    limit: 10,
-                    window: LimitWindow::CalendarDay as i32,
-                    ..Default::default()
-                }],
-                ..base()
-            },
+            with_limit(UsageLimit {
+                name: "tpd".into(),
+                metric: Metric::Tokens as i32,
+                count: TokenCount::Total as i32,
+                input_weight: 0.5,
+                ..Default::default()
+            }),
             "limits[0].input_weight: only a limit with count WEIGHTED has weights",
         ),
         (
