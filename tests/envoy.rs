@@ -97,6 +97,37 @@ async fn usage_plans_through_real_envoy() {
         "the config rule limits a key no plan governs: {r:?}"
     );
 
+    // A config rule's refusal stays Envoy's 429: the example's
+    // local_reply_config turns only sluice's invalid-key into 403. The
+    // embedded config allows 20 gpt-4o requests per key and minute; the
+    // loop is long enough for one minute window to end midway.
+    let mut refused = None;
+    for i in 0..45 {
+        let r = tokio::task::block_in_place(|| {
+            http(
+                ingress,
+                "GET",
+                "/",
+                &[("x-api-key", "rule-key"), ("x-model", "gpt-4o")],
+                "",
+            )
+        });
+        if r.status == 200 {
+            oks += 1;
+        } else {
+            refused = Some((i, r));
+            break;
+        }
+    }
+    let (i, r) = refused.expect("the 20-per-minute gpt-4o rule refused none of 45 calls");
+    assert!(
+        i >= 20,
+        "refused after {i} calls, before the rule's 20: {r:?}"
+    );
+    assert_eq!(r.status, 429, "a config rule's refusal: {r:?}");
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"), "{r:?}");
+    assert_eq!(r.header("x-sluice-reason"), None, "{r:?}");
+
     // The plan, created while Envoy runs.
     let plan = pb::UsagePlan {
         name: "gold".into(),
@@ -235,6 +266,17 @@ async fn usage_plans_through_real_envoy() {
         "the upstream answered a different number of requests than got 200"
     );
 
-    drop(envoy);
+    // sluice gone: the example's failure_mode_deny answers 500 (not the
+    // 403 of the invalid-key mapping), and nothing reaches the upstream.
+    drop(admin);
     drop(sluice);
+    let r = get("/", Some(&alice));
+    assert_eq!(r.status, 500, "sluice down, failure_mode_deny: {r:?}");
+    assert_eq!(
+        upstream.hits(),
+        oks,
+        "a call reached the upstream without a decision"
+    );
+
+    drop(envoy);
 }

