@@ -823,6 +823,14 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
             "quota.period",
         ),
         (
+            "a rate too small to compute with (1e-12 per second)",
+            UsagePlan {
+                throttle: throttle(1e-12, 5),
+                ..base()
+            },
+            "throttle.rate_limit: must be 0 (blocked) or at least 1e-9 per second",
+        ),
+        (
             "unknown time zone",
             with_quota(Quota {
                 limit: 10,

@@ -466,6 +466,9 @@ fn validate_common(description: &str, tags: &BTreeMap<String, String>) -> Result
     Ok(())
 }
 
+/// The smallest non-zero throttle rate: one request per 10^9 seconds.
+pub const MIN_RATE: f64 = 1e-9;
+
 /// Checks a throttle; `field` is its path.
 ///
 /// # Errors
@@ -481,6 +484,17 @@ pub fn validate_throttle(field: &str, t: &Throttle) -> Result<(), Error> {
         return Err(Error::invalid(
             format!("{field}.rate_limit"),
             "must be at most 1e9 per second",
+        ));
+    }
+    // Below one token per ~31.7 years the bucket's arithmetic leaves the
+    // range of its waits (and of a protobuf Duration); 0 blocks.
+    if t.rate_limit > 0.0 && t.rate_limit < MIN_RATE {
+        return Err(Error::invalid(
+            format!("{field}.rate_limit"),
+            format!(
+                "must be 0 (blocked) or at least {MIN_RATE:e} per second, got {:e}",
+                t.rate_limit
+            ),
         ));
     }
     if t.rate_limit > 0.0 && t.burst_limit < 1 {
