@@ -313,15 +313,23 @@ impl<S: CounterStore> RateLimiter<S> {
             let hits = first.hits(req.hits_addend);
             let call = match kind {
                 None | Some("requests") => Some(Call::Request { hits }),
-                Some(k) => Usage::from_kind(k, hits).map(|usage| Call::Charge {
-                    usage,
-                    dedupe: None,
-                }),
+                // A charge above the per-call maximum is refused as invalid
+                // and counts nothing, as in ReportUsage.
+                Some(k) => Usage::from_kind(k, hits)
+                    .filter(|_| hits <= usage::MAX_TOKENS_PER_CALL)
+                    .map(|usage| Call::Charge {
+                        usage,
+                        dedupe: None,
+                    }),
             };
             let mut out = CallOutcome::default();
             let status = match call {
                 None => {
-                    tracing::debug!(kind, "unknown usage kind");
+                    tracing::debug!(
+                        kind,
+                        hits,
+                        "unknown usage kind, or a charge over the maximum"
+                    );
                     Status {
                         reset_in: None,
                         ..refusal(None, 0, Reason::InvalidRequest)

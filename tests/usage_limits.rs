@@ -1018,6 +1018,30 @@ async fn spend_accumulates_exact_micro_units_and_refuses_when_spent() {
     );
 }
 
+/// A charge above the per-call maximum (1e9 tokens), e.g. a gateway bug
+/// sending u64::MAX as hits_addend, is refused as an invalid request and
+/// counts nothing; one at the maximum is counted.
+#[tokio::test]
+async fn a_charge_above_the_maximum_is_refused_and_counts_nothing() {
+    let env = Env::new();
+    let (_, _, v) = env
+        .plan_and_key(plan("cap", vec![tpm("tpm", 2_000_000_000)]))
+        .await;
+    let t = w(10);
+    for tokens in [u64::MAX, 1_000_000_001] {
+        let s = env.charge(&v, "total_tokens", None, tokens, t).await;
+        assert_eq!(s.code, Code::OverLimit, "{tokens}: {s:?}");
+        assert_eq!(s.reason, Some(Reason::InvalidRequest), "{tokens}: {s:?}");
+    }
+    // Nothing was counted: a check sees the whole limit.
+    assert_eq!(
+        sum(&env.request(&v, None, 0, t).await),
+        ok(2_000_000_000, 50)
+    );
+    let s = env.charge(&v, "total_tokens", None, 1_000_000_000, t).await;
+    assert_eq!(sum(&s), ok(1_000_000_000, 50), "1e9 of 2e9 left");
+}
+
 /// OpenAI clients read `x-ratelimit-*-tokens` as tokens: a spend budget,
 /// even a spent one, never shows there; the token limit does.
 #[tokio::test]

@@ -19,6 +19,14 @@ use super::model::{LimitWindow, Metric, Price, Scope, TokenCount, UsageLimit};
 use super::period::{Calendar, Period, Span};
 use crate::engine::wildcard_match;
 
+/// The most tokens one charge may carry (per kind: input, output, total),
+/// however it arrives (ShouldRateLimit with a `usage` entry, ReportUsage,
+/// Reserve, Settle): far above any model's context and output (a few
+/// million), far below what would saturate a counter. A larger figure is a
+/// client's bug; counted, it would exhaust every token and spend limit of
+/// the key at once, with no way back until the windows end.
+pub const MAX_TOKENS_PER_CALL: u64 = 1_000_000_000;
+
 /// What one call counts: requests, and tokens split as the gateway knows them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::Code;
 use crate::limiter::{LimitState, RateLimiter, UsageError};
 use crate::plans::model::Metric;
-use crate::plans::usage::Usage;
+use crate::plans::usage::{Usage, MAX_TOKENS_PER_CALL};
 use crate::proto::usage as pb;
 use crate::proto::usage::usage_service_server::UsageService;
 use crate::storage::{unix_now_us, CounterStore};
@@ -36,15 +36,8 @@ impl<S> UsageServer<S> {
     }
 }
 
-/// The most tokens one call may report, estimate or settle per field: far
-/// above any model's context and output (a few million), far below what
-/// would saturate a counter. A larger figure is a client's bug, and counted
-/// it would exhaust every token and spend limit of the key at once, with no
-/// way back until the windows end.
-pub const MAX_TOKENS_PER_CALL: i64 = 1_000_000_000;
-
 fn tokens(field: &str, v: i64) -> Result<u64, Status> {
-    if v > MAX_TOKENS_PER_CALL {
+    if u64::try_from(v).is_ok_and(|v| v > MAX_TOKENS_PER_CALL) {
         return Err(Status::invalid_argument(format!(
             "{field}: at most {MAX_TOKENS_PER_CALL} per call, got {v}"
         )));
