@@ -239,10 +239,20 @@ fn check_token(token: String, from: &str) -> anyhow::Result<String> {
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         anyhow::bail!("the admin token from {from} must be printable ASCII without spaces");
     }
+    // Clients send it in a header, and HTTP/2 header lists are capped
+    // (16 KiB by default): a longer token could never be sent.
+    if token.len() > MAX_TOKEN_LEN {
+        anyhow::bail!(
+            "the admin token from {from} is {} bytes long; at most {MAX_TOKEN_LEN} (clients send it in a header)",
+            token.len()
+        );
+    }
     Ok(token)
 }
 
 const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The longest admin token accepted.
+const MAX_TOKEN_LEN: usize = 4096;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

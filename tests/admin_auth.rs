@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, READ_ONLY_TOKEN};
+use common::{TestServer, ADMIN_TOKEN, READ_ONLY_TOKEN};
 use sluice::proto::admin::admin_service_client::AdminServiceClient;
 use sluice::proto::admin::{
     ApiKey, CreateApiKeyRequest, CreateUsagePlanKeyRequest, CreateUsagePlanRequest,
@@ -165,4 +165,33 @@ async fn the_read_only_token_reads_but_never_writes() {
     drop(admin);
     drop(ro);
     server.shutdown().await;
+}
+
+/// The auth scheme is case-insensitive (RFC 9110): `bearer`, `BEARER` and
+/// `Bearer` all carry the token; another scheme or no token is refused.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let server = TestServer::start("domain: other\ndescriptors: []\n").await;
+    let mut c = AdminServiceClient::connect(format!("http://{}", server.admin_addr))
+        .await
+        .unwrap();
+    let list = |auth: String| {
+        let mut r = tonic::Request::new(ListUsagePlansRequest::default());
+        r.metadata_mut()
+            .insert("authorization", auth.parse().unwrap());
+        r
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        c.list_usage_plans(list(format!("{scheme} {ADMIN_TOKEN}")))
+            .await
+            .unwrap_or_else(|s| panic!("{scheme}: {s:?}"));
+    }
+    for auth in [
+        format!("Basic {ADMIN_TOKEN}"),
+        "Bearer".to_owned(),
+        ADMIN_TOKEN.to_owned(),
+    ] {
+        let e = c.list_usage_plans(list(auth.clone())).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{auth}: {e:?}");
+    }
 }

@@ -643,3 +643,27 @@ async fn invalid_admin_calls_leave_the_server_serving() {
         );
     }
 }
+
+/// An admin token longer than any client could send in a header (HTTP/2
+/// header lists are capped at 16 KiB by default) is refused at start-up,
+/// rather than starting a server nobody can administer.
+#[test]
+fn an_admin_token_too_long_to_send_is_refused() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let long = "t".repeat(20_000);
+    let f = SluiceCmd::serve_embedded(&data)
+        .args(["--admin-token", long.as_str()])
+        .expect_failure();
+    assert!(!f.success());
+    assert!(
+        f.stderr.contains("is 20000 bytes long; at most 4096"),
+        "{}",
+        f.stderr
+    );
+    // 4096 bytes is fine.
+    let mut s = SluiceCmd::serve_embedded(&data)
+        .args(["--admin-token", "t".repeat(4096).as_str()])
+        .start();
+    s.admin_addr();
+}
