@@ -484,6 +484,15 @@ async fn usage_calls_are_validated_with_canonical_codes() {
         "output_tokens",
     );
     invalid(
+        "ReportUsage model of 257 bytes",
+        u.report_usage(ReportUsageRequest {
+            model: "m".repeat(257),
+            ..base()
+        })
+        .await,
+        "model: at most 256 bytes",
+    );
+    invalid(
         "ReportUsage request_id of 257 bytes",
         u.report_usage(ReportUsageRequest {
             request_id: "x".repeat(257),
@@ -560,6 +569,15 @@ async fn usage_calls_are_validated_with_canonical_codes() {
         })
         .await,
         "output_tokens: at most 1000000000 per call",
+    );
+    invalid(
+        "Reserve model of 3 MB",
+        u.reserve(ReserveRequest {
+            model: "m".repeat(3 << 20),
+            ..rbase()
+        })
+        .await,
+        "model: at most 256 bytes",
     );
     invalid(
         "Reserve ttl 0",

@@ -23,6 +23,22 @@ pub const MAX_TTL_SECS: i64 = 3600;
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID: usize = 256;
 
+/// The longest model name ReportUsage and Reserve take. Each model a key
+/// uses gets daily usage counters kept for the retention period; names are
+/// short in practice (tens of bytes), and a bound keeps a client from
+/// filling disk and memory with megabyte-long ones.
+pub const MAX_MODEL: usize = 256;
+
+fn model(v: &str) -> Result<(), Status> {
+    if v.len() > MAX_MODEL {
+        return Err(Status::invalid_argument(format!(
+            "model: at most {MAX_MODEL} bytes, got {}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The usage gRPC service.
 #[derive(Debug)]
 pub struct UsageServer<S> {
@@ -93,6 +109,7 @@ impl<S: CounterStore> UsageService for UsageServer<S> {
         let r = req.into_inner();
         required("domain", &r.domain)?;
         required("api_key", &r.api_key)?;
+        model(&r.model)?;
         if r.request_id.len() > MAX_REQUEST_ID {
             return Err(Status::invalid_argument(format!(
                 "request_id: at most {MAX_REQUEST_ID} bytes"
@@ -130,6 +147,7 @@ impl<S: CounterStore> UsageService for UsageServer<S> {
         let r = req.into_inner();
         required("domain", &r.domain)?;
         required("api_key", &r.api_key)?;
+        model(&r.model)?;
         let estimate = Usage {
             input: tokens("input_tokens", r.input_tokens)?,
             output: tokens("output_tokens", r.output_tokens)?,
