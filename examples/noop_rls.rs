@@ -2,8 +2,9 @@
 //! one OK status per descriptor, doing no other work. It is the ceiling for a
 //! tonic unary call on a machine, the baseline `benches/load/run.sh` compares
 //! sluice against. Same protos, same tonic server settings as sluice (its
-//! connections from `sluice::server::io::incoming`: TCP nodelay, writes not
-//! vectored; default HTTP/2 settings, a multi-threaded runtime, jemalloc).
+//! connections from `sluice::server::io::incoming` with sluice's default
+//! bounds: TCP nodelay, writes not vectored, idle connections closed, at most
+//! 4096 connections and 1024 streams per connection; default HTTP/2 settings, a multi-threaded runtime, jemalloc).
 //!
 //! `cargo run --release --example noop_rls -- 127.0.0.1:0` prints
 //! "noop listening on ADDR".
@@ -82,7 +83,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!("noop listening on {}", listener.local_addr()?);
-    let mut builder = tonic::transport::Server::builder();
+    // The same connection bounds and stream cap as sluice's defaults.
+    let conn = sluice::server::io::ConnLimits::default();
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(conn.max_streams);
     let router = match answer {
         Some(bytes) => builder.add_service(sluice::server::rls::RateLimitServiceServer::new(
             Canned(bytes),
@@ -90,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => builder.add_service(RateLimitServiceServer::new(Noop)),
     };
     router
-        .serve_with_incoming_shutdown(sluice::server::io::incoming(listener), async {
+        .serve_with_incoming_shutdown(sluice::server::io::incoming(listener, conn), async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

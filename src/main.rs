@@ -124,6 +124,19 @@ struct ServeArgs {
     /// Longest descriptor key or value (and domain), in bytes.
     #[arg(long, env = "SLUICE_MAX_KEY_VALUE_LEN", default_value_t = 1024)]
     max_key_value_len: usize,
+    /// Most connections open at once, per port; past it new ones are closed
+    /// at once (keep it below the process's open-file limit).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Close a connection nothing was read from for this long, in seconds.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout_secs: u64,
+    /// Most calls in flight on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
     /// Address of the admin API (usage plans and API keys), with its own
     /// health and reflection.
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8082")]
@@ -390,6 +403,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_entries: args.max_entries,
         max_key_value_len: args.max_key_value_len,
     };
+    let conn = server::io::ConnLimits {
+        max_connections: args.max_connections as usize,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        max_streams: args.max_concurrent_streams,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -416,8 +434,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let both = async {
         tokio::join!(
             async {
-                let r = server::serve(listener, limiter.clone(), limits, stopped(stop_rx.clone()))
-                    .await;
+                let r = server::serve(
+                    listener,
+                    limiter.clone(),
+                    limits,
+                    conn,
+                    stopped(stop_rx.clone()),
+                )
+                .await;
                 stop_tx.send_replace(true);
                 r
             },
@@ -428,6 +452,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     limiter.clone(),
                     auth.clone(),
                     args.usage_retention_days,
+                    conn,
                     stopped(stop_rx.clone()),
                 )
                 .await;

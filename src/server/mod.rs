@@ -33,9 +33,10 @@ pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 /// "ratelimit" (what envoyproxy/ratelimit deployments probe) and the RLS name.
 pub const HEALTH_NAMES: [&str; 3] = ["", "ratelimit", RLS_SERVICE];
 
-/// Serves RLS, the usage API, health and reflection on `listener` until `shutdown`
-/// completes, then reports NOT_SERVING, stops accepting and waits for
-/// in-flight calls to finish. The caller closes the store afterwards.
+/// Serves RLS, the usage API, health and reflection on `listener` (its
+/// connections within `conn`) until `shutdown` completes, then reports
+/// NOT_SERVING, stops accepting and waits for in-flight calls to finish.
+/// The caller closes the store afterwards.
 ///
 /// # Errors
 /// A transport error from tonic.
@@ -43,6 +44,7 @@ pub async fn serve<S: CounterStore>(
     listener: TcpListener,
     limiter: Arc<RateLimiter<S>>,
     limits: RequestLimits,
+    conn: io::ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -68,6 +70,7 @@ pub async fn serve<S: CounterStore>(
         }
     };
     tonic::transport::Server::builder()
+        .max_concurrent_streams(conn.max_streams)
         // Per-call spans are DEBUG: at the default INFO level they cost
         // nothing, while an INFO span per call cost ~10% of throughput
         // (BENCHMARKS.md, profile).
@@ -84,7 +87,7 @@ pub async fn serve<S: CounterStore>(
                 admin::ADMIN_SERVICE
             ),
         ))
-        .serve_with_incoming_shutdown(io::incoming(listener), drain)
+        .serve_with_incoming_shutdown(io::incoming(listener, conn), drain)
         .await
 }
 
@@ -149,7 +152,7 @@ fn reflection(
 pub const ADMIN_HEALTH_NAMES: [&str; 2] = ["", admin::ADMIN_SERVICE];
 
 /// Serves the admin API (plus health and reflection, which need no token)
-/// on `listener` until `shutdown` completes. Every admin call must carry
+/// on `listener` (its connections within `conn`) until `shutdown` completes. Every admin call must carry
 /// `authorization: Bearer <token>`, checked by `auth`.
 ///
 /// # Errors
@@ -160,6 +163,7 @@ pub async fn serve_admin<S: CounterStore>(
     limiter: Arc<RateLimiter<S>>,
     auth: admin::AuthInterceptor,
     retention_days: u32,
+    conn: io::ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -183,6 +187,7 @@ pub async fn serve_admin<S: CounterStore>(
         }
     };
     tonic::transport::Server::builder()
+        .max_concurrent_streams(conn.max_streams)
         .trace_fn(|req| tracing::info_span!("admin", path = %req.uri().path()))
         .add_routes(unknown_methods_explained(
             Routes::new(admin)
@@ -195,6 +200,6 @@ pub async fn serve_admin<S: CounterStore>(
                 usage::USAGE_SERVICE
             ),
         ))
-        .serve_with_incoming_shutdown(io::incoming(listener), drain)
+        .serve_with_incoming_shutdown(io::incoming(listener, conn), drain)
         .await
 }

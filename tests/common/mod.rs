@@ -165,6 +165,7 @@ impl ServerBuilder {
                     sluice::server::admin::AuthInterceptor::new(ADMIN_TOKEN)
                         .with_read_only(READ_ONLY_TOKEN),
                     90,
+                    sluice::server::io::ConnLimits::default(),
                     async move {
                         let _ = admin_shutdown_rx.await;
                     },
@@ -178,6 +179,7 @@ impl ServerBuilder {
             listener,
             limiter.clone(),
             self.limits,
+            sluice::server::io::ConnLimits::default(),
             async move {
                 let _ = shutdown_rx.await;
             },
