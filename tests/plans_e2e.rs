@@ -2682,3 +2682,45 @@ async fn quota_periods_follow_the_anchor_day_and_time_zone() {
     }
     s.shutdown().await;
 }
+
+/// A key that sends many distinct model names gets at most 1000 per-model
+/// rows in GetUsage (the most used kept, the rest counted in
+/// `models_omitted`), so the answer stays small enough for clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_keeps_the_most_used_1000_model_rows() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let (_, value) = plan_with_key(
+        &mut admin,
+        plan("many", DOMAIN, throttle(1e6, 1_000_000), None),
+        "alice",
+    )
+    .await;
+    // One model used three times, then 1002 models once each.
+    for _ in 0..3 {
+        let r = s
+            .hit(DOMAIN, &[("api_key", &value), ("model", "the-main-one")])
+            .await;
+        assert_allowed(&r, "the main model");
+    }
+    for i in 0..1002 {
+        let m = format!("m-{i:04}");
+        let r = s.hit(DOMAIN, &[("api_key", &value), ("model", &m)]).await;
+        assert_allowed(&r, &m);
+    }
+    let u = key_usage_today(&mut admin, "many", "alice").await;
+    assert_eq!(u.models.len(), 1000, "rows kept");
+    assert_eq!(u.models_omitted, 3, "rows left out");
+    let main = u
+        .models
+        .iter()
+        .find(|m| m.model == "the-main-one")
+        .expect("the most used model is kept");
+    assert_eq!(main.requests, 3);
+    // Still in (date, model) order.
+    assert!(u
+        .models
+        .windows(2)
+        .all(|w| (&w[0].date, &w[0].model) < (&w[1].date, &w[1].model)));
+    s.shutdown().await;
+}

@@ -134,6 +134,9 @@ impl tonic::service::Interceptor for AuthInterceptor {
     }
 }
 
+/// Most per-model usage rows in one key's GetUsage answer.
+const MAX_MODEL_ROWS: usize = 1000;
+
 fn now() -> i64 {
     i64::try_from(crate::storage::unix_now()).unwrap_or(i64::MAX)
 }
@@ -783,10 +786,25 @@ impl<S: CounterStore> AdminServer<S> {
                 ModelMetric::Spend => row.spend = v,
             }
         }
+        // A key sending many distinct model names must not make the answer
+        // too large for clients (4 MiB by default): the most used rows stay.
+        let mut models_omitted = 0;
+        if models.len() > MAX_MODEL_ROWS {
+            let weight = |m: &pb::ModelUsage| {
+                [m.requests, m.input_tokens, m.output_tokens, m.total_tokens]
+                    .iter()
+                    .fold(0i64, |a, v| a.saturating_add(*v))
+            };
+            models.sort_by_key(|m| std::cmp::Reverse(weight(m)));
+            models_omitted = i32::try_from(models.len() - MAX_MODEL_ROWS).unwrap_or(i32::MAX);
+            models.truncate(MAX_MODEL_ROWS);
+            models.sort_by(|a, b| (&a.date, &a.model).cmp(&(&b.date, &b.model)));
+        }
         Ok(pb::KeyUsage {
             key_id: key.id.clone(),
             key_name: key.name.clone(),
             models,
+            models_omitted,
             days: days
                 .into_iter()
                 .map(|d| pb::DailyUsage {
