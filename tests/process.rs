@@ -690,3 +690,22 @@ async fn idle_connections_close_and_the_connection_cap_holds() {
         s.stderr()
     );
 }
+
+/// A data dir that holds other files and no sluice database (e.g. the config
+/// dir given as --data-dir) starts with a warning naming them; once the
+/// database is there, no warning.
+#[test]
+fn a_data_dir_with_foreign_files_is_warned_about() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    write_atomic(
+        &data.join("rules.yaml"),
+        &simple_config("d", "k", "hour", 5),
+    );
+    let want = "the data dir holds files that are not sluice's (rules.yaml)";
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    assert!(s.stderr().contains(want), "{}", s.stderr());
+    drop(s);
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    assert!(!s.stderr().contains("not sluice's"), "{}", s.stderr());
+}

@@ -79,6 +79,37 @@ pub struct Stats {
     pub on_disk: usize,
 }
 
+/// Warns when `dir`, not yet holding sluice's database, holds other files
+/// (e.g. a config dir given as `--data-dir`): sluice then starts empty
+/// beside them, which is rarely what was meant. Not an error: a mounted
+/// volume may hold other things (`lost+found` is never reported).
+fn warn_if_foreign(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut foreign: Vec<String> = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "sled" {
+            return; // sluice's database is there: not a fresh start
+        }
+        if name != "admin-token" && name != "lost+found" {
+            foreign.push(name);
+        }
+    }
+    if !foreign.is_empty() {
+        foreign.sort();
+        let more = foreign.len().saturating_sub(5);
+        foreign.truncate(5);
+        tracing::warn!(
+            dir = %dir.display(),
+            "the data dir holds files that are not sluice's ({}{}); starting a new database beside them: check --data-dir",
+            foreign.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
+    }
+}
+
 impl SledCounters {
     /// Opens (or creates) the store in `dir`, restores unexpired counters and
     /// starts the writer and purge tasks. Must be called inside a tokio runtime.
@@ -95,6 +126,7 @@ impl SledCounters {
         if dir.exists() && !dir.is_dir() {
             return Err(open_err("not a directory".into()));
         }
+        warn_if_foreign(dir);
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         // sled may read a garbage file as an empty log; remember whether a
         // database was there, so an existing one without our marker is refused.
