@@ -173,9 +173,13 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item =
                 Err(e) => return Some(Err(e)),
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // One warning a minute: the first to move the mark warns.
                 let now = crate::storage::unix_now();
-                if now >= warned.load(Ordering::Relaxed) + 60
-                    && warned.swap(now, Ordering::Relaxed) + 60 <= now
+                let last = warned.load(Ordering::Relaxed);
+                if now >= last + 60
+                    && warned
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
                 {
                     tracing::warn!(
                         max = limits.max_connections,

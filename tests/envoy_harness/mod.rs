@@ -179,6 +179,18 @@ impl Response {
     }
 }
 
+/// With sluice stopped, `r` (Envoy's answer to a call) is the examples'
+/// failure_mode_deny 500, not their invalid-key 403, and the upstream
+/// still answered only the `oks` calls that got 200.
+pub fn assert_denied_without_sluice(r: &Response, upstream: &Upstream, oks: usize) {
+    assert_eq!(r.status, 500, "sluice down, failure_mode_deny: {r:?}");
+    assert_eq!(
+        upstream.hits(),
+        oks,
+        "a call reached the upstream without a decision"
+    );
+}
+
 /// Sends one HTTP/1.1 request (`Connection: close`) with `headers`, then,
 /// unless the method is GET or HEAD, `content-length` (of `body`), then
 /// `body`; reads the response to EOF. Panics on any I/O error or after
