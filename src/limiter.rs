@@ -375,22 +375,29 @@ impl<S: CounterStore> RateLimiter<S> {
         }
         // Statuses of governed descriptors are in place; the others get the
         // rule statuses, in order.
-        let mut rules = if rest.is_empty() {
-            Vec::new()
+        // The rules' own overall code counts their quota-mode descriptors
+        // together (engine::decide); a plan's refusal is never soft.
+        let (rules_overall, rules) = if rest.is_empty() {
+            (Code::Ok, Vec::new())
         } else {
             let sub = Request {
                 domain: req.domain.clone(),
                 descriptors: rest,
                 hits_addend: req.hits_addend,
             };
-            self.decide_rules(&sub, now, wrote)?.statuses
-        }
-        .into_iter();
+            let d = self.decide_rules(&sub, now, wrote)?;
+            (d.overall, d.statuses)
+        };
+        let plan_over = plan_statuses
+            .iter()
+            .flatten()
+            .any(|s| s.code == Code::OverLimit);
+        let mut rules = rules.into_iter();
         let statuses: Vec<Status> = plan_statuses
             .into_iter()
             .map(|s| s.or_else(|| rules.next()).unwrap_or(Status::NO_LIMIT))
             .collect();
-        let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) {
+        let overall = if plan_over || rules_overall == Code::OverLimit {
             Code::OverLimit
         } else {
             Code::Ok

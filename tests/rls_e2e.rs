@@ -85,6 +85,11 @@ descriptors:
     shadow_mode: true
     rate_limit: {unit: day, requests_per_unit: 2, name: shadow}
 
+  # quota_mode: a soft limit, denied only when every quota-mode descriptor is.
+  - key: backend_quota
+    quota_mode: true
+    rate_limit: {unit: day, requests_per_unit: 1, name: backend-quota}
+
   # replaces
   - key: plan
     value: free
@@ -717,6 +722,43 @@ async fn shadow_mode_answers_ok_but_reports_and_counts() {
     assert_eq!(r.overall_code, OK);
     assert_limited(&r.statuses[0], OK, "shadow", 2, DAY, 0);
     assert_limited(&r.statuses[1], OK, "key-only", 30, DAY, 29);
+    s.shutdown().await;
+}
+
+/// Upstream's quota mode: a quota-mode descriptor over its limit says
+/// OVER_LIMIT in its status, but the answer is OVER_LIMIT only once every
+/// quota-mode descriptor of the request is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_mode_denies_only_when_every_quota_descriptor_is_over() {
+    let s = server().await;
+    let a = desc(&[("backend_quota", "a")]);
+    let b = desc(&[("backend_quota", "b")]);
+    let c = desc(&[("backend_quota", "c")]);
+    let r = s.check(request(DOMAIN, vec![a.clone(), b.clone()])).await;
+    assert_eq!(r.overall_code, OK);
+    assert_limited(&r.statuses[0], OK, "backend-quota", 1, DAY, 0);
+    assert_limited(&r.statuses[1], OK, "backend-quota", 1, DAY, 0);
+    // a is over, c is not: the request passes, a's status says it is over.
+    let r = s.check(request(DOMAIN, vec![a.clone(), c.clone()])).await;
+    assert_eq!(r.overall_code, OK);
+    assert_limited(&r.statuses[0], OVER_LIMIT, "backend-quota", 1, DAY, 0);
+    assert_limited(&r.statuses[1], OK, "backend-quota", 1, DAY, 0);
+    // Both over: denied.
+    let r = s.check(request(DOMAIN, vec![a.clone(), b.clone()])).await;
+    assert_eq!(r.overall_code, OVER_LIMIT);
+    assert_limited(&r.statuses[0], OVER_LIMIT, "backend-quota", 1, DAY, 0);
+    assert_limited(&r.statuses[1], OVER_LIMIT, "backend-quota", 1, DAY, 0);
+    // Counted as any limit: a has been hit three times.
+    assert_eq!(s.stored_count(DOMAIN, &a), Some(3));
+    // With an ordinary descriptor over, quotas do not matter.
+    let r = s
+        .check(request(
+            DOMAIN,
+            vec![desc(&[("blocked", "x")]), desc(&[("backend_quota", "d")])],
+        ))
+        .await;
+    assert_eq!(r.overall_code, OVER_LIMIT);
+    assert_limited(&r.statuses[1], OK, "backend-quota", 1, DAY, 0);
     s.shutdown().await;
 }
 

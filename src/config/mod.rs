@@ -211,20 +211,6 @@ fn load_level(
         let value = d.value.as_ref().map(|v| v.value.as_str());
         let composite = Level::composite_key(&key, value);
         let path = format!("{parent}{composite}");
-        if d.quota_mode {
-            // Accepted so upstream files load, but it would change answers:
-            // say so where the operator looks.
-            tracing::warn!(
-                "{}",
-                invalid(
-                    key_loc,
-                    "quota_mode",
-                    format!(
-                        "quota_mode is not implemented: the limit on '{path}' is enforced as an ordinary limit (over it, the answer is OVER_LIMIT)"
-                    ),
-                )
-            );
-        }
         let limit = match d.rate_limit {
             None => None,
             Some(rl) => {
@@ -300,6 +286,7 @@ fn load_level(
                             name,
                         }),
                         shadow_mode: d.shadow_mode,
+                        quota_mode: d.quota_mode,
                         replaces,
                     })
                 }

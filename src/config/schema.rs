@@ -48,8 +48,9 @@ pub struct DescriptorYaml {
     #[serde(default)]
     #[allow(dead_code)]
     pub value_to_metric: bool,
-    /// Accepted; quota mode is not implemented yet: the limit is enforced as
-    /// an ordinary one, and loading warns.
+    /// A soft limit: over it the descriptor's status is OVER_LIMIT, but the
+    /// answer is OVER_LIMIT only when every quota-mode descriptor of the
+    /// request is over (or an ordinary one is), as upstream.
     #[serde(default)]
     pub quota_mode: bool,
     /// Accepted (any YAML); not returned in dynamic metadata yet.

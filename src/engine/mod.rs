@@ -121,6 +121,9 @@ pub struct Counted {
     pub window: Window,
     /// Report, but never deny.
     pub shadow_mode: bool,
+    /// A soft limit: denies only together with every other quota-mode
+    /// descriptor of the request (see [`decide`]).
+    pub quota_mode: bool,
 }
 
 /// What the engine decided for one descriptor before counting.
@@ -343,7 +346,7 @@ impl RuleSet {
             req.descriptors
                 .iter()
                 .map(|d| {
-                    let (limit, shadow_mode, shares) = if let Some(o) = d.limit {
+                    let (limit, shadow_mode, quota_mode, shares) = if let Some(o) = d.limit {
                         // Upstream: an override applies for a known domain whether or
                         // not a rule matches, never in shadow mode.
                         let limit = Arc::new(Limit {
@@ -351,7 +354,7 @@ impl RuleSet {
                             unit: o.unit,
                             name: None,
                         });
-                        (limit, false, Vec::new())
+                        (limit, false, false, Vec::new())
                     } else {
                         match rules.lookup_with(&d.entries, scratch) {
                             None => return Slot::NoLimit,
@@ -367,12 +370,13 @@ impl RuleSet {
                                     RuleLimit::Limited {
                                         limit,
                                         shadow_mode,
+                                        quota_mode,
                                         replaces,
                                     },
                                 share_patterns,
                             }) => {
                                 replaced.extend(replaces.iter().map(|r| &**r));
-                                (limit.clone(), *shadow_mode, share_patterns)
+                                (limit.clone(), *shadow_mode, *quota_mode, share_patterns)
                             }
                         }
                     };
@@ -387,6 +391,7 @@ impl RuleSet {
                         limit,
                         window,
                         shadow_mode,
+                        quota_mode,
                     })
                 })
                 .collect()
@@ -454,15 +459,34 @@ pub fn decide(slots: &[Slot], values: &[u64], now: u64) -> Decision {
             }
         })
         .collect();
-    let overall = if statuses.iter().any(|s| s.code == Code::OverLimit) {
+    Decision {
+        overall: overall(slots, &statuses),
+        statuses,
+        headers: Headers::default(),
+    }
+}
+
+/// The answer's code, as upstream decides it: OVER_LIMIT when an ordinary
+/// descriptor is over, or when the request has quota-mode descriptors and
+/// every one of them is over (a shadow-mode one never is); else OK.
+fn overall(slots: &[Slot], statuses: &[Status]) -> Code {
+    let mut quota = 0usize;
+    let mut quota_over = 0usize;
+    for (slot, status) in slots.iter().zip(statuses) {
+        let over = status.code == Code::OverLimit;
+        match slot {
+            Slot::Counted(c) if c.quota_mode => {
+                quota += 1;
+                quota_over += usize::from(over);
+            }
+            _ if over => return Code::OverLimit,
+            _ => {}
+        }
+    }
+    if quota > 0 && quota_over == quota {
         Code::OverLimit
     } else {
         Code::Ok
-    };
-    Decision {
-        overall,
-        statuses,
-        headers: Headers::default(),
     }
 }
 

@@ -34,6 +34,10 @@ pub enum RuleLimit {
         limit: Arc<Limit>,
         /// `shadow_mode`: count and report, but answer OK.
         shadow_mode: bool,
+        /// `quota_mode`: a soft limit. Its status says OVER_LIMIT when over,
+        /// but the answer is OVER_LIMIT only when every quota-mode
+        /// descriptor of the request is over (or an ordinary one is).
+        quota_mode: bool,
         /// Names of limits this one replaces.
         replaces: Vec<Arc<str>>,
     },

@@ -204,6 +204,9 @@ fn render(slots: &[Slot], decision: &Decision) -> String {
                 if c.shadow_mode {
                     out.push_str(" shadow");
                 }
+                if c.quota_mode {
+                    out.push_str(" quota");
+                }
             }
             out
         })
@@ -1115,6 +1118,52 @@ descriptors:
             // is never shadowed.
             (T, "a=1 limit=10/minute", "OK: OK 10/minute rem=4 reset=60 +1"),
             (T, "a=1 limit=6/minute", "OVER: OVER 6/minute rem=0 reset=60 +1"),
+        ],
+    );
+}
+
+/// Upstream's quota mode (envoyproxy/ratelimit #1045, #1059): a quota-mode
+/// descriptor over its limit says OVER_LIMIT in its own status, but the
+/// answer is OVER_LIMIT only when every quota-mode descriptor of the request
+/// is over, or when an ordinary descriptor is.
+#[test]
+fn quota_mode_denies_only_when_every_quota_descriptor_is_over() {
+    let yaml = r#"
+domain: d
+descriptors:
+  - key: q1
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: q2
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: r
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: s
+    quota_mode: true
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 0}
+"#;
+    check(
+        yaml,
+        &[
+            (T, "q1=a | q2=a", "OK: OK 1/minute rem=0 reset=60 +1 quota | OK 2/minute rem=1 reset=60 +1 quota"),
+            // q1 over, q2 not: a soft refusal, the answer is OK.
+            (T, "q1=a | q2=a", "OK: OVER 1/minute rem=0 reset=60 +1 quota | OK 2/minute rem=0 reset=60 +1 quota"),
+            // Both over: denied.
+            (T, "q1=a | q2=a", "OVER: OVER 1/minute rem=0 reset=60 +1 quota | OVER 2/minute rem=0 reset=60 +1 quota"),
+            // A lone quota-mode descriptor over its limit is every one of them.
+            (T, "q1=a", "OVER: OVER 1/minute rem=0 reset=60 +1 quota"),
+            // An ordinary descriptor over denies, whatever the quotas say.
+            (T, "q2=b | r=x", "OK: OK 2/minute rem=1 reset=60 +1 quota | OK 1/minute rem=0 reset=60 +1"),
+            (T, "q2=b | r=x", "OVER: OK 2/minute rem=0 reset=60 +1 quota | OVER 1/minute rem=0 reset=60 +1"),
+            // A shadow-mode quota descriptor is never over, so not every
+            // quota descriptor is: q1 alone over does not deny.
+            (T, "q1=a | s=x", "OK: OVER 1/minute rem=0 reset=60 +1 quota | OK 0/minute rem=0 reset=60 +1 shadow quota"),
+            // An unmatched descriptor is neither ordinary-over nor quota.
+            (T, "q1=a | zzz=1", "OVER: OVER 1/minute rem=0 reset=60 +1 quota | OK - rem=0"),
+            // An override is never in quota mode (as never in shadow mode).
+            (T, "q1=a limit=1/minute | q2=c", "OVER: OVER 1/minute rem=0 reset=60 +1 | OK 2/minute rem=1 reset=60 +1 quota"),
         ],
     );
 }
