@@ -28,7 +28,7 @@ cd "$(dirname "$0")/../.."
 source benches/load/lib.sh
 
 N=${N:-20000}
-MODES=${MODES:-rule}   # rule, plan, tokens, tokens-nohdr: the request, as in run.sh
+MODES=${MODES:-rule}   # rule, plan, tokens, tokens-nohdr, tokens1: the request, as in run.sh
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 1; }

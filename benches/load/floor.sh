@@ -7,14 +7,16 @@
 #
 #   bash benches/load/floor.sh              # 5 rounds
 #   ROUNDS=7 N=300000 bash benches/load/floor.sh
+#   TOKENS_MODE=tokens1 bash benches/load/floor.sh   # the one-token-limit plan
 #
 # Four (server, request) pairs, each run once per round, in turn, so drift
 # over the minutes touches all four alike: noop-rule, noop-tokens (the
 # do-nothing server, examples/noop_rls.rs --answer, with sluice's answer
 # bytes saved by examples/rls_check.rs --save-answer), sluice-rule and
 # sluice-tokens (one sluice, sled on, default durability, the plans of
-# run.sh's tokens mode). Prints each pair's median req/s, and per call (the
-# server's core is saturated, so 1 s / req/s is its time per call): what
+# run.sh's tokens mode, or of the mode TOKENS_MODE names). Prints each
+# pair's median req/s, and per call (the server's core is saturated, so
+# 1 s / req/s is its time per call): what
 # the tokens messages add to the do-nothing server, and what sluice's
 # tokens decision adds beyond that. Needs h2load (Debian: nghttp2-client).
 # Only loopback addresses; each h2load run is bounded in requests (N) and
@@ -27,6 +29,7 @@ source benches/load/lib.sh
 ROUNDS=${ROUNDS:-5}
 N=${N:-200000}
 TIMEOUT=${TIMEOUT:-120}
+TOKENS_MODE=${TOKENS_MODE:-tokens}   # run.sh's request for the "tokens" pairs: tokens, tokens1, tokens-nohdr
 command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; }
 cargo build --release --quiet --bin sluice --example noop_rls --example rls_body --example rls_check
 bin=target/release
@@ -53,7 +56,7 @@ start sluice "sluice listening on" "$bin/sluice" serve --config-dir "$work/confi
 # Each request's body, and sluice's answer to it (checked OK by a real gRPC
 # client and saved for the do-nothing server).
 for req in rule tokens; do
-  case $req in rule) mode_request pinned ;; tokens) mode_request tokens ;; esac
+  case $req in rule) mode_request pinned ;; tokens) mode_request "$TOKENS_MODE" ;; esac
   if [ "$domain" != bench ]; then apply_plans "$work/sluice.log" "$work/plans.yaml" "$work/apply.out"; fi
   "$bin/examples/rls_body" "$domain" "${entries[@]}" > "$work/$req.body"
   "$bin/examples/rls_check" --save-answer "$work/$req.answer" "${addr_of[sluice]}" "$domain" "${entries[@]}" >/dev/null
@@ -83,6 +86,7 @@ for pair in $pairs; do med[$pair]=$(median < "$work/$pair.rps"); done
 echo "# benches/load/floor.sh: pinned 32x16, medians of $ROUNDS rounds of $N calls"
 echo "date:    $(date -u +%FT%TZ)"
 echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+echo "tokens:  run.sh's $TOKENS_MODE request"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
 echo "messages: rule request $(stat -c %s "$work/rule.body") B framed, answer $(stat -c %s "$work/rule.answer") B; tokens request $(stat -c %s "$work/tokens.body") B framed, answer $(stat -c %s "$work/tokens.answer") B"
 for pair in $pairs; do printf '%-14s %12s req/s\n' "$pair" "${med[$pair]}"; done

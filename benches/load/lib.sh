@@ -27,7 +27,10 @@ YAML
 # (a sliding per-minute limit with a per-model limit, a calendar day, a
 # monthly budget), all far above what a run can reach; one key per plan. The
 # tokens-nohdr plan is the tokens plan with header_style NONE: the same
-# decision without the six x-ratelimit-* headers in each answer.
+# decision without the six x-ratelimit-* headers in each answer. The tokens1
+# plan has one per-minute token limit and nothing else (no throttle, no
+# quota, no price): a token-limit decision on its own, like for like with
+# the one per-key rule.
 bench_plans() {
   {
     cat <<'YAML'
@@ -53,11 +56,19 @@ YAML
       "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
 YAML
     done
+    # One token limit and nothing else: a token-limit decision on its own.
+    cat <<'YAML'
+  - name: bench-tokens1
+    stages: [{ domain: bench-tokens1 }]
+    limits:
+      - { name: tpm, metric: TOKENS, limit: 1000000000000, window: MINUTE }
+YAML
     cat <<'YAML'
 api_keys:
   - { name: bench-plan-key, usage_plans: [bench-plan] }
   - { name: bench-tokens-key, usage_plans: [bench-tokens] }
   - { name: bench-tokens-nohdr-key, usage_plans: [bench-tokens-nohdr] }
+  - { name: bench-tokens1-key, usage_plans: [bench-tokens1] }
 YAML
   } > "$1"
 }
@@ -69,7 +80,7 @@ YAML
 mode_request() {
   case $1 in
     plan) domain=bench-plan; entries=("api_key=$BENCH_KEY_PLACEHOLDER") ;;
-    tokens|tokens-nohdr) domain=bench-$1; entries=("api_key=$BENCH_KEY_PLACEHOLDER" model=gpt-4o-mini) ;;
+    tokens|tokens-nohdr|tokens1) domain=bench-$1; entries=("api_key=$BENCH_KEY_PLACEHOLDER" model=gpt-4o-mini) ;;
     *) domain=bench; entries=(api_key=key-1) ;;
   esac
 }

@@ -52,7 +52,7 @@ kernel (network stack, scheduling)
 gRPC, HTTP/2, runtime, allocator (tonic, hyper, h2, tokio, jemalloc)'
 
 for mode in $MODES; do
-  case $mode in noop|rule) req=pinned ;; plan|tokens|tokens-nohdr) req=$mode ;; *) echo "unknown mode $mode" >&2; exit 1 ;; esac
+  case $mode in noop|rule) req=pinned ;; plan|tokens|tokens-nohdr|tokens1) req=$mode ;; *) echo "unknown mode $mode" >&2; exit 1 ;; esac
   mode_request "$req"
   rm -rf "$work/data"
   if [ "$mode" = noop ]; then

@@ -19,7 +19,7 @@ source benches/load/lib.sh
 RUNS=${RUNS:-3}
 OUT=${OUT:-benches/load}   # where results.csv and chart.svg are written
 mkdir -p "$OUT"
-MODES=${MODES:-"pinned unpinned 1x1 sync plan tokens tokens-nohdr"}
+MODES=${MODES:-"pinned unpinned 1x1 sync plan tokens tokens-nohdr tokens1"}
 N=${N:-200000}            # requests per run (32x16 modes)
 N1=${N1:-20000}           # requests per run (1x1 mode)
 TIMEOUT=${TIMEOUT:-120}   # seconds per load generator run
@@ -98,7 +98,7 @@ for mode in $MODES; do
     sync) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
     # pinned, the descriptor's API key decided against a usage plan
     # tokens-nohdr: the tokens plan without the x-ratelimit-* answer headers
-    plan|tokens|tokens-nohdr) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
+    plan|tokens|tokens-nohdr|tokens1) server_cpus=0; load_cpus=1; clients=32; streams=16; n=$N ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
   esac
   # The request: one api_key descriptor against the per-key rule, or (plan
