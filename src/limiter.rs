@@ -288,12 +288,17 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 Resolved::Governed { plan, stage, key } => {
                     let default = plan.plan.stages[stage].default_usage.as_str();
-                    let kind = d
-                        .entries
-                        .iter()
-                        .find(|e| e.key == USAGE_ENTRY)
-                        .map(|e| e.value.as_str())
-                        .or((!default.is_empty()).then_some(default));
+                    let kind = match d.entries.iter().find(|e| e.key == USAGE_ENTRY) {
+                        Some(e) => Kind::Usage(e.value.as_str()),
+                        None if default.is_empty() => Kind::Requests,
+                        // A stage with a default usage kind (Envoy AI
+                        // Gateway sends the same descriptor at request time
+                        // with hits 0 and after the response with the
+                        // tokens): hits 0 is the request-time check, which
+                        // counts the request itself.
+                        None if d.hits(req.hits_addend) == 0 => Kind::Check,
+                        None => Kind::Usage(default),
+                    };
                     match groups
                         .iter_mut()
                         .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id && g.3 == kind)
@@ -312,10 +317,11 @@ impl<S: CounterStore> RateLimiter<S> {
             let first = &req.descriptors[members[0]];
             let hits = first.hits(req.hits_addend);
             let call = match kind {
-                None | Some("requests") => Some(Call::Request { hits }),
+                Kind::Requests | Kind::Usage("requests") => Some(Call::Request { hits }),
+                Kind::Check => Some(Call::Request { hits: 1 }),
                 // A charge above the per-call maximum is refused as invalid
                 // and counts nothing, as in ReportUsage.
-                Some(k) => Usage::from_kind(k, hits)
+                Kind::Usage(k) => Usage::from_kind(k, hits)
                     .filter(|_| hits <= usage::MAX_TOKENS_PER_CALL)
                     .map(|usage| Call::Charge {
                         usage,
@@ -326,7 +332,7 @@ impl<S: CounterStore> RateLimiter<S> {
             let status = match call {
                 None => {
                     tracing::debug!(
-                        kind,
+                        ?kind,
                         hits,
                         "unknown usage kind, or a charge over the maximum"
                     );
@@ -1468,9 +1474,21 @@ type Group<'a> = (
     &'a CompiledPlan,
     usize,
     &'a ApiKey,
-    Option<&'a str>,
+    Kind<'a>,
     SmallVec<[usize; 2]>,
 );
+
+/// What a governed descriptor asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind<'a> {
+    /// A request: its hits count in the throttle, quota and request limits.
+    Requests,
+    /// The request-time check of a stage with a default usage kind (hits
+    /// 0): one request.
+    Check,
+    /// The `usage` entry's kind (or the stage's default): a charge.
+    Usage(&'a str),
+}
 
 /// The limit states of one decision (throttle, quota and a few limits fit
 /// without a heap allocation).

@@ -1574,3 +1574,47 @@ async fn a_stage_default_usage_turns_plain_descriptors_into_checks_and_charges()
     assert_eq!(d.statuses[0].code, sluice::engine::Code::OverLimit);
     assert_eq!(d.statuses[0].reason, Some(TOK_LIMIT));
 }
+
+/// In a stage with a default usage kind, the request-time check (hits 0)
+/// counts the request: Envoy AI Gateway sends it once per request, and no
+/// other call would count requests, so without this a plan's throttle,
+/// quota and request limits would never count behind AI Gateway. The
+/// charges after the response count tokens only.
+#[tokio::test]
+async fn a_default_usage_check_counts_the_request_in_throttle_quota_and_request_limits() {
+    let env = Env::new();
+    let mut p = plan("aigw-req", vec![rpm("rpm", 3), tpm("tpm", 1_000_000)]);
+    p.stages[0].default_usage = "total_tokens".into();
+    p.quota = daily_quota(2);
+    let (p, k, v) = env.plan_and_key(p).await;
+    let t = w(10);
+    let call = |hits: u64| env.decide(vec![desc(&[("api_key", &v)], hits)], t);
+    for _ in 0..2 {
+        assert_eq!(call(0).await.statuses[0].code, sluice::engine::Code::Ok);
+        // The charge after the response: tokens only.
+        assert_eq!(call(500).await.statuses[0].code, sluice::engine::Code::Ok);
+    }
+    assert_eq!(env.quota(&p.id, &k.id, t / S).await.used, 2);
+    // The third request is over the daily quota of 2.
+    let d = call(0).await;
+    assert_eq!(d.statuses[0].code, sluice::engine::Code::OverLimit);
+    assert_eq!(d.statuses[0].reason, Some(Reason::QuotaExceeded));
+    assert_eq!(env.quota(&p.id, &k.id, t / S).await.used, 2);
+}
+
+/// The same for the throttle: the check takes a token, charges never do.
+#[tokio::test]
+async fn a_default_usage_check_takes_a_throttle_token_and_charges_do_not() {
+    let env = Env::new();
+    let mut p = plan("aigw-thr", vec![tpm("tpm", 1_000_000)]);
+    p.stages[0].default_usage = "total_tokens".into();
+    p.throttle = throttle(0.001, 1);
+    let (_, _, v) = env.plan_and_key(p).await;
+    let t = w(10);
+    let call = |hits: u64| env.decide(vec![desc(&[("api_key", &v)], hits)], t);
+    assert_eq!(call(0).await.statuses[0].code, sluice::engine::Code::Ok);
+    assert_eq!(call(700).await.statuses[0].code, sluice::engine::Code::Ok);
+    // Burst 1, one token a 1000 s: the next request waits.
+    let d = call(0).await;
+    assert_eq!(d.statuses[0].reason, Some(Reason::Throttled));
+}
