@@ -567,11 +567,14 @@ impl<S: CounterStore> RateLimiter<S> {
             }
             _ => None,
         };
-        let price = model.and_then(|m| {
+        // A call without a model is priced as the model "": only a
+        // catch-all pattern (`*`) prices it.
+        let price = {
+            let m = model.unwrap_or("");
             usage::price_for(&p.prices, m)
                 .or_else(|| usage::price_for(cat.shared_prices(), m))
                 .copied()
-        });
+        };
         let price = price.as_ref();
         let mut plans: SmallVec<[LimitPlan<'_>; 4]> = SmallVec::new();
         for (i, l) in p.limits.iter().enumerate() {

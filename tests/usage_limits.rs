@@ -1018,6 +1018,33 @@ async fn spend_accumulates_exact_micro_units_and_refuses_when_spent() {
     );
 }
 
+/// A catch-all price (`*`) prices usage that names no model too (a gateway
+/// that sends no model entry); a pattern that needs characters does not.
+#[tokio::test]
+async fn a_catch_all_price_charges_usage_without_a_model() {
+    let env = Env::new();
+    let mut p = spend_plan("spend-any");
+    p.prices.insert(
+        "*".to_owned(),
+        Price {
+            input_per_million: 1_000_000,
+            output_per_million: 2_000_000,
+        },
+    );
+    let (_, _, v) = env.plan_and_key(p).await;
+    let t = at(2026, 1, 1, 18, 0, 0);
+    // 1000 input tokens at 1.00/M = 1000 micro-units.
+    assert_eq!(
+        sum(&env.charge(&v, "input_tokens", None, 1000, t).await),
+        ok(999_000, 21_600)
+    );
+    // gpt-4o still has its own (longer) pattern: 1000 at 2.50/M = 2500.
+    assert_eq!(
+        sum(&env.charge(&v, "input_tokens", Some("gpt-4o"), 1000, t).await),
+        ok(996_500, 21_600)
+    );
+}
+
 /// A charge above the per-call maximum (1e9 tokens), e.g. a gateway bug
 /// sending u64::MAX as hits_addend, is refused as an invalid request and
 /// counts nothing; one at the maximum is counted.
