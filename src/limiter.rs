@@ -875,6 +875,13 @@ impl<S: CounterStore> RateLimiter<S> {
                     }
                     None => reset_in.max(1),
                 };
+                // A sliding window's counter resets at its end, but usage
+                // comes back as the estimate slides: the client headers
+                // (x-ratelimit-reset-*, RateLimit's t) say when the call
+                // fits, as retry-after does.
+                if let Some(st) = states.last_mut() {
+                    st.reset_in = Some(retry);
+                }
                 refused = Some(refusal(Some(limit.clone()), retry, reason));
             }
         }

@@ -554,8 +554,16 @@ async fn sliding_refusal_retry_after_is_when_the_call_fits() {
     // Refused at W+`secs` with reset_in `want`: a call `want` - 1 s later is
     // still refused, one exactly `want` s later passes.
     async fn check(env: &Env, v: &str, secs: i64, want: u64) {
-        let s = env.request(v, None, 1, w(secs)).await;
-        assert_eq!(sum(&s), over(want, REQ_LIMIT), "refusal at W+{secs}");
+        let d = env.request_d(v, None, 1, w(secs)).await;
+        let s = &d.statuses[0];
+        assert_eq!(sum(s), over(want, REQ_LIMIT), "refusal at W+{secs}");
+        // The client headers say the same as retry-after, not the end of
+        // the fixed window under the sliding estimate.
+        assert_eq!(hdr(&d, "retry-after"), Some(want.to_string().as_str()));
+        assert_eq!(
+            hdr(&d, "x-ratelimit-reset-requests"),
+            Some(sluice::plans::headers::openai_duration(want).as_str())
+        );
         let r = i64::try_from(s.reset_in.unwrap()).unwrap();
         assert!(r > 1);
         assert_eq!(
@@ -1040,7 +1048,9 @@ async fn a_catch_all_price_charges_usage_without_a_model() {
     );
     // gpt-4o still has its own (longer) pattern: 1000 at 2.50/M = 2500.
     assert_eq!(
-        sum(&env.charge(&v, "input_tokens", Some("gpt-4o"), 1000, t).await),
+        sum(&env
+            .charge(&v, "input_tokens", Some("gpt-4o"), 1000, t)
+            .await),
         ok(996_500, 21_600)
     );
 }
