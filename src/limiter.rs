@@ -1421,12 +1421,7 @@ impl<S: CounterStore> RateLimiter<S> {
     }
 }
 
-/// Descriptor entry naming the model (per-model limits and prices).
-pub const MODEL_ENTRY: &str = "model";
-/// Descriptor entry saying what `hits_addend` measures: absent or
-/// `requests` (a request), `input_tokens`, `output_tokens`, `total_tokens`
-/// (a charge of tokens after the response).
-pub const USAGE_ENTRY: &str = "usage";
+pub use crate::plans::model::{MODEL_ENTRY, USAGE_ENTRY};
 
 /// What a plan-governed call does.
 #[derive(Clone, Debug)]

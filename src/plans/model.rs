@@ -15,6 +15,14 @@ use super::Error;
 
 /// Default descriptor entry carrying the API key.
 pub const DEFAULT_KEY_ENTRY: &str = "api_key";
+
+/// Descriptor entry naming the model (per-model limits and prices).
+pub const MODEL_ENTRY: &str = "model";
+
+/// Descriptor entry saying what `hits_addend` measures: absent or
+/// `requests` (a request), `input_tokens`, `output_tokens`, `total_tokens`
+/// (a charge of tokens after the response).
+pub const USAGE_ENTRY: &str = "usage";
 /// Default descriptor entry carrying the HTTP method.
 pub const DEFAULT_METHOD_ENTRY: &str = "method";
 /// Default descriptor entry carrying the request path.
@@ -609,6 +617,12 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
             if v.is_empty() {
                 return Err(Error::invalid(f(name), "must not be empty"));
             }
+            if v == USAGE_ENTRY || v == MODEL_ENTRY {
+                return Err(Error::invalid(
+                    f(name),
+                    format!("{v:?} is the entry that names the usage kind or the model; choose another entry"),
+                ));
+            }
         }
         if ![
             "",
@@ -680,6 +694,12 @@ pub fn validate_limits(p: &Plan) -> Result<(), Error> {
                     ));
                 }
             }
+            if input_weight == 0.0 && output_weight == 0.0 {
+                return Err(Error::invalid(
+                    f("input_weight"),
+                    "a WEIGHTED count needs input_weight or output_weight above 0 (with both 0 it counts nothing)",
+                ));
+            }
         }
         if let Some(period) = l.window.period() {
             Calendar::new(period, l.anchor_day, &l.time_zone).map_err(|e| {
@@ -691,11 +711,26 @@ pub fn validate_limits(p: &Plan) -> Result<(), Error> {
                     other => other,
                 }
             })?;
-        } else if l.anchor_day != 0 {
-            return Err(Error::invalid(
-                f("anchor_day"),
-                "only WEEK and MONTH windows have an anchor day",
-            ));
+        } else {
+            if l.anchor_day != 0 {
+                return Err(Error::invalid(
+                    f("anchor_day"),
+                    "only WEEK and MONTH windows have an anchor day",
+                ));
+            }
+            // A sliding window has no calendar, but a zone given is still
+            // checked: a typo must not be stored (and exported) silently.
+            if !l.time_zone.is_empty() {
+                Calendar::new(Period::Day, 0, &l.time_zone).map_err(|_| {
+                    Error::invalid(
+                        f("time_zone"),
+                        format!(
+                            "unknown time zone {:?} (an IANA name such as Europe/Paris)",
+                            l.time_zone
+                        ),
+                    )
+                })?;
+            }
         }
         for pattern in l.model_limits.keys() {
             if pattern.is_empty() || pattern.len() > 256 {
@@ -802,6 +837,61 @@ mod tests {
     #[test]
     fn a_valid_plan_passes() {
         validate_plan(&plan()).unwrap();
+    }
+
+    fn tokens_limit(window: LimitWindow, count: TokenCount, time_zone: &str) -> UsageLimit {
+        UsageLimit {
+            name: "tpm".into(),
+            metric: Metric::Tokens,
+            count,
+            limit: 100,
+            window,
+            anchor_day: 0,
+            time_zone: time_zone.into(),
+            model_limits: BTreeMap::new(),
+            scope: Scope::Key,
+        }
+    }
+
+    /// Settings that would be stored but do nothing, or break every call,
+    /// are refused naming the field.
+    #[test]
+    fn useless_or_breaking_settings_are_refused() {
+        // An unknown zone on a sliding window (no calendar, but a typo
+        // must not be stored); a known one and none are fine.
+        let mut p = plan();
+        p.limits = vec![tokens_limit(
+            LimitWindow::Minute,
+            TokenCount::Total,
+            "Mars/Base",
+        )];
+        assert_eq!(field_of(&p), "limits[0].time_zone");
+        for zone in ["", "UTC", "Asia/Tokyo"] {
+            p.limits = vec![tokens_limit(LimitWindow::Hour, TokenCount::Total, zone)];
+            validate_plan(&p).unwrap();
+        }
+        // WEIGHTED with both weights 0 counts nothing.
+        let zero = TokenCount::Weighted {
+            input_weight: 0.0,
+            output_weight: 0.0,
+        };
+        p.limits = vec![tokens_limit(LimitWindow::Minute, zero, "")];
+        assert_eq!(field_of(&p), "limits[0].input_weight");
+        p.limits = vec![tokens_limit(
+            LimitWindow::Minute,
+            TokenCount::Weighted {
+                input_weight: 0.0,
+                output_weight: 1.5,
+            },
+            "",
+        )];
+        validate_plan(&p).unwrap();
+        // The key entry cannot be the usage or model entry.
+        for reserved in [USAGE_ENTRY, MODEL_ENTRY] {
+            let mut p = plan();
+            p.stages[0].key_entry = reserved.into();
+            assert_eq!(field_of(&p), "stages[0].key_entry");
+        }
     }
 
     #[test]
