@@ -74,10 +74,11 @@
 //! it on its own (time zones, rates, anchors, stages, limits: the admin
 //! API's own check, [`crate::server::admin::check_plan`]), a key given two
 //! plans that govern one domain and stage, and, with `prune`, a file that
-//! lists nothing at all (it would delete everything). What needs the
-//! server's state (the shared price table, say) is validated by the server;
-//! its message is reported with the resource's name, and the changes made
-//! before it stay made.
+//! lists nothing at all (it would delete everything), and a SPEND limit in
+//! a plan without prices while the server's shared price table (which a
+//! file does not carry) is empty. Anything else the server refuses is
+//! reported with the resource's name, and the changes made before it stay
+//! made.
 //!
 //! # Comparison
 //!
@@ -1880,6 +1881,21 @@ impl Client {
         }
     }
 
+    /// Whether the server's shared price table has any prices.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] if the call fails.
+    pub async fn has_shared_prices(&mut self) -> Result<bool, Error> {
+        let req = self.req(pb::GetPriceTableRequest {});
+        let table = self
+            .inner
+            .get_price_table(req)
+            .await
+            .map_err(|s| rpc_error("reading the shared price table", &s))?
+            .into_inner();
+        Ok(!table.prices.is_empty())
+    }
+
     /// Every API key, all pages.
     ///
     /// # Errors
@@ -1999,7 +2015,32 @@ pub async fn plan_changes(
 ) -> Result<ChangeSet, Error> {
     let plans = client.list_usage_plans().await?;
     let keys = client.list_api_keys().await?;
-    diff(spec, &plans, &keys, prune)
+    let changes = diff(spec, &plans, &keys, prune)?;
+    check_spend_prices(spec, client.has_shared_prices().await?)?;
+    Ok(changes)
+}
+
+/// The one plan check that needs the server's state: a SPEND limit needs
+/// prices, the plan's own or the shared price table's (which a file does
+/// not carry). Checked before the first change, and in a dry run.
+///
+/// # Errors
+/// [`Error::Conflict`] naming the plan and the limit.
+pub fn check_spend_prices(spec: &Spec, shared_prices: bool) -> Result<(), Error> {
+    if shared_prices {
+        return Ok(());
+    }
+    for p in spec.usage_plans.iter().filter(|p| p.prices.is_empty()) {
+        if let Some(l) = p.limits.iter().find(|l| l.metric == MetricSpec::Spend) {
+            return Err(Error::Conflict(format!(
+                "usage plan {:?}: limit {:?} is a SPEND limit, but the plan has no prices and the \
+                 server's shared price table is empty; give the plan prices, or set the shared \
+                 table first (UpdatePriceTable on the admin API)",
+                p.name, l.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Makes `changes` in order, writing each change's line to `out` once it

@@ -294,7 +294,8 @@ async fn usage_limits_apply_idempotently_and_export_to_a_no_op() {
     let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
     assert!(exported.contains("limit: 120000"), "{exported}");
 
-    // Dropping the prices a SPEND limit needs: the server refuses, naming it.
+    // Dropping the prices a SPEND limit needs (no shared table): refused
+    // before any change, naming the plan and the limit.
     let no_prices = dir.path().join("no-prices.yaml");
     let text = text.replace(
         "    prices:\n      \"gpt-4o*\": { input_per_million: 2500000, output_per_million: 10000000 }\n",
@@ -305,9 +306,87 @@ async fn usage_limits_apply_idempotently_and_export_to_a_no_op() {
     let f = apply(&no_prices);
     assert!(!f.success(), "{}", f.output());
     assert!(
-        f.output().contains("INVALID_ARGUMENT") && f.output().contains("prices"),
+        f.stderr.contains("limit \"monthly-budget\" is a SPEND limit")
+            && f.stderr.contains("prices"),
         "{}",
         f.output()
     );
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(exported.contains("gpt-4o*"), "prices kept:\n{exported}");
+    s.terminate();
+}
+
+/// A SPEND limit without prices of its own needs the server's shared price
+/// table, which a file does not carry: `apply` (and its dry run) checks it
+/// before the first change, so nothing is half applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_limit_without_prices_needs_the_shared_table_before_any_change() {
+    use sluice::proto::admin::admin_service_client::AdminServiceClient;
+    use sluice::proto::admin::{ModelPrice, PriceTable, UpdatePriceTableRequest};
+
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    let admin = s.admin_addr();
+    // The first plan is fine on its own: a partial apply would create it.
+    let text = r#"usage_plans:
+  - name: first
+    stages: [{ domain: d1 }]
+  - name: budget
+    stages: [{ domain: d2 }]
+    limits:
+      - { name: monthly, metric: SPEND, limit: 5000000, window: MONTH }
+"#;
+    let file = dir.path().join("budget.yaml");
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap();
+    for args in [
+        vec!["apply", "-f", path, "--dry-run"],
+        vec!["apply", "-f", path],
+    ] {
+        let f = sluice(&args, admin, &data);
+        assert!(!f.success(), "{args:?} succeeded:\n{}", f.output());
+        assert!(
+            f.stderr
+                .contains("usage plan \"budget\": limit \"monthly\" is a SPEND limit")
+                && f.stderr.contains("shared price table is empty"),
+            "{args:?}:\n{}",
+            f.output()
+        );
+    }
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(!exported.contains("first"), "nothing applied:\n{exported}");
+
+    // With a shared table on the server, the same file applies.
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{admin}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        AdminServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    client
+        .update_price_table(UpdatePriceTableRequest {
+            price_table: Some(PriceTable {
+                prices: [(
+                    "*".to_owned(),
+                    ModelPrice {
+                        input_per_million: 1_000_000,
+                        output_per_million: 2_000_000,
+                    },
+                )]
+                .into(),
+            }),
+        })
+        .await
+        .unwrap();
+    let out = ok(&sluice(&["apply", "-f", path], admin, &data)).to_owned();
+    assert!(out.contains("2 changes applied"), "{out}");
     s.terminate();
 }
