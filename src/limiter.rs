@@ -1316,6 +1316,7 @@ impl<S: CounterStore> RateLimiter<S> {
 
     /// A key's per-model usage on `dates` (local dates of the quota's time
     /// zone, UTC without a quota): (date, model, metric, value), sorted.
+    /// Counters at 0 (a refused call's, rolled back) are left out.
     pub fn model_usage(
         &self,
         plan: &CompiledPlan,
@@ -1338,6 +1339,7 @@ impl<S: CounterStore> RateLimiter<S> {
             .store
             .scan_prefix(&prefix)
             .into_iter()
+            .filter(|(_, v)| *v > 0)
             .filter_map(|(k, v)| {
                 let (day, metric, model) = usage::decode_model_usage(&k[prefix.len()..])?;
                 let date = *wanted.get(&day)?;

@@ -306,7 +306,8 @@ async fn usage_limits_apply_idempotently_and_export_to_a_no_op() {
     let f = apply(&no_prices);
     assert!(!f.success(), "{}", f.output());
     assert!(
-        f.stderr.contains("limit \"monthly-budget\" is a SPEND limit")
+        f.stderr
+            .contains("limit \"monthly-budget\" is a SPEND limit")
             && f.stderr.contains("prices"),
         "{}",
         f.output()

@@ -1405,6 +1405,56 @@ async fn an_expired_reservation_stays_charged_at_its_estimate() {
 
 // ------------------------------------------- GetUsage: per model, live --
 
+/// A refused request counts nothing, so it leaves no per-model row (its
+/// counters were rolled back to 0; GetUsage lists days with usage only).
+#[tokio::test]
+async fn get_usage_has_no_rows_for_refused_requests() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let p = usage_plan(
+        "one-a-day",
+        DOMAIN,
+        vec![limit("rpd", Metric::Requests, 1, LimitWindow::CalendarDay)],
+    );
+    let key = plan_with_key(&mut admin, p, "alice").await;
+    assert_allowed(&call(&s, &key, &[("model", "a")]).await, "first");
+    assert_refused(
+        &call(&s, &key, &[("model", "b")]).await,
+        "request-limit",
+        Some("key"),
+        "second",
+    );
+    // Yesterday to tomorrow (UTC: the plan has no quota calendar), so a
+    // run across midnight still sees the day of the calls.
+    let day = |offset: i64| {
+        let days = i64::try_from(unix_now() / DAY_SECS).unwrap() + offset;
+        jiff::civil::Date::new(1970, 1, 1)
+            .unwrap()
+            .checked_add(jiff::Span::new().days(days))
+            .unwrap()
+            .to_string()
+    };
+    let usage = ok(
+        "GetUsage",
+        admin
+            .get_usage(GetUsageRequest {
+                plan: "one-a-day".into(),
+                start_date: day(-1),
+                end_date: day(1),
+                ..Default::default()
+            })
+            .await,
+    );
+    let models: Vec<(&str, i64)> = usage.items[0]
+        .models
+        .iter()
+        .map(|m| (m.model.as_str(), m.requests))
+        .collect();
+    assert_eq!(models, [("a", 1)]);
+    drop(admin);
+    s.shutdown().await;
+}
+
 /// GetUsage reports, per day and model, the requests, input and output
 /// tokens and spend of a key, and the live state of every usage limit.
 #[tokio::test]
