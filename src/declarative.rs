@@ -74,9 +74,10 @@
 //! it on its own (time zones, rates, anchors, stages, limits: the admin
 //! API's own check, [`crate::server::admin::check_plan`]), a key given two
 //! plans that govern one domain and stage, and, with `prune`, a file that
-//! lists nothing at all (it would delete everything), and a SPEND limit in
+//! lists nothing at all (it would delete everything), a SPEND limit in
 //! a plan without prices while the server's shared price table (which a
-//! file does not carry) is empty. Anything else the server refuses is
+//! file does not carry) is empty, and a named limit whose metric or count
+//! differs from the server's (its counter would mix units). Anything else the server refuses is
 //! reported with the resource's name, and the changes made before it stay
 //! made.
 //!
@@ -2017,6 +2018,12 @@ pub async fn plan_changes(
     let keys = client.list_api_keys().await?;
     let changes = diff(spec, &plans, &keys, prune)?;
     check_spend_prices(spec, client.has_shared_prices().await?)?;
+    for p in &spec.usage_plans {
+        if let Some(have) = plans.iter().find(|h| h.name == p.name) {
+            crate::server::admin::check_plan_update(have, &plan_to_proto(p))
+                .map_err(|e| Error::Conflict(format!("usage plan {:?}: {e}", p.name)))?;
+        }
+    }
     Ok(changes)
 }
 

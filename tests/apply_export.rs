@@ -391,3 +391,44 @@ async fn a_spend_limit_without_prices_needs_the_shared_table_before_any_change()
     assert!(out.contains("2 changes applied"), "{out}");
     s.terminate();
 }
+
+/// A file that changes what a named limit counts is refused before any
+/// change, as the server would refuse it (the counter would mix units).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_what_a_named_limit_counts_is_refused_before_any_change() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    let admin = s.admin_addr();
+    let text = "usage_plans:\n  - name: p\n    stages: [{ domain: d }]\n    limits:\n      - { name: daily, metric: TOKENS, limit: 1000, window: DAY }\n";
+    let file = dir.path().join("a.yaml");
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap();
+    ok(&sluice(&["apply", "-f", path], admin, &data));
+    // Another plan first in the file: a partial apply would create it.
+    let edited = text
+        .replace(
+            "usage_plans:\n",
+            "usage_plans:\n  - name: another\n    stages: [{ domain: d2 }]\n",
+        )
+        .replace("metric: TOKENS", "metric: REQUESTS");
+    std::fs::write(&file, edited).unwrap();
+    for args in [
+        vec!["apply", "-f", path, "--dry-run"],
+        vec!["apply", "-f", path],
+    ] {
+        let f = sluice(&args, admin, &data);
+        assert!(!f.success(), "{args:?}:\n{}", f.output());
+        assert!(
+            f.stderr.contains("usage plan \"p\"") && f.stderr.contains("new name"),
+            "{args:?}:\n{}",
+            f.output()
+        );
+    }
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(
+        exported.contains("TOKENS") && !exported.contains("another"),
+        "nothing changed:\n{exported}"
+    );
+    s.terminate();
+}

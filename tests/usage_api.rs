@@ -1559,3 +1559,68 @@ async fn get_usage_reports_per_model_usage_and_every_limit() {
     drop(u);
     s.shutdown().await;
 }
+
+/// A limit's counter is found by its name: an update that keeps the name
+/// but changes what it counts (tokens to money, say) is refused, since the
+/// counts so far would be read in the new unit; a new name starts afresh.
+#[tokio::test]
+async fn changing_what_a_named_limit_counts_is_refused() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let p = usage_plan("units", DOMAIN, vec![tokens_per_day("tpd", 1000)]);
+    let key = plan_with_key(&mut admin, p.clone(), "alice").await;
+    let mut u = usage_client(&s).await;
+    report(&mut u, &key, "m", 23, 0, "r1").await;
+
+    let update = |limits: Vec<UsageLimit>| UpdateUsagePlanRequest {
+        usage_plan: Some(UsagePlan {
+            id: "units".into(),
+            limits,
+            prices: [(
+                "*".to_owned(),
+                ModelPrice {
+                    input_per_million: 1,
+                    output_per_million: 1,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["limits".into(), "prices".into()],
+        }),
+    };
+    let spend = |name: &str| limit(name, Metric::Spend, 1000, LimitWindow::CalendarDay);
+    let err = admin
+        .update_usage_plan(update(vec![spend("tpd")]))
+        .await
+        .expect_err("tokens to spend under one name");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("\"tpd\"")
+            && err.message().contains("total tokens")
+            && err.message().contains("new name"),
+        "{err:?}"
+    );
+    let mut input = tokens_per_day("tpd", 1000);
+    input.count = TokenCount::Input as i32;
+    let err = admin
+        .update_usage_plan(update(vec![input]))
+        .await
+        .expect_err("total to input tokens");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // A new name is a new counter; the limit of the same unit keeps its count.
+    ok(
+        "rename",
+        admin
+            .update_usage_plan(update(vec![
+                tokens_per_day("tpd", 2000),
+                spend("daily-spend"),
+            ]))
+            .await,
+    );
+    assert_eq!(peek(&mut u, &key, "", "units/tpd").await, 2000 - 23);
+    drop(admin);
+    drop(u);
+    s.shutdown().await;
+}

@@ -752,6 +752,49 @@ pub fn validate_limits(p: &Plan) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a limit's counter counts: its metric, and for TOKENS which tokens
+/// (weights aside). A counter's value is in this unit.
+fn counted_unit(l: &UsageLimit) -> (Metric, Option<std::mem::Discriminant<TokenCount>>) {
+    let count = (l.metric == Metric::Tokens).then(|| std::mem::discriminant(&l.count));
+    (l.metric, count)
+}
+
+/// Checks that an update keeps the unit of every limit it keeps by name: a
+/// limit's counter is found by the plan and the limit's name, so a limit
+/// whose metric or token count changes would read the counts so far (say
+/// 23 tokens) in the new unit (23 micro-units of money).
+///
+/// # Errors
+/// [`Error::FailedPrecondition`] naming the limit and the way out.
+pub fn validate_limit_units(old: &Plan, new: &Plan) -> Result<(), Error> {
+    for (i, l) in new.limits.iter().enumerate() {
+        let Some(o) = old.limits.iter().find(|o| o.name == l.name) else {
+            continue;
+        };
+        if counted_unit(o) != counted_unit(l) {
+            return Err(Error::FailedPrecondition(format!(
+                "limits[{i}] ({:?}): its counter holds {}; counting {} in it would mix the two. \
+                 Give the limit a new name (a new counter, starting at 0) instead",
+                l.name,
+                unit_name(o),
+                unit_name(l)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unit_name(l: &UsageLimit) -> &'static str {
+    match (l.metric, l.count) {
+        (Metric::Requests, _) => "requests",
+        (Metric::Spend, _) => "spend",
+        (Metric::Tokens, TokenCount::Input) => "input tokens",
+        (Metric::Tokens, TokenCount::Output) => "output tokens",
+        (Metric::Tokens, TokenCount::Total) => "total tokens",
+        (Metric::Tokens, TokenCount::Weighted { .. }) => "weighted tokens",
+    }
+}
+
 /// Checks that a plan with a SPEND limit has prices: its own, or the
 /// shared price table's.
 ///

@@ -347,6 +347,7 @@ impl Registry {
         let _w = self.write.lock().await;
         let cat = self.catalog.load_full();
         let mut p = Self::find_plan(&cat, plan)?;
+        let old = p.clone();
         let (id, created) = (p.id.clone(), p.create_time);
         edit(&mut p)?;
         p.id = id;
@@ -354,6 +355,7 @@ impl Registry {
         p.update_time = now;
         model::validate_plan(&p)?;
         model::validate_spend_prices(&p, cat.shared_prices())?;
+        model::validate_limit_units(&old, &p)?;
         if let Some(other) = cat.plan(&p.name) {
             if other.plan.id != p.id {
                 return Err(name_taken("usage plan", &p.name, &other.plan.id));

@@ -491,6 +491,17 @@ pub fn check_plan(p: &pb::UsagePlan) -> Result<(), Error> {
     model::validate_plan(&plan_from(p)?)
 }
 
+/// The update check that compares a plan with what it replaces (the unit
+/// each named limit counts in), as `UpdateUsagePlan` runs it; for `sluice
+/// apply`, before its first change.
+///
+/// # Errors
+/// [`Error::FailedPrecondition`] (or [`Error::Invalid`] if either plan
+/// does not convert).
+pub fn check_plan_update(old: &pb::UsagePlan, new: &pb::UsagePlan) -> Result<(), Error> {
+    model::validate_limit_units(&plan_from(old)?, &plan_from(new)?)
+}
+
 /// The model fields of a wire plan (id and times are not taken).
 fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
     Ok(model::Plan {
