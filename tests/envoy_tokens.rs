@@ -322,6 +322,21 @@ async fn token_budget_through_real_envoy() {
         before,
         "request 4 was refused but reached the upstream"
     );
+    // Without x-model (skip_if_absent): the same key's budget decides.
+    let h = [
+        ("x-api-key", alice.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = tokio::task::block_in_place(|| {
+        http(ingress, "POST", "/v1/chat/completions", &h, REQUEST_BODY)
+    });
+    assert_eq!(r.status, 429, "no x-model, 1200 tokens used: {r:?}");
+    assert_eq!(r.header("x-sluice-reason"), Some("token-limit"), "{r:?}");
+    assert_eq!(
+        upstream.hits(),
+        before,
+        "refused without x-model, yet upstream reached"
+    );
     assert_eq!(
         upstream.hits(),
         oks,
