@@ -69,6 +69,9 @@ struct Reservation {
     )>,
     /// Unix second from which it is settled at its estimate (dropped).
     expires_at: i64,
+    /// Settled: kept (empty) until `expires_at`, so a retried Settle is
+    /// told it was settled rather than that the id is unknown.
+    settled: bool,
 }
 
 /// Why a usage call (ReportUsage, Reserve, Settle) cannot be done.
@@ -88,8 +91,12 @@ pub enum UsageError {
     InvalidKey(crate::plans::catalog::Refusal),
     /// No such reservation (never made, settled, or expired: an expired
     /// reservation stays charged at its estimate).
-    #[error("unknown, settled or expired reservation {0:?} (an expired reservation stays charged at its estimate)")]
+    #[error("unknown or expired reservation {0:?} (an expired reservation stays charged at its estimate)")]
     UnknownReservation(String),
+    /// The reservation was settled already (a retried Settle): nothing
+    /// more is counted.
+    #[error("reservation {0:?} is already settled; this Settle counted nothing")]
+    AlreadySettled(String),
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] storage::Error),
@@ -1229,6 +1236,7 @@ impl<S: CounterStore> RateLimiter<S> {
                             )
                         }),
                         expires_at: now_s.saturating_add(ttl_secs),
+                        settled: false,
                     },
                 );
             Some(id)
@@ -1253,13 +1261,26 @@ impl<S: CounterStore> RateLimiter<S> {
         actual: Usage,
         now_us: i64,
     ) -> Result<Vec<(String, u64, u64)>, UsageError> {
-        let r = self
-            .reservations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-            .filter(|r| r.expires_at > now_us.div_euclid(1_000_000))
-            .ok_or_else(|| UsageError::UnknownReservation(id.to_owned()))?;
+        let r = {
+            let mut map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get_mut(id) {
+                Some(r) if r.expires_at > now_us.div_euclid(1_000_000) => {
+                    if r.settled {
+                        return Err(UsageError::AlreadySettled(id.to_owned()));
+                    }
+                    // What is settled is taken out; the entry stays, empty,
+                    // as a mark until the reservation would have expired.
+                    r.settled = true;
+                    Reservation {
+                        reserved: std::mem::take(&mut r.reserved),
+                        usage_at: r.usage_at.take(),
+                        expires_at: r.expires_at,
+                        settled: true,
+                    }
+                }
+                _ => return Err(UsageError::UnknownReservation(id.to_owned())),
+            }
+        };
         let mut ops = Vec::with_capacity(r.reserved.len());
         let mut settled = Vec::with_capacity(r.reserved.len());
         for res in &r.reserved {

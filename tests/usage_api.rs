@@ -679,11 +679,14 @@ async fn usage_calls_are_validated_with_canonical_codes() {
             charged: 10
         }]
     );
-    err(
+    // A retried Settle is told it was settled (not that the id is
+    // unknown), and counts nothing.
+    let m = err(
         "Settle twice",
         try_settle(&mut u, &r.reservation_id, 5, 5).await,
-        Code::NotFound,
+        Code::AlreadyExists,
     );
+    assert!(m.contains("already settled"), "{m}");
     assert_eq!(peek(&mut u, &key, "", "val/tpd").await, 970);
     s.shutdown().await;
 }

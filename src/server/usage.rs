@@ -96,6 +96,7 @@ fn status(e: UsageError) -> Status {
         UsageError::NotGoverned { .. } => Status::failed_precondition(e.to_string()),
         UsageError::InvalidKey(_) => Status::permission_denied(e.to_string()),
         UsageError::UnknownReservation(_) => Status::not_found(e.to_string()),
+        UsageError::AlreadySettled(_) => Status::already_exists(e.to_string()),
         UsageError::Storage(e) => super::status::from_storage(e),
     }
 }
