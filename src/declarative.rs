@@ -28,6 +28,8 @@
 //!         key_entry: api_key        # default api_key
 //!         method_entry: method      # default method
 //!         path_entry: path          # default path
+//!         default_usage: requests   # default requests; or input_tokens, output_tokens, total_tokens
+//!         model_entry: model        # default model
 //!         method_throttles:         # default {}
 //!           "/v1/chat/completions/POST": { rate_limit: 2, burst_limit: 5 }
 //!     tags: { team: platform }      # default {}
@@ -86,7 +88,7 @@
 //! Only the fields of the format are compared: ids, times and key values are
 //! not. Throttle rates are compared exactly as the server returns them,
 //! times as whole seconds. Stages are compared regardless of their order; an
-//! empty `key_entry`/`method_entry`/`path_entry` or `time_zone` from the
+//! empty `key_entry`/`method_entry`/`path_entry`/`model_entry` or `time_zone` from the
 //! server counts as its default, a MONTH `anchor_day` of 0 as 1, and a quota
 //! `offset` as the equivalent `anchor_day`. Limits are compared in order,
 //! each as the server uses it: a limit's `count` only for TOKENS limits (an
@@ -146,6 +148,8 @@ const DEFAULT_KEY_ENTRY: &str = "api_key";
 const DEFAULT_METHOD_ENTRY: &str = "method";
 /// Default descriptor entry carrying the request path.
 const DEFAULT_PATH_ENTRY: &str = "path";
+/// Default descriptor entry carrying the model.
+const DEFAULT_MODEL_ENTRY: &str = "model";
 /// Default quota time zone.
 const DEFAULT_TIME_ZONE: &str = "UTC";
 /// Page size of list calls.
@@ -515,6 +519,12 @@ pub struct StageSpec {
     /// (default), `input_tokens`, `output_tokens` or `total_tokens`.
     #[serde(default, skip_serializing_if = "is_requests")]
     pub default_usage: String,
+    /// Descriptor entry with the model; default `model`.
+    #[serde(
+        default = "default_model_entry",
+        skip_serializing_if = "is_default_model_entry"
+    )]
+    pub model_entry: String,
     /// Per-method throttles keyed "/path/METHOD".
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub method_throttles: BTreeMap<String, ThrottleSpec>,
@@ -594,6 +604,12 @@ fn is_default_method_entry(s: &str) -> bool {
 }
 fn is_default_path_entry(s: &str) -> bool {
     s == DEFAULT_PATH_ENTRY
+}
+fn default_model_entry() -> String {
+    DEFAULT_MODEL_ENTRY.to_owned()
+}
+fn is_default_model_entry(s: &str) -> bool {
+    s == DEFAULT_MODEL_ENTRY
 }
 fn yes() -> bool {
     true
@@ -1035,6 +1051,7 @@ fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
                 method_entry: s.method_entry.clone(),
                 path_entry: s.path_entry.clone(),
                 default_usage: norm_usage(&s.default_usage),
+                model_entry: s.model_entry.clone(),
             })
             .collect(),
         tags: p.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -1124,6 +1141,7 @@ struct StageNorm {
     method_entry: String,
     path_entry: String,
     default_usage: String,
+    model_entry: String,
     method_throttles: BTreeMap<String, (f64, i32)>,
 }
 
@@ -1137,6 +1155,7 @@ fn norm_stages(stages: &[pb::ApiStage]) -> Vec<StageNorm> {
             method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
             path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
             default_usage: norm_usage(&s.default_usage),
+            model_entry: or_default(&s.model_entry, DEFAULT_MODEL_ENTRY),
             method_throttles: s
                 .method_throttles
                 .iter()
@@ -1704,6 +1723,7 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
                     method_entry: or_default(&s.method_entry, DEFAULT_METHOD_ENTRY),
                     path_entry: or_default(&s.path_entry, DEFAULT_PATH_ENTRY),
                     default_usage: norm_usage(&s.default_usage),
+                    model_entry: or_default(&s.model_entry, DEFAULT_MODEL_ENTRY),
                     method_throttles: s
                         .method_throttles
                         .iter()
@@ -2157,6 +2177,7 @@ mod tests {
                 method_entry: default_method_entry(),
                 path_entry: default_path_entry(),
                 default_usage: String::new(),
+                model_entry: default_model_entry(),
                 method_throttles: BTreeMap::new(),
             }],
             tags: BTreeMap::new(),
@@ -2873,6 +2894,7 @@ mod tests {
         });
         p.stages[0].stage = "123".into();
         p.stages[0].key_entry = "x-api-key".into();
+        p.stages[0].model_entry = "rule-0-match-1".into();
         p.stages[0].method_throttles.insert(
             "/v1/{model}/POST".into(),
             ThrottleSpec {

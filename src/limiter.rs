@@ -495,7 +495,7 @@ impl<S: CounterStore> RateLimiter<S> {
                 .find(|e| e.key == name)
                 .map(|e| e.value.as_str())
         };
-        let model = entry(MODEL_ENTRY);
+        let model = entry(&p.stages[stage].model_entry);
         let reserve = matches!(call, Call::Reserve { .. });
         let (charge, hits, usage, dedupe) = match call {
             Call::Request { hits } => (
@@ -1152,7 +1152,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let cat = self.catalog.load_full();
         let (plan, stage_i, key) =
             self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
-        let entries = model_entries(model);
+        let entries = model_entries(&plan.plan.stages[stage_i].model_entry, model);
         let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
         let (_, states, out) = self
             .plan_call(
@@ -1192,7 +1192,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let cat = self.catalog.load_full();
         let now_s = now_us.div_euclid(1_000_000);
         let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s)?;
-        let entries = model_entries(model);
+        let entries = model_entries(&plan.plan.stages[stage_i].model_entry, model);
         let (status, states, out) = self
             .plan_call(
                 &cat,
@@ -1636,11 +1636,12 @@ fn status_remaining(remaining: u64) -> u32 {
     u32::try_from(remaining).unwrap_or(u32::MAX)
 }
 
-fn model_entries(model: &str) -> Vec<Entry> {
+/// The usage API's model as the descriptor entry the stage reads it from.
+fn model_entries(entry: &str, model: &str) -> Vec<Entry> {
     if model.is_empty() {
         Vec::new()
     } else {
-        vec![Entry::new(MODEL_ENTRY, model)]
+        vec![Entry::new(entry, model)]
     }
 }
 

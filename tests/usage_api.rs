@@ -1627,3 +1627,37 @@ async fn changing_what_a_named_limit_counts_is_refused() {
     drop(u);
     s.shutdown().await;
 }
+
+/// A stage's modelEntry goes through the admin API, and the usage API puts
+/// its model there: per-model limits apply to reported usage.
+#[tokio::test]
+async fn a_stage_model_entry_applies_to_reported_usage() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let mut p = usage_plan("mp", DOMAIN, vec![tokens_per_day("tpd", 1000)]);
+    p.stages[0].model_entry = "x-ai-model".into();
+    p.limits[0].model_limits = [("gpt*".to_owned(), 500)].into();
+    let key = plan_with_key(&mut admin, p, "alice").await;
+    let got = ok(
+        "GetUsagePlan",
+        admin
+            .get_usage_plan(GetUsagePlanRequest {
+                plan: "mp".into(),
+            })
+            .await,
+    );
+    assert_eq!(got.stages[0].model_entry, "x-ai-model");
+    let mut u = usage_client(&s).await;
+    report(&mut u, &key, "gpt-4o", 100, 0, "r1").await;
+    assert_eq!(peek(&mut u, &key, "gpt-4o", "mp/tpd[gpt*]").await, 400);
+    assert_eq!(peek(&mut u, &key, "", "mp/tpd").await, 1000);
+    // Through ShouldRateLimit, the model comes in the stage's entry.
+    let r = call(&s, &key, &[("x-ai-model", "gpt-4o")]).await;
+    assert_eq!(
+        r.statuses[0].current_limit.as_ref().unwrap().name,
+        "mp/tpd[gpt*]"
+    );
+    drop(admin);
+    drop(u);
+    s.shutdown().await;
+}

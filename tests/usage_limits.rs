@@ -869,6 +869,35 @@ async fn calendar_month_anchored_on_the_15th() {
 
 // ------------------------------------------------ 6: per-model limits --
 
+/// A stage's `model_entry` names the entry the model comes in (Envoy AI
+/// Gateway sends it under a generated key): per-model limits and prices
+/// read it, and an entry named `model` is then just another entry.
+#[tokio::test]
+async fn a_stage_model_entry_names_where_the_model_comes_from() {
+    let env = Env::new();
+    let mut t = tpm("tpm", 50);
+    t.model_limits = BTreeMap::from([("gpt-4o*".to_owned(), 100)]);
+    let mut p = plan("aigw-model", vec![t]);
+    p.stages[0].model_entry = "rule-0-match-1".into();
+    let (_, _, v) = env.plan_and_key(p).await;
+    let now = w(20);
+    let charge = |entries: Vec<(&str, &str)>, n: u64| {
+        let mut e = vec![(DEFAULT_KEY_ENTRY, v.as_str()), ("usage", "total_tokens")];
+        e.extend(entries);
+        env.decide(vec![desc(&e, n)], now)
+    };
+    let d = charge(vec![("rule-0-match-1", "gpt-4o")], 60).await;
+    assert_eq!(sum(&d.statuses[0]), ok(40, 40));
+    assert_eq!(
+        lim(&d.statuses[0]),
+        l(100, Unit::Minute, "aigw-model/tpm[gpt-4o*]")
+    );
+    // An entry named `model` is not the model in this stage.
+    let d = charge(vec![("model", "gpt-4o")], 20).await;
+    assert_eq!(sum(&d.statuses[0]), ok(30, 40));
+    assert_eq!(lim(&d.statuses[0]), l(50, Unit::Minute, "aigw-model/tpm"));
+}
+
 #[tokio::test]
 async fn per_model_limits_have_their_own_counters() {
     let env = Env::new();

@@ -123,11 +123,19 @@ pub struct Stage {
     /// What hits_addend measures without a `usage` entry ("" = requests).
     #[serde(default)]
     pub default_usage: String,
+    /// Entry with the model (per-model limits and prices); records written
+    /// before it existed read as `model`.
+    #[serde(default = "default_model_entry")]
+    pub model_entry: String,
+}
+
+fn default_model_entry() -> String {
+    MODEL_ENTRY.into()
 }
 
 impl Default for Stage {
     /// A whole-domain stage (domain "") with the default entry names, as the
-    /// admin API fills them in: `api_key`, `method`, `path`.
+    /// admin API fills them in: `api_key`, `method`, `path`, `model`.
     fn default() -> Self {
         Stage {
             domain: String::new(),
@@ -137,6 +145,7 @@ impl Default for Stage {
             method_entry: DEFAULT_METHOD_ENTRY.into(),
             path_entry: DEFAULT_PATH_ENTRY.into(),
             default_usage: String::new(),
+            model_entry: MODEL_ENTRY.into(),
         }
     }
 }
@@ -617,12 +626,21 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
             if v.is_empty() {
                 return Err(Error::invalid(f(name), "must not be empty"));
             }
-            if v == USAGE_ENTRY || v == MODEL_ENTRY {
+            if v == USAGE_ENTRY || v == MODEL_ENTRY || *v == s.model_entry {
                 return Err(Error::invalid(
                     f(name),
                     format!("{v:?} is the entry that names the usage kind or the model; choose another entry"),
                 ));
             }
+        }
+        if s.model_entry.is_empty() || s.model_entry == USAGE_ENTRY {
+            return Err(Error::invalid(
+                f("model_entry"),
+                format!(
+                    "must name an entry other than {USAGE_ENTRY:?}, got {:?}",
+                    s.model_entry
+                ),
+            ));
         }
         if ![
             "",
@@ -934,6 +952,15 @@ mod tests {
             let mut p = plan();
             p.stages[0].key_entry = reserved.into();
             assert_eq!(field_of(&p), "stages[0].key_entry");
+        }
+        let mut p = plan();
+        p.stages[0].model_entry = "x-model".into();
+        p.stages[0].path_entry = "x-model".into();
+        assert_eq!(field_of(&p), "stages[0].path_entry");
+        for bad in ["", USAGE_ENTRY] {
+            let mut p = plan();
+            p.stages[0].model_entry = bad.into();
+            assert_eq!(field_of(&p), "stages[0].model_entry");
         }
     }
 

@@ -266,6 +266,7 @@ fn stage_from(i: usize, s: &pb::ApiStage) -> Result<model::Stage, Error> {
         } else {
             s.default_usage.clone()
         },
+        model_entry: or_default(&s.model_entry, model::MODEL_ENTRY),
     })
 }
 
@@ -282,6 +283,7 @@ fn stage_to(s: &model::Stage) -> pb::ApiStage {
         method_entry: s.method_entry.clone(),
         path_entry: s.path_entry.clone(),
         default_usage: s.default_usage.clone(),
+        model_entry: s.model_entry.clone(),
     }
 }
 
