@@ -705,3 +705,34 @@ fn a_data_dir_with_foreign_files_is_warned_about() {
     let mut s = SluiceCmd::serve_embedded(&data).start();
     assert!(!s.stderr().contains("not sluice's"), "{}", s.stderr());
 }
+
+/// curl or a browser pointed at a gRPC port gets a plain HTTP/1.1 answer
+/// saying what the port speaks (not h2's frames, which curl reports as
+/// "HTTP/0.9"), on both ports; gRPC goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_gets_a_plain_answer_naming_grpc() {
+    use std::io::Read;
+    let tmp = tempdir();
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data")).start();
+    let admin = s.admin_addr();
+    for addr in [s.addr, admin] {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"),
+            "{addr}: {answer:?}"
+        );
+        assert!(answer.contains("gRPC over HTTP/2"), "{addr}: {answer:?}");
+    }
+    let mut h = s.health().await;
+    assert_eq!(
+        health_status(&mut h, "").await,
+        ServingStatus::Serving as i32
+    );
+    drop(h);
+    s.terminate();
+}

@@ -22,6 +22,14 @@
 //! included) reconnect on their next call. The connection cap bounds what
 //! open connections can hold meanwhile: past it, new ones are closed at
 //! once (and a warning logged, at most once a minute).
+//!
+//! Why HTTP/1 gets an answer: the ports speak gRPC, HTTP/2 only. A client
+//! speaking HTTP/1.1 (curl or a browser pointed at the port) would get h2's
+//! binary frames back (curl: "Received HTTP/0.9 when not allowed"). Before
+//! anything is read or written, the first bytes a client sends are peeked
+//! at once: an HTTP/1 request line gets a plain-text `505 HTTP Version Not
+//! Supported` saying what the port speaks, and the connection is closed
+//! before h2 writes anything; anything else goes to h2 untouched.
 
 use std::future::Future;
 use std::io;
@@ -76,7 +84,96 @@ pub struct Conn {
     idle: Pin<Box<Sleep>>,
     /// Whether `idle` holds this connection's waker since it was last set.
     armed: bool,
+    /// Whether the first bytes were looked at (see [`Conn::poll_first`]).
+    looked: bool,
+    /// An HTTP/1 request was answered: the connection reads as closed and
+    /// takes no writes.
+    refused: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The answer to an HTTP/1 request on a gRPC port.
+const HTTP1_ANSWER: &[u8] = b"HTTP/1.1 505 HTTP Version Not Supported\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+connection: close\r\n\
+content-length: 126\r\n\
+\r\n\
+This port speaks gRPC over HTTP/2 without TLS (h2c), not HTTP/1.1.\n\
+Use a gRPC client, e.g.: grpcurl -plaintext HOST:PORT list\n";
+
+/// Whether a connection's first bytes are an HTTP/1 request line (a
+/// method, a space, a target, then ` HTTP/1.`), not HTTP/2's preface.
+fn is_http1_request(first: &[u8]) -> bool {
+    let line = first.split(|&b| b == b'\n').next().unwrap_or_default();
+    !first.starts_with(b"PRI * HTTP/2.0")
+        && line.first().is_some_and(u8::is_ascii_uppercase)
+        && line.windows(7).any(|w| w == b" HTTP/1")
+}
+
+impl Conn {
+    /// While nothing can be read: `Ready` once the connection has been idle
+    /// for `idle_timeout` (it then reads as closed), else `Pending` with the
+    /// idle timer holding the task's waker.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // The timer is polled once per setting, which leaves this task's
+        // waker with it; polling it on every read cost ~5% of throughput
+        // (tokio's cooperative budget), while `is_elapsed` is one load.
+        if self.idle.is_elapsed() {
+            let deadline = self.last_read + self.idle_timeout;
+            if Instant::now() >= deadline {
+                tracing::debug!(
+                    idle_secs = self.idle_timeout.as_secs(),
+                    "closing an idle connection"
+                );
+                return Poll::Ready(());
+            }
+            self.idle.as_mut().reset(deadline);
+            self.armed = false;
+        }
+        if !self.armed {
+            // Registers the waker; the deadline is in the future.
+            let _ = self.idle.as_mut().poll(cx);
+            self.armed = true;
+        }
+        Poll::Pending
+    }
+
+    /// Looks at the client's first bytes, once, before h2 reads or writes
+    /// anything: an HTTP/1 request is answered and refused (see the module
+    /// docs). `Pending` until the client sends something (or the idle
+    /// timeout closes it).
+    fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut bytes = [0u8; 256];
+        let mut peeked = ReadBuf::new(&mut bytes);
+        match self.stream.poll_peek(cx, &mut peeked) {
+            Poll::Pending => {
+                if self.poll_idle(cx).is_ready() {
+                    self.looked = true;
+                    self.refused = true;
+                    return Poll::Ready(());
+                }
+                return Poll::Pending;
+            }
+            // EOF or an error: h2 finds out for itself.
+            Poll::Ready(Ok(_)) | Poll::Ready(Err(_)) => {}
+        }
+        self.looked = true;
+        if is_http1_request(peeked.filled()) {
+            self.refused = true;
+            // Take in what the client sent (so closing does not reset the
+            // connection before it reads the answer), then answer; both
+            // best effort: the answer fits any socket buffer.
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = self.stream.try_read(&mut sink) {
+                if n < sink.len() {
+                    break;
+                }
+            }
+            let _ = self.stream.try_write(HTTP1_ANSWER);
+            tracing::debug!("an HTTP/1 request on the gRPC port: answered 505, closed");
+        }
+        Poll::Ready(())
+    }
 }
 
 impl AsyncRead for Conn {
@@ -86,41 +183,28 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.looked && this.poll_first(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if this.refused {
+            // Read as closed, nothing filled.
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     // Only the clock on the hot path; the timer is moved
-                    // when it fires (below).
+                    // when it fires (poll_idle).
                     this.last_read = Instant::now();
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                // The timer is polled once per setting, which leaves this
-                // task's waker with it; polling it on every read cost ~5%
-                // of throughput (tokio's cooperative budget), while
-                // `is_elapsed` is one load.
-                if this.idle.is_elapsed() {
-                    let deadline = this.last_read + this.idle_timeout;
-                    if Instant::now() >= deadline {
-                        // Idle: read as closed, nothing filled.
-                        tracing::debug!(
-                            idle_secs = this.idle_timeout.as_secs(),
-                            "closing an idle connection"
-                        );
-                        return Poll::Ready(Ok(()));
-                    }
-                    this.idle.as_mut().reset(deadline);
-                    this.armed = false;
-                }
-                if !this.armed {
-                    // Registers the waker; the deadline is in the future.
-                    let _ = this.idle.as_mut().poll(cx);
-                    this.armed = true;
-                }
-                Poll::Pending
-            }
+            Poll::Pending => match this.poll_idle(cx) {
+                // Idle: read as closed, nothing filled.
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            },
             other => other,
         }
     }
@@ -132,7 +216,16 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        // h2 writes its SETTINGS first: not before the client's first
+        // bytes were looked at, so an HTTP/1 client gets only the answer.
+        if !this.looked && this.poll_first(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if this.refused {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -196,7 +289,47 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item =
                 last_read: now,
                 idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
                 armed: false,
+                looked: false,
+                refused: false,
                 _permit: permit,
             }))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http1_request_lines_are_told_from_the_http2_preface() {
+        for yes in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST /envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit HTTP/1.1\r\n",
+            b"HEAD /x HTTP/1.0\r\n",
+        ] {
+            assert!(is_http1_request(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"PRI",
+            b"\x16\x03\x01\x02\x00",
+            b"get / http/1.1\r\n",
+            b"",
+        ] {
+            assert!(!is_http1_request(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
+
+    #[test]
+    fn the_http1_answer_has_its_exact_length() {
+        let text = std::str::from_utf8(HTTP1_ANSWER).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
+    }
 }
