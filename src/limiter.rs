@@ -462,6 +462,50 @@ impl<S: CounterStore> RateLimiter<S> {
         self.store.apply(ops)
     }
 
+    /// Counts per-model usage whose counters do not exist yet (a model's
+    /// first use by the key that day): the counters are created while the
+    /// key has at most [`usage::MAX_MODEL_COUNTERS_PER_DAY`] that day;
+    /// past it, the usage is counted under [`usage::OTHER_MODEL`] instead.
+    fn count_new_models(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        day_start: i64,
+        expires_at: u64,
+        new: &[(&[u8], u64, ModelMetric)],
+        wrote: &mut bool,
+    ) -> Result<(), storage::Error> {
+        let count_key = usage::model_count_key(plan_id, key_id, day_start);
+        let mut ops: SmallVec<[CounterOp<'_>; 5]> = SmallVec::new();
+        ops.push(
+            CounterOp::new(&count_key, new.len() as u64, expires_at)
+                .when(Cond::Cap(usage::MAX_MODEL_COUNTERS_PER_DAY)),
+        );
+        // Created only if the count took them (a chain: each applied op
+        // lets the next one apply).
+        ops.extend(
+            new.iter()
+                .map(|(key, v, _)| CounterOp::new(key, *v, expires_at).when(Cond::IfPrevApplied)),
+        );
+        let values = self.apply(&ops, wrote)?;
+        if values[0] <= usage::MAX_MODEL_COUNTERS_PER_DAY {
+            return Ok(());
+        }
+        let other: SmallVec<[Vec<u8>; 4]> = new
+            .iter()
+            .map(|(_, _, m)| {
+                usage::model_usage_key(plan_id, key_id, day_start, *m, usage::OTHER_MODEL)
+            })
+            .collect();
+        let ops: SmallVec<[CounterOp<'_>; 4]> = other
+            .iter()
+            .zip(new)
+            .map(|(key, (_, v, _))| CounterOp::new(key, *v, expires_at))
+            .collect();
+        self.apply(&ops, wrote)?;
+        Ok(())
+    }
+
     /// One plan-governed group of descriptors (one key, one usage kind).
     ///
     /// A request (no `usage` entry, or `usage=requests`): the throttle
@@ -663,7 +707,7 @@ impl<S: CounterStore> RateLimiter<S> {
         // Per-model daily usage: requests when counted, tokens and spend
         // when charged.
         let model_name = model.unwrap_or("");
-        let mut model_ops: SmallVec<[(Range<usize>, u64); 4]> = SmallVec::new();
+        let mut model_ops: SmallVec<[(Range<usize>, u64, ModelMetric); 4]> = SmallVec::new();
         if charge {
             let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
             for (m, v) in [
@@ -680,6 +724,7 @@ impl<S: CounterStore> RateLimiter<S> {
                             );
                         }),
                         v,
+                        m,
                     ));
                 }
             }
@@ -696,6 +741,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     );
                 }),
                 hits,
+                ModelMetric::Requests,
             ));
         }
         if quota.is_none() && !charge && hits > 0 {
@@ -750,13 +796,15 @@ impl<S: CounterStore> RateLimiter<S> {
             });
         }
         let model_exp = expiry(day_end.saturating_add(retention));
-        for (key, v) in &model_ops {
-            let op = CounterOp::new(k(key), *v, model_exp);
-            ops.push(if dedupe_at.is_some() {
-                op.when(Cond::IfPrevApplied)
-            } else {
-                op
-            });
+        // Per-model counters are added to only where they exist; a model's
+        // first use of the day creates its counters under the key's daily
+        // cap (count_new_models). A charge with a request id adds them once
+        // its id is known to be new (below).
+        let first_model_op = ops.len();
+        if dedupe_at.is_none() {
+            for (key, v, _) in &model_ops {
+                ops.push(CounterOp::new(k(key), *v, model_exp).when(Cond::IfExists));
+            }
         }
         let first_peek_op = ops.len();
         if !peek_first {
@@ -774,6 +822,33 @@ impl<S: CounterStore> RateLimiter<S> {
             if values[i] > 1 {
                 out.duplicate = true;
             }
+        }
+        // The model ops whose counters do not exist yet (they report 0).
+        let new_models: SmallVec<[(&[u8], u64, ModelMetric); 4]> = if dedupe_at.is_none() {
+            model_ops
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| values[first_model_op + j] == 0)
+                .map(|(_, (key, v, m))| (k(key), *v, *m))
+                .collect()
+        } else if out.duplicate {
+            SmallVec::new()
+        } else {
+            let adds: SmallVec<[CounterOp<'_>; 4]> = model_ops
+                .iter()
+                .map(|(key, v, _)| CounterOp::new(k(key), *v, model_exp).when(Cond::IfExists))
+                .collect();
+            let added = self.apply(&adds, wrote)?;
+            model_ops
+                .iter()
+                .zip(added)
+                .filter(|(_, value)| *value == 0)
+                .map(|((key, v, m), _)| (k(key), *v, *m))
+                .collect()
+        };
+        if charge && !new_models.is_empty() {
+            // A charge counts whatever the limits say.
+            self.count_new_models(&p.id, &key.id, day_start, model_exp, &new_models, wrote)?;
         }
 
         // 3. Judge.
@@ -894,7 +969,9 @@ impl<S: CounterStore> RateLimiter<S> {
         }
         if let Some(r) = refused {
             if !charge {
-                for (key, v) in &model_ops {
+                // (An absent counter stays absent: a refused request
+                // creates no per-model counter.)
+                for (key, v, _) in &model_ops {
                     rollback.push(CounterOp::new(k(key), *v, 0).when(Cond::Sub));
                 }
                 // Without a quota the daily usage counter was counted
@@ -923,6 +1000,9 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
             }
             return Ok(r);
+        }
+        if !charge && !new_models.is_empty() {
+            self.count_new_models(&p.id, &key.id, day_start, model_exp, &new_models, wrote)?;
         }
         if reserve {
             out.usage_day = Some((day_start, model_exp, price.copied()));
@@ -1298,8 +1378,8 @@ impl<S: CounterStore> RateLimiter<S> {
                 );
             }
         }
-        let mut usage_keys: Vec<(Vec<u8>, u64, u64)> = Vec::new();
-        if let Some((plan_id, key_id, model, day, exp, price)) = &r.usage_at {
+        let mut usage_keys: Vec<(Vec<u8>, u64, ModelMetric)> = Vec::new();
+        if let Some((plan_id, key_id, model, day, _, price)) = &r.usage_at {
             let spend = price.as_ref().map_or(0, |p| usage::spend(&actual, p));
             for (m, v) in [
                 (ModelMetric::Input, actual.input),
@@ -1310,18 +1390,35 @@ impl<S: CounterStore> RateLimiter<S> {
                     usage_keys.push((
                         usage::model_usage_key(plan_id, key_id, *day, m, model),
                         v,
-                        *exp,
+                        m,
                     ));
                 }
             }
         }
+        let first_usage_op = ops.len();
+        let usage_exp = r.usage_at.as_ref().map_or(0, |u| u.4);
+        // Per-model counters as in a decision: added to where they exist,
+        // created under the key's daily cap.
         ops.extend(
             usage_keys
                 .iter()
-                .map(|(k, v, exp)| CounterOp::new(k, *v, *exp)),
+                .map(|(k, v, _)| CounterOp::new(k, *v, usage_exp).when(Cond::IfExists)),
         );
-        if !ops.is_empty() {
-            self.store.add(&ops).await?;
+        let mut wrote = false;
+        let values = self.apply(&ops, &mut wrote)?;
+        if let Some((plan_id, key_id, _, day, exp, _)) = &r.usage_at {
+            let new: SmallVec<[(&[u8], u64, ModelMetric); 4]> = usage_keys
+                .iter()
+                .zip(&values[first_usage_op..])
+                .filter(|(_, value)| **value == 0)
+                .map(|((k, v, m), _)| (k.as_slice(), *v, *m))
+                .collect();
+            if !new.is_empty() {
+                self.count_new_models(plan_id, key_id, *day, *exp, &new, &mut wrote)?;
+            }
+        }
+        if wrote {
+            self.store.commit().await?;
         }
         Ok(settled)
     }

@@ -2684,10 +2684,12 @@ async fn quota_periods_follow_the_anchor_day_and_time_zone() {
 }
 
 /// A key that sends many distinct model names gets at most 1000 per-model
-/// rows in GetUsage (the most used kept, the rest counted in
-/// `models_omitted`), so the answer stays small enough for clients.
+/// counters a day (memory and disk stay bounded): past that, new models'
+/// usage is counted under "(other models)". GetUsage answers at most 1000
+/// rows (the most used kept, the rest counted in `models_omitted`), so the
+/// answer stays small enough for clients.
 #[tokio::test(flavor = "multi_thread")]
-async fn usage_keeps_the_most_used_1000_model_rows() {
+async fn model_counters_and_usage_rows_are_capped_at_1000() {
     let s = server().await;
     let mut admin = s.admin().await;
     let (_, value) = plan_with_key(
@@ -2709,14 +2711,25 @@ async fn usage_keeps_the_most_used_1000_model_rows() {
         assert_allowed(&r, &m);
     }
     let u = key_usage_today(&mut admin, "many", "alice").await;
+    // The main model and m-0000..m-0998 have their counters (1000); the
+    // last three models share "(other models)" (3 requests), so 1001 rows,
+    // of which the least used one is left out.
     assert_eq!(u.models.len(), 1000, "rows kept");
-    assert_eq!(u.models_omitted, 3, "rows left out");
-    let main = u
-        .models
-        .iter()
-        .find(|m| m.model == "the-main-one")
-        .expect("the most used model is kept");
-    assert_eq!(main.requests, 3);
+    assert_eq!(u.models_omitted, 1, "rows left out");
+    let row = |name: &str| u.models.iter().find(|m| m.model == name);
+    assert_eq!(
+        row("the-main-one").expect("the most used is kept").requests,
+        3
+    );
+    assert_eq!(
+        row("(other models)")
+            .expect("the models past the cap")
+            .requests,
+        3
+    );
+    for capped in ["m-0999", "m-1000", "m-1001"] {
+        assert!(row(capped).is_none(), "{capped} has no counter of its own");
+    }
     // Still in (date, model) order.
     assert!(u
         .models

@@ -1641,9 +1641,7 @@ async fn a_stage_model_entry_applies_to_reported_usage() {
     let got = ok(
         "GetUsagePlan",
         admin
-            .get_usage_plan(GetUsagePlanRequest {
-                plan: "mp".into(),
-            })
+            .get_usage_plan(GetUsagePlanRequest { plan: "mp".into() })
             .await,
     );
     assert_eq!(got.stages[0].model_entry, "x-ai-model");
@@ -1660,4 +1658,61 @@ async fn a_stage_model_entry_applies_to_reported_usage() {
     drop(admin);
     drop(u);
     s.shutdown().await;
+}
+
+/// Charges and settled reservations create per-model counters under the
+/// same daily cap as requests (1000 counters a key a day): past it, a new
+/// model's tokens are counted under "(other models)", and the limits still
+/// count them.
+#[tokio::test]
+async fn charges_and_settles_past_the_model_cap_count_as_other_models() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let p = usage_plan("cap", DOMAIN, vec![tokens_per_day("tpd", 1_000_000)]);
+    let key = plan_with_key(&mut admin, p, "alice").await;
+    let mut u = usage_client(&s).await;
+    // 1000 models, one input-token counter each: the cap.
+    for i in 0..1000 {
+        report(&mut u, &key, &format!("m-{i:04}"), 1, 0, "").await;
+    }
+    report(&mut u, &key, "late-report", 7, 0, "").await;
+    let r = reserve(&mut u, &key, "late-reserve", 100, 0).await;
+    assert!(r.allowed, "{r:?}");
+    settle(&mut u, &r.reservation_id, 5, 0).await;
+    // Every token counted in the limit: 1000 + 7 + 5.
+    assert_eq!(peek(&mut u, &key, "", "cap/tpd").await, 1_000_000 - 1012);
+    let usage = ok(
+        "GetUsage",
+        admin
+            .get_usage(GetUsageRequest {
+                plan: "cap".into(),
+                start_date: utc_day(-1),
+                end_date: utc_day(1),
+                ..Default::default()
+            })
+            .await,
+    );
+    let models = &usage.items[0].models;
+    let row = |name: &str| models.iter().find(|m| m.model == name);
+    let other = row("(other models)").expect("an other-models row");
+    // The late report's 7 and the settled 5 input tokens; the reservation's
+    // request counted there too.
+    assert_eq!((other.input_tokens, other.requests), (12, 1), "{other:?}");
+    assert!(row("late-report").is_none() && row("late-reserve").is_none());
+    // 1001 rows: GetUsage leaves out one of the least used.
+    assert_eq!(usage.items[0].models_omitted, 1);
+    assert_eq!(row("m-0000").map(|m| m.input_tokens), Some(1));
+    drop(admin);
+    drop(u);
+    s.shutdown().await;
+}
+
+/// The UTC date `offset` days from today, as GetUsage takes it.
+fn utc_day(offset: i64) -> String {
+    let days = i64::try_from(unix_now() / DAY_SECS).unwrap() + offset;
+    jiff::civil::Date::new(1970, 1, 1)
+        .unwrap()
+        .checked_add(jiff::Span::new().days(days))
+        .unwrap()
+        .to_string()
 }

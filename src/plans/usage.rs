@@ -207,6 +207,27 @@ fn model_usage_rest_into(k: &mut Vec<u8>, day_start: i64, metric: ModelMetric, m
     k.extend_from_slice(model.as_bytes());
 }
 
+/// Most per-model daily usage counters a key gets in a plan per day. A
+/// distinct model takes one to four (requests, input, output or total
+/// tokens, spend), so 250 to 1000 models a day keep rows of their own; past
+/// it, a new model's usage is counted under [`OTHER_MODEL`]. Without a cap
+/// a client sending a new model name with every call would grow memory and
+/// disk for the whole retention period.
+pub const MAX_MODEL_COUNTERS_PER_DAY: u64 = 1000;
+
+/// The model name usage is counted under once a key has
+/// [`MAX_MODEL_COUNTERS_PER_DAY`] per-model counters for the day.
+pub const OTHER_MODEL: &str = "(other models)";
+
+/// The counter of how many per-model counters a key has in a plan on the
+/// day starting at `day_start` (the same prefix; GetUsage skips it).
+pub fn model_count_key(plan_id: &str, key_id: &str, day_start: i64) -> Vec<u8> {
+    let mut k = model_usage_prefix_with(plan_id, key_id, 9);
+    k.extend_from_slice(&day_start.to_be_bytes());
+    k.push(b'#');
+    k
+}
+
 /// Decodes the part of a per-model usage counter key after its prefix.
 pub fn decode_model_usage(rest: &[u8]) -> Option<(i64, ModelMetric, String)> {
     if rest.len() < 9 {

@@ -185,6 +185,7 @@ impl MemoryCounters {
             return match op.cond {
                 Cond::Cap(cap) if op.hits > cap => (op.hits, false),
                 Cond::IfPrevApplied if !prev_applied => (0, false),
+                Cond::IfExists => (0, false),
                 Cond::Sub => (0, true),
                 _ if op.hits == 0 => (0, true),
                 _ => {
@@ -210,8 +211,7 @@ impl MemoryCounters {
                 }
             }
             Cond::IfPrevApplied if !prev_applied => return (c.value, false),
-            Cond::IfPrevApplied => {}
-            Cond::Sub => {}
+            Cond::IfPrevApplied | Cond::IfExists | Cond::Sub => {}
         }
         if op.hits == 0 {
             return (c.value, true);
@@ -414,6 +414,16 @@ mod tests {
             .drain_changed()
             .iter()
             .any(|c| &*c.key == b"q" && c.value == 0));
+        // IfExists adds to a counter that exists (at 0 too), and creates none.
+        let if_exists = |key: &'static [u8]| op(key, 3, 10).when(Cond::IfExists);
+        assert_eq!(m.add_now(&[if_exists(b"q")]).to_vec(), vec![3]);
+        assert_eq!(m.add_now(&[if_exists(b"absent")]).to_vec(), vec![0]);
+        assert_eq!(m.len(), 2, "q and d only");
+        // Not applied, so an IfPrevApplied op after it adds nothing.
+        assert_eq!(
+            m.add_now(&[if_exists(b"absent"), linked(1)]).to_vec(),
+            vec![0, 5]
+        );
     }
 
     #[test]

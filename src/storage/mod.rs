@@ -62,6 +62,9 @@ pub enum Cond {
     /// Subtract `hits` instead (saturating at 0): a refund or a rollback.
     /// An absent counter stays absent.
     Sub,
+    /// Add only to a counter that exists (one at 0 does); an absent one
+    /// stays absent and reports 0.
+    IfExists,
 }
 
 /// Counter values returned by [`CounterStore::apply`], in op order. Inline
