@@ -56,9 +56,13 @@
 //!     expire_time: "2027-01-01T00:00:00Z"   # RFC 3339; default: never expires
 //!     tags: {}                      # default {}
 //!     usage_plans: [gold]           # names of the plans it is bound to; default []
+//! shared_prices:                    # optional: the server's shared price table
+//!   "claude-*": { input_per_million: 3000000, output_per_million: 15000000 }
 //! ```
 //!
-//! Both top-level lists are optional. Unknown fields are errors. Each
+//! Both top-level lists are optional. `shared_prices`, when present (`{}`
+//! included), is the whole table (set first, or last when emptied); absent,
+//! the server's table is left alone. Unknown fields are errors. Each
 //! resource listed is its full desired state: an omitted field means its
 //! default (an omitted `throttle` removes the plan's throttle, an omitted
 //! `limits` its limits, an omitted `usage_plans` unbinds the key from every
@@ -263,6 +267,11 @@ pub struct Spec {
     /// API keys, identified by name.
     #[serde(default)]
     pub api_keys: Vec<KeySpec>,
+    /// The server's shared price table (prices for models a plan does not
+    /// price itself). Absent: the server's table is left alone; present
+    /// (`{}` included): the table is made exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_prices: Option<BTreeMap<String, PriceSpec>>,
 }
 
 /// A usage plan in the file.
@@ -1059,15 +1068,7 @@ fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
         prices: p
             .prices
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    pb::ModelPrice {
-                        input_per_million: v.input_per_million,
-                        output_per_million: v.output_per_million,
-                    },
-                )
-            })
+            .map(|(k, v)| (k.clone(), price_to_proto(v)))
             .collect(),
         header_style: header_style_to_proto(p.header_style) as i32,
         ..pb::UsagePlan::default()
@@ -1327,6 +1328,11 @@ pub enum Change {
         /// The plan's name.
         plan: String,
     },
+    /// `~ shared price table`: UpdatePriceTable.
+    SetSharedPrices {
+        /// The whole new table.
+        prices: BTreeMap<String, pb::ModelPrice>,
+    },
     /// `- bind KEY -> PLAN`: DeleteUsagePlanKey.
     Unbind {
         /// The key's name.
@@ -1351,6 +1357,7 @@ impl fmt::Display for Change {
             Change::DeleteKey { name } => write!(f, "- api key {name}"),
             Change::Bind { key, plan } => write!(f, "+ bind {key} -> {plan}"),
             Change::Unbind { key, plan } => write!(f, "- bind {key} -> {plan}"),
+            Change::SetSharedPrices { .. } => write!(f, "~ shared price table"),
         }
     }
 }
@@ -1371,6 +1378,7 @@ impl Change {
             Change::Unbind { key, plan } => {
                 format!("unbinding api key {key:?} from usage plan {plan:?}")
             }
+            Change::SetSharedPrices { .. } => "replacing the shared price table".into(),
         }
     }
 }
@@ -1740,15 +1748,7 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
             prices: p
                 .prices
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        PriceSpec {
-                            input_per_million: v.input_per_million,
-                            output_per_million: v.output_per_million,
-                        },
-                    )
-                })
+                .map(|(k, v)| (k.clone(), price_from_proto(v)))
                 .collect(),
             header_style: header_style_from_proto(&p.name, p.header_style)?,
         });
@@ -1788,6 +1788,7 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
     Ok(Spec {
         usage_plans,
         api_keys,
+        shared_prices: None,
     })
 }
 
@@ -1902,11 +1903,11 @@ impl Client {
         }
     }
 
-    /// Whether the server's shared price table has any prices.
+    /// The server's shared price table.
     ///
     /// # Errors
     /// [`Error::Rpc`] if the call fails.
-    pub async fn has_shared_prices(&mut self) -> Result<bool, Error> {
+    pub async fn shared_prices(&mut self) -> Result<BTreeMap<String, pb::ModelPrice>, Error> {
         let req = self.req(pb::GetPriceTableRequest {});
         let table = self
             .inner
@@ -1914,7 +1915,7 @@ impl Client {
             .await
             .map_err(|s| rpc_error("reading the shared price table", &s))?
             .into_inner();
-        Ok(!table.prices.is_empty())
+        Ok(table.prices.into_iter().collect())
     }
 
     /// Every API key, all pages.
@@ -2002,6 +2003,14 @@ impl Client {
                 });
                 self.inner.create_usage_plan_key(r).await?;
             }
+            Change::SetSharedPrices { prices } => {
+                let r = self.req(pb::UpdatePriceTableRequest {
+                    price_table: Some(pb::PriceTable {
+                        prices: prices.clone().into_iter().collect(),
+                    }),
+                });
+                self.inner.update_price_table(r).await?;
+            }
             Change::Unbind { key, plan } => {
                 let r = self.req(pb::DeleteUsagePlanKeyRequest {
                     plan: plan.clone(),
@@ -2036,8 +2045,22 @@ pub async fn plan_changes(
 ) -> Result<ChangeSet, Error> {
     let plans = client.list_usage_plans().await?;
     let keys = client.list_api_keys().await?;
-    let changes = diff(spec, &plans, &keys, prune)?;
-    check_spend_prices(spec, client.has_shared_prices().await?)?;
+    let mut changes = diff(spec, &plans, &keys, prune)?;
+    let have_prices = client.shared_prices().await?;
+    if let Some(change) = shared_prices_change(spec, &have_prices) {
+        // A table with prices goes in first (plans may rely on it); an
+        // emptied one last (after plans got prices of their own).
+        if matches!(&change, Change::SetSharedPrices { prices } if prices.is_empty()) {
+            changes.changes.push(change);
+        } else {
+            changes.changes.insert(0, change);
+        }
+    }
+    let shared = match &spec.shared_prices {
+        Some(want) => !want.is_empty(),
+        None => !have_prices.is_empty(),
+    };
+    check_spend_prices(spec, shared)?;
     for p in &spec.usage_plans {
         if let Some(have) = plans.iter().find(|h| h.name == p.name) {
             crate::server::admin::check_plan_update(have, &plan_to_proto(p))
@@ -2045,6 +2068,35 @@ pub async fn plan_changes(
         }
     }
     Ok(changes)
+}
+
+fn price_to_proto(p: &PriceSpec) -> pb::ModelPrice {
+    pb::ModelPrice {
+        input_per_million: p.input_per_million,
+        output_per_million: p.output_per_million,
+    }
+}
+
+fn price_from_proto(p: &pb::ModelPrice) -> PriceSpec {
+    PriceSpec {
+        input_per_million: p.input_per_million,
+        output_per_million: p.output_per_million,
+    }
+}
+
+/// The change that makes the server's shared price table the file's, if
+/// the file has one and it differs.
+pub fn shared_prices_change(
+    spec: &Spec,
+    have: &BTreeMap<String, pb::ModelPrice>,
+) -> Option<Change> {
+    let want: BTreeMap<String, pb::ModelPrice> = spec
+        .shared_prices
+        .as_ref()?
+        .iter()
+        .map(|(k, p)| (k.clone(), price_to_proto(p)))
+        .collect();
+    (&want != have).then_some(Change::SetSharedPrices { prices: want })
 }
 
 /// The one plan check that needs the server's state: a SPEND limit needs
@@ -2114,7 +2166,17 @@ pub async fn apply_changes(
 pub async fn export(client: &mut Client) -> Result<String, Error> {
     let plans = client.list_usage_plans().await?;
     let keys = client.list_api_keys().await?;
-    to_yaml(&export_spec(&plans, &keys)?)
+    let prices = client.shared_prices().await?;
+    let mut spec = export_spec(&plans, &keys)?;
+    if !prices.is_empty() {
+        spec.shared_prices = Some(
+            prices
+                .iter()
+                .map(|(k, p)| (k.clone(), price_from_proto(p)))
+                .collect(),
+        );
+    }
+    to_yaml(&spec)
 }
 
 #[cfg(test)]
@@ -2726,6 +2788,7 @@ mod tests {
         let mut spec = Spec {
             usage_plans: vec![plan_spec("a"), plan_spec("b")],
             api_keys: vec![key_spec("k", &["a"])],
+            shared_prices: None,
         };
         let (plans, keys) = applied(&spec);
         spec.api_keys[0].usage_plans = vec!["b".into()];
@@ -2736,6 +2799,7 @@ mod tests {
         let mut spec = Spec {
             usage_plans: vec![plan_spec("a"), plan_spec("b")],
             api_keys: vec![key_spec("k", &["a"]), key_spec("l", &["b"])],
+            shared_prices: None,
         };
         let (plans, keys) = applied(&spec);
         spec.api_keys[0].usage_plans = vec!["b".into()];
@@ -2919,6 +2983,7 @@ mod tests {
         let spec = Spec {
             usage_plans: vec![p, q],
             api_keys: vec![k, key_spec("plain", &[])],
+            shared_prices: None,
         };
         let (plans, keys) = applied(&spec);
         let exported = export_spec(&plans, &keys).unwrap();
@@ -3018,10 +3083,52 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_price_table_changes_only_when_the_file_has_a_different_one() {
+        let table = |n: i64| -> BTreeMap<String, PriceSpec> {
+            [(
+                "*".to_owned(),
+                PriceSpec {
+                    input_per_million: n,
+                    output_per_million: n,
+                },
+            )]
+            .into()
+        };
+        let server: BTreeMap<String, pb::ModelPrice> = table(1)
+            .iter()
+            .map(|(k, p)| (k.clone(), price_to_proto(p)))
+            .collect();
+        let mut spec = parse("usage_plans: []\n");
+        assert_eq!(spec.shared_prices, None);
+        assert!(
+            shared_prices_change(&spec, &server).is_none(),
+            "absent: left alone"
+        );
+        spec.shared_prices = Some(table(1));
+        assert!(shared_prices_change(&spec, &server).is_none(), "the same");
+        spec.shared_prices = Some(table(2));
+        assert_eq!(
+            shared_prices_change(&spec, &server).map(|c| c.to_string()),
+            Some("~ shared price table".into())
+        );
+        spec.shared_prices = Some(BTreeMap::new());
+        assert!(
+            matches!(shared_prices_change(&spec, &server), Some(Change::SetSharedPrices { prices }) if prices.is_empty()),
+            "emptied"
+        );
+        let yaml = "shared_prices:\n  m: { input_per_million: 1, output_per_million: 2 }\n";
+        assert_eq!(
+            parse(yaml).shared_prices.unwrap()["m"].output_per_million,
+            2
+        );
+    }
+
+    #[test]
     fn exports_are_sorted_and_omit_defaults() {
         let spec = Spec {
             usage_plans: vec![plan_spec("b"), plan_spec("a")],
             api_keys: vec![key_spec("z", &["b", "a"]), key_spec("y", &[])],
+            shared_prices: None,
         };
         let (plans, keys) = applied(&spec);
         let yaml = to_yaml(&export_spec(&plans, &keys).unwrap()).unwrap();

@@ -432,3 +432,63 @@ async fn changing_what_a_named_limit_counts_is_refused_before_any_change() {
     );
     s.terminate();
 }
+
+/// The shared price table travels in the file (`shared_prices`): export
+/// writes it, and apply sets it (first, before plans that rely on it), so
+/// an export applies to a fresh server as it is; a file without the
+/// section leaves the server's table alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_price_table_is_exported_and_applied() {
+    let dir = tempdir();
+    let text = r#"shared_prices:
+  "gpt-4o*": { input_per_million: 2500000, output_per_million: 10000000 }
+usage_plans:
+  - name: budget
+    stages: [{ domain: d }]
+    limits:
+      - { name: monthly, metric: SPEND, limit: 5000000, window: MONTH }
+"#;
+    let file = dir.path().join("prices.yaml");
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap();
+
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    let admin = s.admin_addr();
+    let out = ok(&sluice(&["apply", "-f", path, "--dry-run"], admin, &data)).to_owned();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["~ shared price table", "+ usage plan budget", "2 changes"],
+        "{out}"
+    );
+    let out = ok(&sluice(&["apply", "-f", path], admin, &data)).to_owned();
+    assert!(out.contains("2 changes applied"), "{out}");
+    let out = ok(&sluice(&["apply", "-f", path], admin, &data)).to_owned();
+    assert!(out.contains("no changes"), "{out}");
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(exported.contains("shared_prices:"), "{exported}");
+    // A file without the section leaves the table alone.
+    let plain = dir.path().join("plain.yaml");
+    std::fs::write(&plain, "usage_plans: []\n").unwrap();
+    let out = ok(&sluice(
+        &["apply", "-f", plain.to_str().unwrap()],
+        admin,
+        &data,
+    ))
+    .to_owned();
+    assert!(out.contains("no changes"), "{out}");
+    s.terminate();
+
+    // The export applies to a fresh server as it is, then is a no-op.
+    let again = dir.path().join("exported.yaml");
+    std::fs::write(&again, &exported).unwrap();
+    let data2 = dir.path().join("data2");
+    let mut s2 = SluiceCmd::serve_embedded(&data2).start();
+    let admin2 = s2.admin_addr();
+    let again = again.to_str().unwrap();
+    let out = ok(&sluice(&["apply", "-f", again], admin2, &data2)).to_owned();
+    assert!(out.starts_with("~ shared price table\n"), "{out}");
+    let out = ok(&sluice(&["apply", "-f", again], admin2, &data2)).to_owned();
+    assert!(out.contains("no changes"), "{out}");
+    s2.terminate();
+}
