@@ -1429,21 +1429,13 @@ async fn get_usage_has_no_rows_for_refused_requests() {
     );
     // Yesterday to tomorrow (UTC: the plan has no quota calendar), so a
     // run across midnight still sees the day of the calls.
-    let day = |offset: i64| {
-        let days = i64::try_from(unix_now() / DAY_SECS).unwrap() + offset;
-        jiff::civil::Date::new(1970, 1, 1)
-            .unwrap()
-            .checked_add(jiff::Span::new().days(days))
-            .unwrap()
-            .to_string()
-    };
     let usage = ok(
         "GetUsage",
         admin
             .get_usage(GetUsageRequest {
                 plan: "one-a-day".into(),
-                start_date: day(-1),
-                end_date: day(1),
+                start_date: utc_day(-1),
+                end_date: utc_day(1),
                 ..Default::default()
             })
             .await,
@@ -1499,15 +1491,7 @@ async fn get_usage_reports_per_model_usage_and_every_limit() {
     report(&mut u, &key, "gpt-4o", 1000, 500, "r2").await;
     report(&mut u, &key, "claude-3", 300, 0, "r3").await;
 
-    let today = {
-        let secs = unix_now();
-        let days = i64::try_from(secs / DAY_SECS).unwrap();
-        jiff::civil::Date::new(1970, 1, 1)
-            .unwrap()
-            .checked_add(jiff::Span::new().days(days))
-            .unwrap()
-            .to_string()
-    };
+    let today = utc_day(0);
     let usage = ok(
         "GetUsage",
         admin
