@@ -235,14 +235,8 @@ fn load_level(
                 };
                 let name: Option<Arc<str>> = rl.name.filter(|n| !n.is_empty()).map(Arc::from);
                 let mut replaces = Vec::new();
+                // An empty list replaces nothing (upstream loads it too).
                 if let Some(r) = rl.replaces {
-                    if r.value.is_empty() {
-                        return Err(invalid(
-                            r.referenced,
-                            "replaces",
-                            "replaces must not be empty".into(),
-                        ));
-                    }
                     for item in r.value {
                         let replaced = item.name.value.unwrap_or_default();
                         if replaced.is_empty() {

@@ -45,8 +45,8 @@ fn errors_name_file_line_and_field() {
             "field `replaces.name`: replaces should not contain name of same descriptor",
         ),
         (
-            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      replaces: []\n",
-            "field `replaces`: replaces must not be empty",
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      replaces:\n        - name:\n",
+            "field `replaces.name`: should not have an empty replaces entry",
         ),
         (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      requests_per_unit: 5\n",
@@ -93,6 +93,16 @@ fn empty_file_is_an_error() {
         err("\n"),
         "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
     );
+}
+
+/// Upstream rejects an empty replaces entry, not an empty list.
+#[test]
+fn an_empty_replaces_list_loads() {
+    parse_file(
+        Path::new("r.yaml"),
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      unit: second\n      requests_per_unit: 1\n      replaces: []\n",
+    )
+    .unwrap();
 }
 
 #[test]
