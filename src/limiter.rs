@@ -706,7 +706,10 @@ impl<S: CounterStore> RateLimiter<S> {
         };
         // Per-model daily usage: requests when counted, tokens and spend
         // when charged.
-        let model_name = model.unwrap_or("");
+        let model_name = match model {
+            Some(m) if m.len() > usage::MAX_MODEL_NAME => usage::OTHER_MODEL,
+            m => m.unwrap_or(""),
+        };
         let mut model_ops: SmallVec<[(Range<usize>, u64, ModelMetric); 4]> = SmallVec::new();
         if charge {
             let spend = price.map_or(0, |pr| usage::spend(&usage, pr));

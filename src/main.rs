@@ -121,7 +121,9 @@ struct ServeArgs {
     /// Most entries in one descriptor.
     #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32)]
     max_entries: usize,
-    /// Longest descriptor key or value (and domain), in bytes.
+    /// Longest domain or descriptor entry key, in bytes. Entry values have
+    /// no bound of their own: values over 1024 bytes are counted by their
+    /// SHA-256 digest.
     #[arg(long, env = "SLUICE_MAX_KEY_VALUE_LEN", default_value_t = 1024)]
     max_key_value_len: usize,
     /// Most connections open at once, per port; past it new ones are closed

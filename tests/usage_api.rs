@@ -1700,3 +1700,34 @@ fn utc_day(offset: i64) -> String {
         .unwrap()
         .to_string()
 }
+
+/// A model name longer than 256 bytes in a ShouldRateLimit descriptor is
+/// decided (not refused), and its usage is reported as "(other models)".
+#[tokio::test]
+async fn an_overlong_model_name_counts_as_other_models() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let p = usage_plan("long", DOMAIN, vec![tokens_per_day("tpd", 1000)]);
+    let key = plan_with_key(&mut admin, p, "alice").await;
+    let model = "m".repeat(300);
+    assert_allowed(&call(&s, &key, &[("model", &model)]).await, "long model");
+    let usage = ok(
+        "GetUsage",
+        admin
+            .get_usage(GetUsageRequest {
+                plan: "long".into(),
+                start_date: utc_day(-1),
+                end_date: utc_day(1),
+                ..Default::default()
+            })
+            .await,
+    );
+    let rows: Vec<(&str, i64)> = usage.items[0]
+        .models
+        .iter()
+        .map(|m| (m.model.as_str(), m.requests))
+        .collect();
+    assert_eq!(rows, [("(other models)", 1)]);
+    drop(admin);
+    s.shutdown().await;
+}

@@ -85,6 +85,12 @@ impl Descriptor {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey(pub Vec<u8>);
 
+/// Entry values longer than this many bytes go into counter keys as their
+/// SHA-256 digest: a long value (a path with its query string, a token)
+/// then costs a counter 32 bytes, whatever its length. Values up to it go
+/// in as they are, as they always did.
+pub const LONG_VALUE: usize = 1024;
+
 impl CounterKey {
     fn build<'a>(
         domain: &str,
@@ -96,11 +102,22 @@ impl CounterKey {
             buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
             buf.extend_from_slice(s.as_bytes());
         }
+        fn put_value(buf: &mut Vec<u8>, s: &str) {
+            if s.len() > LONG_VALUE {
+                // u32::MAX as the length marks a digest: no value that long
+                // fits a request.
+                use sha2::Digest;
+                buf.extend_from_slice(&u32::MAX.to_be_bytes());
+                buf.extend_from_slice(&sha2::Sha256::digest(s.as_bytes()));
+            } else {
+                put(buf, s);
+            }
+        }
         let mut buf = Vec::with_capacity(64);
         put(&mut buf, domain);
         for (k, v) in parts {
             put(&mut buf, k);
-            put(&mut buf, v);
+            put_value(&mut buf, v);
         }
         buf.extend_from_slice(&(window.end - window.start).to_be_bytes());
         buf.extend_from_slice(&window.start.to_be_bytes());

@@ -1497,3 +1497,21 @@ fn headers_keep_order_and_values_including_empty_ones() {
     let same: Headers = h.to_vec().into_iter().collect();
     assert_eq!(same, h);
 }
+
+/// Values up to LONG_VALUE bytes go into counter keys as they are (keys
+/// written before stay the same); longer ones as a marked SHA-256 digest,
+/// so a counter's key stays small and distinct values stay distinct.
+#[test]
+fn long_values_are_keyed_by_digest() {
+    let w = Window::containing(Unit::Minute, 600);
+    let key = |v: &str| CounterKey::build("d", [("k", v)].into_iter(), w).0;
+    let edge = "v".repeat(LONG_VALUE);
+    assert!(key(&edge).windows(edge.len()).any(|s| s == edge.as_bytes()));
+    let (a, b) = ("v".repeat(LONG_VALUE + 1), "w".repeat(LONG_VALUE + 1));
+    let (ka, kb) = (key(&a), key(&b));
+    assert_ne!(ka, kb);
+    assert_eq!(ka, key(&a));
+    // domain (4 + 1), key (4 + 1), marker and digest (4 + 32), window (16).
+    assert_eq!(ka.len(), 5 + 5 + 36 + 16);
+    assert!(ka.windows(4).any(|s| s == u32::MAX.to_be_bytes()));
+}

@@ -215,6 +215,14 @@ fn model_usage_rest_into(k: &mut Vec<u8>, day_start: i64, metric: ModelMetric, m
 /// disk for the whole retention period.
 pub const MAX_MODEL_COUNTERS_PER_DAY: u64 = 1000;
 
+/// The longest model name with per-model usage counters of its own. Each
+/// model a key uses gets daily usage counters kept for the retention
+/// period; names are short in practice (tens of bytes), and a bound keeps a
+/// client from filling disk and memory with megabyte-long ones. The usage
+/// API refuses longer names; in a ShouldRateLimit descriptor their usage is
+/// counted under [`OTHER_MODEL`] (limits and prices still match the name).
+pub const MAX_MODEL_NAME: usize = 256;
+
 /// The model name usage is counted under once a key has
 /// [`MAX_MODEL_COUNTERS_PER_DAY`] per-model counters for the day.
 pub const OTHER_MODEL: &str = "(other models)";

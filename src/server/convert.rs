@@ -16,7 +16,8 @@ pub struct RequestLimits {
     pub max_descriptors: usize,
     /// Most entries in one descriptor (default 32).
     pub max_entries: usize,
-    /// Longest entry key or value, in bytes (default 1024).
+    /// Longest domain or entry key, in bytes (default 1024). Entry values
+    /// have no bound of their own (long ones are counted by their digest).
     pub max_key_value_len: usize,
 }
 
@@ -98,14 +99,15 @@ fn descriptor_from_proto(
                 "descriptors[{i}].entries[{j}].key must not be empty"
             )));
         }
-        for (field, s) in [("key", &e.key), ("value", &e.value)] {
-            if s.len() > limits.max_key_value_len {
-                return Err(InvalidRequest(format!(
-                    "descriptors[{i}].entries[{j}].{field} is {} bytes long (max {})",
-                    s.len(),
-                    limits.max_key_value_len
-                )));
-            }
+        // Values have no bound of their own (long ones are counted by their
+        // digest, engine::LONG_VALUE): refusing one would let the request
+        // through unlimited behind an Envoy that fails open.
+        if e.key.len() > limits.max_key_value_len {
+            return Err(InvalidRequest(format!(
+                "descriptors[{i}].entries[{j}].key is {} bytes long (max {})",
+                e.key.len(),
+                limits.max_key_value_len
+            )));
         }
     }
     // Same layout: collected in place, no new allocation.

@@ -23,11 +23,9 @@ pub const MAX_TTL_SECS: i64 = 3600;
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID: usize = 256;
 
-/// The longest model name ReportUsage and Reserve take. Each model a key
-/// uses gets daily usage counters kept for the retention period; names are
-/// short in practice (tens of bytes), and a bound keeps a client from
-/// filling disk and memory with megabyte-long ones.
-pub const MAX_MODEL: usize = 256;
+/// The longest model name ReportUsage and Reserve take
+/// ([`crate::plans::usage::MAX_MODEL_NAME`]).
+pub const MAX_MODEL: usize = crate::plans::usage::MAX_MODEL_NAME;
 
 fn model(v: &str) -> Result<(), Status> {
     if v.len() > MAX_MODEL {
