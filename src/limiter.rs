@@ -1819,6 +1819,7 @@ impl ConfigSource {
         let files = config::read_dir(&self.dir)?;
         let cfg = config::from_files(&files)?;
         self.last = Some(files);
+        warn_ignored(&self.dir);
         Ok(cfg)
     }
 
@@ -1839,8 +1840,33 @@ impl ConfigSource {
         let result = config::from_files(&files);
         // Remember the files even when invalid, so one bad edit is logged once.
         self.last = Some(files);
+        warn_ignored(&self.dir);
         result.map(Some)
     }
+}
+
+/// Warns about files in the config dir that are not read (not `.yaml` or
+/// `.yml`): upstream's loader reads every file, so rules kept in, say,
+/// `limits.conf` would otherwise vanish without a word.
+fn warn_ignored(dir: &Path) {
+    let Ok(ignored) = config::ignored_files(dir) else {
+        return;
+    };
+    if ignored.is_empty() {
+        return;
+    }
+    let shown: Vec<String> = ignored
+        .iter()
+        .take(5)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = ignored.len().saturating_sub(5);
+    tracing::warn!(
+        dir = %dir.display(),
+        "config dir: not reading {}{} (only .yaml and .yml files hold config; rename them to load them)",
+        shown.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    );
 }
 
 /// Polls `source` every `every` and swaps valid changes into `limiter`;

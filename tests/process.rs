@@ -736,3 +736,41 @@ async fn an_http1_request_gets_a_plain_answer_naming_grpc() {
     drop(h);
     s.terminate();
 }
+
+/// As upstream's runtime loader, config files in subdirectories load;
+/// dot names (Kubernetes' `..data` copies, editor files) are skipped, and
+/// files that are not YAML by name are named in a warning instead of
+/// vanishing without a word.
+#[test]
+fn config_in_subdirectories_loads_and_other_files_are_named() {
+    let tmp = tempdir();
+    let cfg = tmp.path().join("cfg");
+    write_atomic(&cfg.join("top.yaml"), &simple_config("top", "k", "hour", 5));
+    write_atomic(
+        &cfg.join("team/a/nested.yml"),
+        &simple_config("nested", "k", "hour", 5),
+    );
+    write_atomic(
+        &cfg.join("..data/copy.yaml"),
+        &simple_config("top", "k", "hour", 5),
+    );
+    write_atomic(
+        &cfg.join(".hidden.yaml"),
+        &simple_config("top", "k", "hour", 5),
+    );
+    write_atomic(
+        &cfg.join("limits.conf"),
+        &simple_config("conf", "k", "hour", 5),
+    );
+    let c = SluiceCmd::check_config(&cfg).cwd(tmp.path()).run();
+    assert!(c.success(), "{}", c.output());
+    assert!(c.stdout.contains("ok: domain nested"), "{}", c.output());
+    assert!(c.stdout.contains("ok: domain top"), "{}", c.output());
+    assert!(!c.stdout.contains("domain conf"), "{}", c.output());
+    assert!(
+        c.stderr.contains("not reading") && c.stderr.contains("limits.conf"),
+        "{}",
+        c.output()
+    );
+    assert!(!c.stderr.contains("copy.yaml"), "{}", c.output());
+}

@@ -332,31 +332,92 @@ pub fn embedded_default() -> Result<Config, Error> {
     })
 }
 
-/// The config files of a directory: every `*.yaml` / `*.yml` that is not a
-/// dotfile, sorted by name, with their contents.
+/// How deep [`read_dir`] goes into subdirectories (a symlink loop ends
+/// here).
+const MAX_DEPTH: usize = 8;
+
+/// The config files of a directory and its subdirectories (as upstream's
+/// runtime loader reads them): every `*.yaml` / `*.yml` whose name, and
+/// whose directories' names below `dir`, do not start with a dot
+/// (Kubernetes ConfigMap mounts keep their `..data` copies in dot
+/// directories), sorted by path, with their contents.
 ///
 /// # Errors
 /// [`Error::Read`] if the directory or a file cannot be read.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
+    let mut files = Vec::new();
+    walk(dir, 0, &mut |path| {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Read {
+            path: path.clone(),
+            source: e,
+        })?;
+        files.push((path, text));
+        Ok(())
+    })?;
+    files.sort();
+    Ok(files)
+}
+
+/// The files [`read_dir`] does not read because they are not `*.yaml` /
+/// `*.yml` (dotfiles aside), sorted: the caller warns about them, since
+/// upstream would read them.
+///
+/// # Errors
+/// [`Error::Read`] if a directory cannot be read.
+pub fn ignored_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::new();
+    walk_entries(dir, 0, &mut |path, is_yaml| {
+        if !is_yaml {
+            out.push(path);
+        }
+        Ok(())
+    })?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(
+    dir: &Path,
+    depth: usize,
+    yaml: &mut dyn FnMut(PathBuf) -> Result<(), Error>,
+) -> Result<(), Error> {
+    walk_entries(dir, depth, &mut |path, is_yaml| {
+        if is_yaml {
+            yaml(path)
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Calls `f` with every regular file under `dir` (not under a dot name)
+/// and whether it is YAML by its name.
+fn walk_entries(
+    dir: &Path,
+    depth: usize,
+    f: &mut dyn FnMut(PathBuf, bool) -> Result<(), Error>,
+) -> Result<(), Error> {
     let read_err = |path: &Path, source| Error::Read {
         path: path.to_owned(),
         source,
     };
-    let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
         let entry = entry.map_err(|e| read_err(dir, e))?;
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if !is_yaml || name.starts_with('.') || !path.is_file() {
+        if name.starts_with('.') {
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
-        files.push((path, text));
+        if path.is_dir() {
+            if depth < MAX_DEPTH {
+                walk_entries(&path, depth + 1, f)?;
+            }
+        } else if path.is_file() {
+            f(path, name.ends_with(".yaml") || name.ends_with(".yml"))?;
+        }
     }
-    files.sort();
-    Ok(files)
+    Ok(())
 }
 
 /// Validates a set of files (as read by [`read_dir`]) into one config.
