@@ -143,6 +143,10 @@ struct ServeArgs {
     /// health and reflection.
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8082")]
     admin_listen: SocketAddr,
+    /// Address for envoyproxy/ratelimit's HTTP endpoints (GET /healthcheck,
+    /// POST /json; upstream's port 8080). Off unless given.
+    #[arg(long, env = "SLUICE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     #[command(flatten)]
     token: TokenArgs,
     /// A second token that may only read (Get, List, GetUsage); writes with
@@ -379,6 +383,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+    let http_listener = match args.http_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (HTTP)"))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), config_dir = %source_dir.display(), ?durability, "sluice listening on {addr}");
@@ -413,6 +425,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
+    };
+    let http = match http_listener {
+        Some(l) => {
+            let http_addr = l.local_addr()?;
+            tracing::info!(%http_addr, "sluice HTTP (/healthcheck, /json) listening on {http_addr}");
+            Some(tokio::spawn(server::http_port::serve_http(
+                l,
+                limiter.clone(),
+                limits,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
     };
     let stop_tx = Arc::new(stop_tx);
     tokio::spawn({
@@ -472,6 +497,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     watcher.abort();
     purger.abort();
+    if let Some(h) = http {
+        // It stopped accepting with the others; calls still open get the
+        // drain's time, no more.
+        let _ = tokio::time::timeout(drain_timeout, h).await;
+    }
     let closed = store.close().await;
     result.context("gRPC server failed")?;
     admin_result.context("admin gRPC server failed")?;

@@ -774,3 +774,68 @@ fn config_in_subdirectories_loads_and_other_files_are_named() {
     );
     assert!(!c.stderr.contains("copy.yaml"), "{}", c.output());
 }
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, body).
+fn http1(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// envoyproxy/ratelimit's HTTP endpoints on --http-listen: GET /healthcheck
+/// answers 200 OK (Kubernetes httpGet probes written for upstream work),
+/// POST /json decides a JSON RateLimitRequest, 200 or 429 as upstream, and
+/// bad input is a 400 naming what is wrong.
+#[test]
+fn the_http_port_serves_healthcheck_and_json() {
+    let tmp = tempdir();
+    let cfg = tmp.path().join("cfg");
+    write_atomic(&cfg.join("d.yaml"), &simple_config("d", "k", "minute", 1));
+    let mut s = SluiceCmd::serve(&cfg, &tmp.path().join("data"))
+        .args(["--http-listen", "127.0.0.1:0"])
+        .start();
+    let line = s.wait_for_line(|l| l.contains("/json) listening on"));
+    let addr: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert_eq!(http1(addr, "GET", "/healthcheck", ""), (200, "OK".into()));
+    let req = r#"{"domain": "d", "descriptors": [{"entries": [{"key": "k", "value": "v"}]}]}"#;
+    let (status, body) = http1(addr, "POST", "/json", req);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["overallCode"], "OK", "{body}");
+    assert_eq!(
+        v["statuses"][0]["currentLimit"]["requestsPerUnit"], 1,
+        "{body}"
+    );
+    assert_eq!(v["statuses"][0]["currentLimit"]["unit"], "MINUTE", "{body}");
+    let (status, body) = http1(addr, "POST", "/json", req);
+    assert_eq!(status, 429, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["overallCode"], "OVER_LIMIT", "{body}");
+    assert_eq!(v["statuses"][0]["code"], "OVER_LIMIT", "{body}");
+    let (status, body) = http1(addr, "POST", "/json", r#"{"domain": "d"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("descriptor list must not be empty"), "{body}");
+    let (status, body) = http1(addr, "POST", "/json", "{not json");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid JSON RateLimitRequest"), "{body}");
+    s.terminate();
+}

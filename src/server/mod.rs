@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod http_port;
 pub mod io;
 pub mod rls;
 pub mod status;
