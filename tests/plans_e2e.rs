@@ -2737,3 +2737,52 @@ async fn model_counters_and_usage_rows_are_capped_at_1000() {
         .all(|w| (&w[0].date, &w[0].model) < (&w[1].date, &w[1].model)));
     s.shutdown().await;
 }
+
+/// Lowering a plan's burst under a key that emptied the old bucket leaves
+/// the key the tokens it has (none here), not the old bucket's debt: the
+/// next call waits one token's time (1 s at 1/s), not the 100 s the old
+/// burst would take to refill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowered_burst_does_not_lock_a_key_out() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let (_, value) = plan_with_key(
+        &mut admin,
+        plan("lb", DOMAIN, throttle(1.0, 100), None),
+        "alice",
+    )
+    .await;
+    let r = s
+        .check(request(
+            DOMAIN,
+            vec![desc_hits(&[("api_key", value.as_str())], 100)],
+        ))
+        .await;
+    assert_allowed(&r, "the whole burst");
+    ok(
+        "lower burst",
+        admin
+            .update_usage_plan(UpdateUsagePlanRequest {
+                usage_plan: Some(UsagePlan {
+                    id: "lb".into(),
+                    throttle: throttle(1.0, 5),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["throttle"]),
+            })
+            .await,
+    );
+    // Refused (the bucket holds what refilled since, under a second), and
+    // told to come back within 2 s, not ~100 s.
+    let r = call_key(&s, DOMAIN, &value).await;
+    if r.overall_code != OK {
+        assert_refused(&r, "throttled", "just after lowering");
+        let wait = r.statuses[0]
+            .duration_until_reset
+            .as_ref()
+            .expect("a wait")
+            .seconds;
+        assert!(wait <= 2, "retry in {wait} s: {r:?}");
+    }
+    s.shutdown().await;
+}

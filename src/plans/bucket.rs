@@ -17,6 +17,14 @@ pub struct BucketState {
     /// When the bucket is full again (Unix microseconds); a full bucket is
     /// the same as no bucket, so it may be dropped from then on.
     pub full_at: i64,
+    /// The throttle `tat` was computed with: nanoseconds per token and
+    /// capacity. When the plan's throttle changes, a key keeps what it had:
+    /// a lowered burst keeps the tokens the bucket holds (up to the new
+    /// capacity) rather than its debt, which would lock the key out for the
+    /// old burst's time; a raised burst adds the difference at once.
+    pub interval: i128,
+    /// See `interval`.
+    pub burst: u32,
 }
 
 /// The result of a take.
@@ -52,11 +60,37 @@ fn micros_ceil(ns: i128) -> i64 {
     i64::try_from(m).unwrap_or(i64::MAX)
 }
 
-fn state(tat: i128) -> BucketState {
+fn state(tat: i128, t: &Throttle) -> BucketState {
     BucketState {
         tat,
         full_at: micros_ceil(tat),
+        interval: interval(t),
+        burst: t.burst_limit,
     }
+}
+
+/// The state's theoretical arrival time under throttle `t` at `now_ns`
+/// (never before it). Under the throttle it was computed with, that is its
+/// own. Under another one (the plan changed; seen at the bucket's next
+/// use), the bucket's debt in tokens at `now_ns` by its own throttle, `d`,
+/// becomes: with a burst as large or larger, the same debt (the added
+/// capacity is there at once); with a smaller burst, the tokens it holds,
+/// `old burst - d`, at most the new burst. The one conversion in floating
+/// point; throttle changes are rare.
+fn tat_under(s: &BucketState, t: &Throttle, now_ns: i128) -> i128 {
+    let iv = interval(t);
+    if s.interval == iv && s.burst == t.burst_limit {
+        return s.tat.max(now_ns);
+    }
+    let debt = (s.tat - now_ns).max(0) as f64 / s.interval as f64;
+    let burst = f64::from(t.burst_limit);
+    let tokens = if t.burst_limit >= s.burst {
+        burst - debt
+    } else {
+        (f64::from(s.burst) - debt).min(burst)
+    }
+    .max(0.0);
+    now_ns + ((burst - tokens) * iv as f64).round() as i128
 }
 
 /// Tokens in a bucket at `now` (Unix microseconds); full when absent.
@@ -65,7 +99,8 @@ pub fn tokens_at(s: Option<BucketState>, t: &Throttle, now: i64) -> f64 {
     match s {
         None => burst,
         Some(s) => {
-            let debt = (s.tat - ns(now)).max(0);
+            let now_ns = ns(now);
+            let debt = tat_under(&s, t, now_ns) - now_ns;
             (burst - debt as f64 / interval(t) as f64).max(0.0)
         }
     }
@@ -77,7 +112,7 @@ pub fn take(s: Option<BucketState>, t: &Throttle, hits: u64, now: i64) -> (Bucke
     let now_ns = ns(now);
     let iv = interval(t);
     let cap = i128::from(t.burst_limit) * iv;
-    let tat = s.map_or(now_ns, |s| s.tat.max(now_ns));
+    let tat = s.map_or(now_ns, |s| tat_under(&s, t, now_ns));
     let need = i128::from(hits.max(1));
     let fits_at = tat + need * iv - now_ns;
     let allowed = fits_at <= cap;
@@ -101,9 +136,13 @@ pub fn take(s: Option<BucketState>, t: &Throttle, hits: u64, now: i64) -> (Bucke
         Some(micros_ceil(fits_at - cap))
     };
     let new = if allowed {
-        state(new_tat)
+        state(new_tat, t)
     } else {
-        s.unwrap_or_else(|| state(now_ns))
+        match s {
+            // Unchanged, unless the throttle changed (then converted).
+            Some(s) if s.interval == iv && s.burst == t.burst_limit => s,
+            _ => state(tat, t),
+        }
     };
     (
         new,
@@ -118,7 +157,11 @@ pub fn take(s: Option<BucketState>, t: &Throttle, hits: u64, now: i64) -> (Bucke
 /// Gives back `hits` tokens taken earlier (when a later limit refused the
 /// call), never above capacity.
 pub fn refund(s: BucketState, t: &Throttle, hits: u64, now: i64) -> BucketState {
-    state((s.tat - i128::from(hits) * interval(t)).max(ns(now)))
+    let now_ns = ns(now);
+    state(
+        (tat_under(&s, t, now_ns) - i128::from(hits) * interval(t)).max(now_ns),
+        t,
+    )
 }
 
 #[cfg(test)]
@@ -230,6 +273,55 @@ mod tests {
         let s = refund(s, &t, 5, 0);
         assert_eq!(tokens_at(Some(s), &t, 0), 2.0);
         assert_eq!(s.full_at, 0);
+    }
+
+    /// A plan's throttle changed under a used bucket: a lowered burst keeps
+    /// the tokens the bucket holds, up to the new capacity, rather than its
+    /// debt, which locked a key out for the old burst's time (100 tokens at
+    /// 1/s: 90 s); a raised burst adds the difference at once.
+    #[test]
+    fn a_changed_throttle_carries_the_tokens_over() {
+        let big = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 100,
+        };
+        let small = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 5,
+        };
+        let (s, o) = take(None, &big, 100, 0);
+        assert!(o.allowed);
+        // 6 s later under burst 5: 6 tokens refilled, 5 kept; 1 taken.
+        let (s2, o) = take(Some(s), &small, 1, 6 * S);
+        assert!(o.allowed, "{o:?}");
+        assert_eq!(o.remaining, 4);
+        assert_eq!((s2.burst, s2.interval), (5, 1_000_000_000));
+        // 9 of 50 left, lowered to 3: 3 left at once.
+        let mid = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 50,
+        };
+        let (s, _) = take(None, &mid, 41, 0);
+        assert_eq!(tokens_at(Some(s), &mid, 0), 9.0);
+        let three = Throttle {
+            rate_limit: 1.0,
+            burst_limit: 3,
+        };
+        assert_eq!(tokens_at(Some(s), &three, 0), 3.0);
+        // A raised burst: the 41 used stay used, 59 of 100 left.
+        assert_eq!(tokens_at(Some(s), &big, 0), 59.0);
+        // A rate change: the 9 tokens stay 9. The change is seen at the
+        // bucket's next use (here 1 s later): until then it refilled at the
+        // rate it had (10 tokens), from then on at the new one.
+        let fast = Throttle {
+            rate_limit: 10.0,
+            burst_limit: 50,
+        };
+        assert_eq!(tokens_at(Some(s), &fast, 0), 9.0);
+        let (s3, o) = take(Some(s), &fast, 0, S);
+        assert!(o.allowed);
+        assert_eq!(o.remaining, 10);
+        assert_eq!(tokens_at(Some(s3), &fast, S + S / 2), 15.0);
     }
 
     #[test]
