@@ -1112,6 +1112,90 @@ impl<S: CounterStore> RateLimiter<S> {
         }))
     }
 
+    /// After a plan's quota calendar changed (its period, anchor day or time
+    /// zone), rebuilds each key's count in the new current period, and in
+    /// the new calendar's current day, from the key's daily usage counters
+    /// (days of the old calendar, summed whole where they overlap: never
+    /// less than was used), so the calls already made still count; the new
+    /// counters only grow. Returns the keys' old-period grants to carry to
+    /// the new period: `(key id, new period start, extra)`.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn carry_quota(
+        &self,
+        old: &crate::plans::model::Plan,
+        new: &crate::plans::model::Plan,
+        key_ids: &[String],
+        now_s: i64,
+    ) -> Result<Vec<(String, i64, i64)>, storage::Error> {
+        let (Some(oq), Some(nq)) = (&old.quota, &new.quota) else {
+            return Ok(Vec::new());
+        };
+        let (Ok(old_cal), Ok(new_cal)) = (oq.calendar(), nq.calendar()) else {
+            return Ok(Vec::new());
+        };
+        let (old_span, new_span) = (old_cal.containing(now_s), new_cal.containing(now_s));
+        let new_day = new_cal.day_containing(now_s);
+        let retention = i64::from(self.retention_days) * 86_400;
+        let cat = self.catalog.load();
+        let mut grants = Vec::new();
+        let mut wrote = false;
+        for key_id in key_ids {
+            // The old calendar's days back to the new period's start (a
+            // month and a few days at most).
+            let mut days = Vec::new();
+            let mut day = old_cal.day_containing(now_s);
+            for _ in 0..40 {
+                if day.end <= new_span.start {
+                    break;
+                }
+                days.push(day);
+                day = old_cal.day_containing(day.start - 1);
+            }
+            let daily_keys: Vec<Vec<u8>> = days
+                .iter()
+                .map(|d| pd::daily_key(&new.id, key_id, d.start))
+                .collect();
+            let peeks: Vec<CounterOp<'_>> =
+                daily_keys.iter().map(|k| CounterOp::new(k, 0, 0)).collect();
+            let used = self.apply(&peeks, &mut wrote)?;
+            let in_period: u64 = used.iter().fold(0, |a, v| a.saturating_add(*v));
+            let today: u64 = days
+                .iter()
+                .zip(&used)
+                .filter(|(d, _)| d.end > new_day.start)
+                .fold(0, |a, (_, v)| a.saturating_add(*v));
+            let qkey = pd::quota_key(&new.id, key_id, new_span.start);
+            let dkey = pd::daily_key(&new.id, key_id, new_day.start);
+            let have = self.apply(
+                &[CounterOp::new(&qkey, 0, 0), CounterOp::new(&dkey, 0, 0)],
+                &mut wrote,
+            )?;
+            let adds = [
+                CounterOp::new(
+                    &qkey,
+                    in_period.saturating_sub(have[0]),
+                    expiry(new_span.end),
+                ),
+                CounterOp::new(
+                    &dkey,
+                    today.saturating_sub(have[1]),
+                    expiry(new_day.end.saturating_add(retention)),
+                ),
+            ];
+            self.apply(&adds, &mut wrote)?;
+            let extra = cat.grant(&new.id, key_id, old_span.start);
+            if extra != 0 && new_span.start != old_span.start {
+                grants.push((key_id.clone(), new_span.start, extra));
+            }
+        }
+        if wrote {
+            self.store.commit().await?;
+        }
+        Ok(grants)
+    }
+
     /// A key's usage in a plan: per day for `dates` (local dates in the
     /// quota's time zone, UTC without a quota), and its live state at
     /// `now_us` (Unix microseconds).

@@ -2786,3 +2786,55 @@ async fn a_lowered_burst_does_not_lock_a_key_out() {
     }
     s.shutdown().await;
 }
+
+/// Changing a plan's quota calendar (time zone, period) mid-period keeps
+/// the calls already made in the new current period, and a key's grant:
+/// the count is rebuilt from the key's daily usage. Before, the new period
+/// started at 0, so a zone change gave every key its quota again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_quota_calendar_keeps_the_calls_made() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let (_, value) = plan_with_key(&mut admin, plan("zc", DOMAIN, None, daily(3)), "alice").await;
+    for i in 0..3 {
+        assert_allowed(&call_key(&s, DOMAIN, &value).await, &format!("call {i}"));
+    }
+    // One more unit granted for today: 4 in all, 3 used.
+    ok(
+        "grant",
+        try_update_usage(&mut admin, "zc", "alice", 1).await,
+    );
+    let update = |quota: Option<Quota>| UpdateUsagePlanRequest {
+        usage_plan: Some(UsagePlan {
+            id: "zc".into(),
+            quota,
+            ..Default::default()
+        }),
+        update_mask: mask(&["quota"]),
+    };
+    let mut kolkata = daily(3).unwrap();
+    kolkata.time_zone = "Asia/Kolkata".into();
+    ok("zone", admin.update_usage_plan(update(Some(kolkata))).await);
+    let live = key_usage_today(&mut admin, "zc", "alice")
+        .await
+        .live
+        .expect("live");
+    assert_eq!((live.quota_used, live.quota_limit), (3, 4), "{live:?}");
+    // The granted unit is there; then the quota is spent.
+    assert_allowed(&call_key(&s, DOMAIN, &value).await, "the granted unit");
+    assert_refused(
+        &call_key(&s, DOMAIN, &value).await,
+        "quota-exceeded",
+        "spent",
+    );
+    // DAY to WEEK: this week holds at least today's 4 calls.
+    let mut week = daily(10).unwrap();
+    week.period = Period::Week as i32;
+    ok("period", admin.update_usage_plan(update(Some(week))).await);
+    let live = key_usage_today(&mut admin, "zc", "alice")
+        .await
+        .live
+        .expect("live");
+    assert!(live.quota_used >= 4, "{live:?}");
+    s.shutdown().await;
+}

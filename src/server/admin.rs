@@ -38,6 +38,42 @@ pub struct AdminServer<S> {
     retention_days: u32,
 }
 
+impl<S: CounterStore> AdminServer<S> {
+    /// When an update changed a plan's quota calendar (period, anchor day or
+    /// time zone), its keys' counts in the new current period are rebuilt
+    /// from their daily usage and their grants moved to it
+    /// ([`RateLimiter::carry_quota`]): otherwise the period would restart at
+    /// 0 with calls already made in it, and an extra grant would vanish.
+    async fn carry_quota(&self, before: &model::Plan, after: &model::Plan) -> Result<(), Status> {
+        let calendar = |p: &model::Plan| {
+            p.quota
+                .as_ref()
+                .map(|q| (q.period, q.anchor_day, q.time_zone.clone()))
+        };
+        if before.quota.is_none() || after.quota.is_none() || calendar(before) == calendar(after) {
+            return Ok(());
+        }
+        let key_ids: Vec<String> = self
+            .registry
+            .catalog()
+            .keys_by_name()
+            .filter(|k| k.plan_ids.contains(&after.id))
+            .map(|k| k.id.clone())
+            .collect();
+        let grants = self
+            .limiter
+            .carry_quota(before, after, &key_ids, now())
+            .await
+            .map_err(super::status::from_storage)?;
+        for (key_id, start, extra) in grants {
+            self.registry
+                .set_grant(&after.id, &key_id, start, extra, i64::MIN)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 impl<S> AdminServer<S> {
     /// A service writing through `registry` and reading usage from `limiter`.
     pub fn new(registry: Arc<Registry>, limiter: Arc<RateLimiter<S>>, retention_days: u32) -> Self {
@@ -918,6 +954,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             );
         }
         let paths = mask_paths(&req.update_mask, &PLAN_PATHS)?;
+        let before = self.registry.get_plan(&want.id)?;
         let plan = self
             .registry
             .update_plan(
@@ -937,6 +974,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             )
             .await?;
         tracing::info!(plan = %plan.name, fields = ?paths, "usage plan updated");
+        self.carry_quota(&before, &plan).await?;
         Ok(Response::new(plan_to(&plan)))
     }
 
