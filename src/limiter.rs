@@ -992,12 +992,16 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 if let Some((bkey, t, _, _)) = &throttled {
                     if hits > 0 {
-                        self.buckets.update(k(bkey), |s| {
+                        let full_at = self.buckets.update(k(bkey), |s| {
                             let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
-                            (bucket::refund(s, t, hits, now_us), ())
+                            let s = bucket::refund(s, t, hits, now_us);
+                            (s, s.full_at)
                         });
                         if let Some(st) = throttle_state.and_then(|i| states.get_mut(i)) {
                             st.remaining = st.remaining.saturating_add(hits).min(st.limit);
+                            // When the refunded bucket is full again (the
+                            // IETF header's t), not when the taken one was.
+                            st.reset_in = Some(pd::ceil_secs((full_at - now_us).max(0)));
                         }
                     }
                 }
@@ -1265,7 +1269,10 @@ impl<S: CounterStore> RateLimiter<S> {
         let quota = self.quota_state(plan, key_id, now).await?;
         let throttle = p.throttle.as_ref().map(|t| {
             let s = self.buckets.get(&pd::bucket_key(&p.id, key_id, None));
-            (bucket::tokens_at(s, t, now_us), t.burst_limit)
+            // Whole millionths of a token: the nanosecond arithmetic's last
+            // digits (2.000000000455) are noise to a reader.
+            let tokens = (bucket::tokens_at(s, t, now_us) * 1e6).floor() / 1e6;
+            (tokens, t.burst_limit)
         });
         Ok((days, LiveUsage { quota, throttle }))
     }

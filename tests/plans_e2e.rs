@@ -2015,6 +2015,13 @@ async fn get_usage_reports_days_and_live_state_and_checks_dates() {
         "{}",
         live.throttle_tokens
     );
+    // Whole millionths of a token, not the nanosecond arithmetic's noise.
+    let millionths = live.throttle_tokens * 1e6;
+    assert!(
+        (millionths - millionths.round()).abs() < 1e-3,
+        "{}",
+        live.throttle_tokens
+    );
 
     // By key, by id.
     let k2 = key_usage_today(&mut admin, &p.id, "alice").await;

@@ -1285,10 +1285,10 @@ async fn token_refusal_rolls_back_quota_request_limit_and_throttle() {
     );
     // The throttle, quota and rpm admit it; tpm (100 of 100) refuses.
     // reset_in: cur 100, need 1: 30 + (60 - floor(99 * 60 / 100)) = 31.
-    assert_eq!(
-        sum(&env.request(&v, None, 1, now).await),
-        over(31, TOK_LIMIT)
-    );
+    let d = env.request_d(&v, None, 1, now).await;
+    assert_eq!(sum(&d.statuses[0]), over(31, TOK_LIMIT));
+    // The throttle's token was given back: the bucket is full, t=0.
+    assert_eq!(ietf_entry(&d, "rb/throttle"), Some("r=2;t=0"));
     assert_eq!(env.quota(&p.id, &k.id, now / S).await.used, 0);
 
     env.registry
