@@ -174,13 +174,15 @@ pub fn reason_body(r: Reason) -> String {
     )
 }
 
-/// Why a plan refused the decision's first refused descriptor, if a plan
-/// did (a config rule's refusal has no reason).
+/// Why a plan refused the decision: the reason of the first refused
+/// descriptor that has one (a config rule's refusal has none).
 pub fn refusal_reason(d: &Decision) -> Option<Reason> {
+    // The first refusal that has a reason: a config rule's (or a soft
+    // quota-mode) OVER_LIMIT before it has none, and must not hide it.
     d.statuses
         .iter()
-        .find(|s| s.code == Code::OverLimit)
-        .and_then(|s| s.reason)
+        .filter(|s| s.code == Code::OverLimit)
+        .find_map(|s| s.reason)
 }
 
 /// Builds the wire response for a decision. When a plan refused a

@@ -393,4 +393,30 @@ mod tests {
             .any(|h| h.key == convert::REASON_HEADER && h.value == "quota-exceeded"));
         assert!(!got.raw_body.is_empty());
     }
+
+    /// A config rule's refusal (no reason) before a plan's refusal does not
+    /// hide the plan's reason: a gateway maps invalid-key to 403 whatever
+    /// the descriptors' order.
+    #[test]
+    fn a_rule_refusal_first_does_not_hide_the_plan_reason() {
+        let over = |reason| Status {
+            code: Code::OverLimit,
+            limit: None,
+            remaining: 0,
+            reset_in: None,
+            reason,
+        };
+        let d = Decision {
+            overall: Code::OverLimit,
+            statuses: vec![over(None), over(Some(Reason::InvalidKey))],
+            headers: Default::default(),
+        };
+        assert_eq!(convert::refusal_reason(&d), Some(Reason::InvalidKey));
+        let wire = WireResponse::new(d);
+        let got = RateLimitResponse::decode(wire.encode_to_vec().as_slice()).unwrap();
+        assert!(got
+            .response_headers_to_add
+            .iter()
+            .any(|h| h.key == convert::REASON_HEADER && h.value == "invalid-key"));
+    }
 }
