@@ -618,29 +618,39 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
                 format!("domain {:?} stage {:?} is listed twice", s.domain, s.stage),
             ));
         }
-        for (name, v) in [
+        // Entry names: a descriptor entry key (requests refuse keys over
+        // 1024 bytes), each with its own role.
+        let entries = [
             ("key_entry", &s.key_entry),
             ("method_entry", &s.method_entry),
             ("path_entry", &s.path_entry),
-        ] {
-            if v.is_empty() {
-                return Err(Error::invalid(f(name), "must not be empty"));
-            }
-            if v == USAGE_ENTRY || v == MODEL_ENTRY || *v == s.model_entry {
+            ("model_entry", &s.model_entry),
+        ];
+        for (i, (name, v)) in entries.iter().enumerate() {
+            if v.trim().is_empty() || v.len() > 1024 || v.chars().any(char::is_control) {
                 return Err(Error::invalid(
                     f(name),
-                    format!("{v:?} is the entry that names the usage kind or the model; choose another entry"),
+                    format!("must be a descriptor entry key (1 to 1024 bytes, no control characters), got {v:?}"),
                 ));
             }
-        }
-        if s.model_entry.is_empty() || s.model_entry == USAGE_ENTRY {
-            return Err(Error::invalid(
-                f("model_entry"),
-                format!(
-                    "must name an entry other than {USAGE_ENTRY:?}, got {:?}",
-                    s.model_entry
-                ),
-            ));
+            if *v == USAGE_ENTRY || *v == "stage" {
+                return Err(Error::invalid(
+                    f(name),
+                    format!("{v:?} is the entry that names the usage kind or the stage; choose another entry"),
+                ));
+            }
+            if *name != "model_entry" && *v == MODEL_ENTRY {
+                return Err(Error::invalid(
+                    f(name),
+                    format!("{v:?} is the entry that names the model; choose another entry"),
+                ));
+            }
+            if let Some((other, _)) = entries[..i].iter().find(|(_, w)| w == v) {
+                return Err(Error::invalid(
+                    f(name),
+                    format!("{v:?} is already the stage's {other}; each entry has one role"),
+                ));
+            }
         }
         if ![
             "",
@@ -956,11 +966,12 @@ mod tests {
         let mut p = plan();
         p.stages[0].model_entry = "x-model".into();
         p.stages[0].path_entry = "x-model".into();
-        assert_eq!(field_of(&p), "stages[0].path_entry");
-        for bad in ["", USAGE_ENTRY] {
+        assert_eq!(field_of(&p), "stages[0].model_entry", "the later role is named");
+        let long = "m".repeat(1025);
+        for bad in ["", " ", USAGE_ENTRY, "stage", "x\u{0}y", DEFAULT_KEY_ENTRY, long.as_str()] {
             let mut p = plan();
             p.stages[0].model_entry = bad.into();
-            assert_eq!(field_of(&p), "stages[0].model_entry");
+            assert_eq!(field_of(&p), "stages[0].model_entry", "{bad:?}");
         }
     }
 
