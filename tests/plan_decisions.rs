@@ -202,6 +202,7 @@ fn plan(
         limits: Vec::new(),
         prices: BTreeMap::new(),
         header_style: Default::default(),
+        retired_limits: BTreeMap::new(),
     }
 }
 

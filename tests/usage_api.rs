@@ -1607,6 +1607,33 @@ async fn changing_what_a_named_limit_counts_is_refused() {
             .await,
     );
     assert_eq!(peek(&mut u, &key, "", "units/tpd").await, 2000 - 23);
+    // Removed, then added back in another unit: its counters still hold
+    // the 23 tokens, so that is refused too; in its own unit it is fine.
+    ok(
+        "remove",
+        admin
+            .update_usage_plan(update(vec![spend("daily-spend")]))
+            .await,
+    );
+    let err = admin
+        .update_usage_plan(update(vec![spend("daily-spend"), spend("tpd")]))
+        .await
+        .expect_err("tpd back as spend");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("a removed limit of that name"),
+        "{err:?}"
+    );
+    ok(
+        "back as tokens",
+        admin
+            .update_usage_plan(update(vec![
+                spend("daily-spend"),
+                tokens_per_day("tpd", 2000),
+            ]))
+            .await,
+    );
+    assert_eq!(peek(&mut u, &key, "", "units/tpd").await, 2000 - 23);
     drop(admin);
     drop(u);
     s.shutdown().await;

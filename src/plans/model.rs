@@ -324,7 +324,26 @@ pub struct Plan {
     /// Rate-limit headers added to responses.
     #[serde(default)]
     pub header_style: HeaderStyle,
+    /// Limits an update removed, by name, while their counters may still
+    /// hold counts: a limit added again under such a name must count the
+    /// same unit (see [`validate_limit_units`]). Kept by the registry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retired_limits: BTreeMap<String, RetiredLimit>,
 }
+
+/// A removed limit's counters: what they count and until when they may
+/// hold counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredLimit {
+    /// What the counters count ([`limit_unit`]).
+    pub unit: String,
+    /// Unix seconds after which none of its counters is left.
+    pub until: i64,
+}
+
+/// How long a removed limit's counters may live: the longest window (a
+/// calendar month, in any time zone) and a day more.
+pub const RETIRED_LIMIT_SECS: i64 = 33 * 86_400;
 
 impl Default for ApiKey {
     fn default() -> Self {
@@ -796,6 +815,19 @@ fn counted_unit(l: &UsageLimit) -> (Metric, Option<std::mem::Discriminant<TokenC
 /// [`Error::FailedPrecondition`] naming the limit and the way out.
 pub fn validate_limit_units(old: &Plan, new: &Plan) -> Result<(), Error> {
     for (i, l) in new.limits.iter().enumerate() {
+        if let Some(r) = old.retired_limits.get(&l.name) {
+            if r.unit != limit_unit(l) {
+                return Err(Error::FailedPrecondition(format!(
+                    "limits[{i}] ({:?}): a removed limit of that name counted {} and its counters may \
+                     still hold counts (until {}); counting {} in them would mix the two. Give the \
+                     limit a new name instead",
+                    l.name,
+                    r.unit,
+                    jiff::Timestamp::from_second(r.until).map_or_else(|_| r.until.to_string(), |t| t.to_string()),
+                    limit_unit(l)
+                )));
+            }
+        }
         let Some(o) = old.limits.iter().find(|o| o.name == l.name) else {
             continue;
         };
@@ -804,15 +836,17 @@ pub fn validate_limit_units(old: &Plan, new: &Plan) -> Result<(), Error> {
                 "limits[{i}] ({:?}): its counter holds {}; counting {} in it would mix the two. \
                  Give the limit a new name (a new counter, starting at 0) instead",
                 l.name,
-                unit_name(o),
-                unit_name(l)
+                limit_unit(o),
+                limit_unit(l)
             )));
         }
     }
     Ok(())
 }
 
-fn unit_name(l: &UsageLimit) -> &'static str {
+/// What a limit's counters count, in words: `requests`, `spend`, or which
+/// tokens.
+pub fn limit_unit(l: &UsageLimit) -> &'static str {
     match (l.metric, l.count) {
         (Metric::Requests, _) => "requests",
         (Metric::Spend, _) => "spend",
@@ -966,9 +1000,21 @@ mod tests {
         let mut p = plan();
         p.stages[0].model_entry = "x-model".into();
         p.stages[0].path_entry = "x-model".into();
-        assert_eq!(field_of(&p), "stages[0].model_entry", "the later role is named");
+        assert_eq!(
+            field_of(&p),
+            "stages[0].model_entry",
+            "the later role is named"
+        );
         let long = "m".repeat(1025);
-        for bad in ["", " ", USAGE_ENTRY, "stage", "x\u{0}y", DEFAULT_KEY_ENTRY, long.as_str()] {
+        for bad in [
+            "",
+            " ",
+            USAGE_ENTRY,
+            "stage",
+            "x\u{0}y",
+            DEFAULT_KEY_ENTRY,
+            long.as_str(),
+        ] {
             let mut p = plan();
             p.stages[0].model_entry = bad.into();
             assert_eq!(field_of(&p), "stages[0].model_entry", "{bad:?}");

@@ -347,7 +347,9 @@ impl Registry {
         let _w = self.write.lock().await;
         let cat = self.catalog.load_full();
         let mut p = Self::find_plan(&cat, plan)?;
-        let old = p.clone();
+        let mut old = p.clone();
+        // Removed limits whose counters are all gone by now are forgotten.
+        old.retired_limits.retain(|_, r| r.until > now);
         let (id, created) = (p.id.clone(), p.create_time);
         edit(&mut p)?;
         p.id = id;
@@ -356,6 +358,24 @@ impl Registry {
         model::validate_plan(&p)?;
         model::validate_spend_prices(&p, cat.shared_prices())?;
         model::validate_limit_units(&old, &p)?;
+        // The limits this update removes are remembered while their
+        // counters may hold counts; one added again is live again.
+        let mut retired = old.retired_limits.clone();
+        for l in old
+            .limits
+            .iter()
+            .filter(|l| !p.limits.iter().any(|n| n.name == l.name))
+        {
+            retired.insert(
+                l.name.clone(),
+                model::RetiredLimit {
+                    unit: model::limit_unit(l).to_owned(),
+                    until: now.saturating_add(model::RETIRED_LIMIT_SECS),
+                },
+            );
+        }
+        retired.retain(|name, _| !p.limits.iter().any(|l| &l.name == name));
+        p.retired_limits = retired;
         if let Some(other) = cat.plan(&p.name) {
             if other.plan.id != p.id {
                 return Err(name_taken("usage plan", &p.name, &other.plan.id));

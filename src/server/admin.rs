@@ -569,6 +569,8 @@ fn plan_from(p: &pb::UsagePlan) -> Result<model::Plan, Error> {
             .collect::<Result<_, _>>()?,
         prices: prices_from(&p.prices)?,
         header_style: header_style_from(p.header_style)?,
+        // Not on the wire: the registry keeps it across updates.
+        retired_limits: BTreeMap::new(),
     })
 }
 
