@@ -868,6 +868,19 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
             }
         }
     }
+    // The shared price table as the server checks it.
+    if let Some(prices) = &spec.shared_prices {
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("shared_prices"))
+            .map(|i| i as u64 + 1);
+        let table = prices
+            .iter()
+            .map(|(k, p)| (k.clone(), price_to_proto(p)))
+            .collect();
+        crate::server::admin::check_prices(&table)
+            .map_err(|e| invalid(line, format!("shared_prices: {e}")))?;
+    }
     // Everything the server checks in a plan on its own, checked now: a
     // dry run reports it, and a real run stops before its first change.
     for (i, p) in spec.usage_plans.iter().enumerate() {
@@ -2061,6 +2074,23 @@ pub async fn plan_changes(
         None => !have_prices.is_empty(),
     };
     check_spend_prices(spec, shared)?;
+    if spec.shared_prices.as_ref().is_some_and(BTreeMap::is_empty) && !have_prices.is_empty() {
+        // Emptying the table: no plan left on the server may need it.
+        for p in plans.iter().filter(|p| {
+            p.prices.is_empty()
+                && !spec.usage_plans.iter().any(|f| f.name == p.name)
+                && !(prune)
+                && p.limits
+                    .iter()
+                    .any(|l| l.metric == pb::Metric::Spend as i32)
+        }) {
+            return Err(Error::Conflict(format!(
+                "shared_prices empties the server's shared price table, but usage plan {:?} (not in \
+                 the file) has a SPEND limit and no prices of its own; give it prices first",
+                p.name
+            )));
+        }
+    }
     for p in &spec.usage_plans {
         if let Some(have) = plans.iter().find(|h| h.name == p.name) {
             crate::server::admin::check_plan_update(have, &plan_to_proto(p))
@@ -2113,8 +2143,8 @@ pub fn check_spend_prices(spec: &Spec, shared_prices: bool) -> Result<(), Error>
         if let Some(l) = p.limits.iter().find(|l| l.metric == MetricSpec::Spend) {
             return Err(Error::Conflict(format!(
                 "usage plan {:?}: limit {:?} is a SPEND limit, but the plan has no prices and the \
-                 server's shared price table is empty; give the plan prices, or set the shared \
-                 table first (UpdatePriceTable on the admin API)",
+                 shared price table would be empty (the server's, or the file's shared_prices); \
+                 give the plan prices, or give the table prices (shared_prices in the file)",
                 p.name, l.name
             )));
         }
@@ -3080,6 +3110,23 @@ mod tests {
         plans[0].limits[1].window = 99;
         let e = export_spec(&plans, &keys).unwrap_err().to_string();
         assert!(e.contains("\"rpm\"") && e.contains("window 99"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_shared_price_table_is_refused_with_its_line() {
+        for (yaml, want) in [
+            (
+                "usage_plans: []\nshared_prices:\n  m: { input_per_million: -1, output_per_million: 2 }\n",
+                "plans.yaml:2: shared_prices: prices[\"m\"].input_per_million: must be >= 0, got -1",
+            ),
+            (
+                "shared_prices:\n  \"\": { input_per_million: 1, output_per_million: 2 }\n",
+                "plans.yaml:1: shared_prices: prices: model patterns must be 1 to 256 bytes",
+            ),
+        ] {
+            let e = parse_spec(path(), yaml).unwrap_err().to_string();
+            assert_eq!(e, want);
+        }
     }
 
     #[test]

@@ -350,7 +350,7 @@ async fn a_spend_limit_without_prices_needs_the_shared_table_before_any_change()
         assert!(
             f.stderr
                 .contains("usage plan \"budget\": limit \"monthly\" is a SPEND limit")
-                && f.stderr.contains("shared price table is empty"),
+                && f.stderr.contains("shared price table would be empty"),
             "{args:?}:\n{}",
             f.output()
         );
@@ -477,6 +477,24 @@ usage_plans:
     ))
     .to_owned();
     assert!(out.contains("no changes"), "{out}");
+    // Emptying it while the server's budget plan (not in the file) relies
+    // on it: refused before any change, in a dry run too.
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "shared_prices: {}\n").unwrap();
+    for dry in [true, false] {
+        let mut args = vec!["apply", "-f", empty.to_str().unwrap()];
+        if dry {
+            args.push("--dry-run");
+        }
+        let f = sluice(&args, admin, &data);
+        assert!(!f.success(), "{}", f.output());
+        assert!(
+            f.stderr
+                .contains("usage plan \"budget\" (not in the file) has a SPEND limit"),
+            "{}",
+            f.output()
+        );
+    }
     s.terminate();
 
     // The export applies to a fresh server as it is, then is a no-op.

@@ -529,6 +529,17 @@ pub fn check_plan(p: &pb::UsagePlan) -> Result<(), Error> {
     model::validate_plan(&plan_from(p)?)
 }
 
+/// The check `UpdatePriceTable` runs on a table (for `sluice apply`, before
+/// its first change).
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bad entry.
+pub fn check_prices(
+    prices: &std::collections::HashMap<String, pb::ModelPrice>,
+) -> Result<(), Error> {
+    model::validate_prices(&prices_from(prices)?)
+}
+
 /// The update check that compares a plan with what it replaces (the unit
 /// each named limit counts in), as `UpdateUsagePlan` runs it; for `sluice
 /// apply`, before its first change.
