@@ -2076,10 +2076,10 @@ pub async fn plan_changes(
     check_spend_prices(spec, shared)?;
     if spec.shared_prices.as_ref().is_some_and(BTreeMap::is_empty) && !have_prices.is_empty() {
         // Emptying the table: no plan left on the server may need it.
-        for p in plans.iter().filter(|p| {
+        if let Some(p) = plans.iter().find(|p| {
             p.prices.is_empty()
                 && !spec.usage_plans.iter().any(|f| f.name == p.name)
-                && !(prune)
+                && !prune
                 && p.limits
                     .iter()
                     .any(|l| l.metric == pb::Metric::Spend as i32)
