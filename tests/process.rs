@@ -837,5 +837,10 @@ fn the_http_port_serves_healthcheck_and_json() {
     let (status, body) = http1(addr, "POST", "/json", "{not json");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("invalid JSON RateLimitRequest"), "{body}");
+    // Any method, as upstream; an unknown path says what the port serves.
+    assert_eq!(http1(addr, "HEAD", "/healthcheck", "").0, 200);
+    let (status, body) = http1(addr, "GET", "/nope", "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("/healthcheck and /json"), "{body}");
     s.terminate();
 }

@@ -12,10 +12,11 @@
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::any;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -47,9 +48,18 @@ pub async fn serve_http<S: CounterStore>(
     limits: RequestLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Any method on both paths, as upstream's handlers; bodies up to gRPC's
+    // own message limit (4 MiB).
     let app = Router::new()
-        .route("/healthcheck", get(|| async { "OK" }))
-        .route("/json", post(json_call::<S>))
+        .route("/healthcheck", any(|| async { "OK" }))
+        .route("/json", any(json_call::<S>))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: this port serves /healthcheck and /json (POST a JSON RateLimitRequest)\n",
+            )
+        })
+        .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(Arc::new(Ctx { limiter, limits }));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -89,31 +99,24 @@ async fn json_call<S: CounterStore>(State(ctx): State<Arc<Ctx<S>>>, body: String
     (status, axum::Json(response_json(&resp))).into_response()
 }
 
-/// A 32-bit count: a JSON number, or a string holding one.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Num {
-    N(u64),
-    S(String),
-}
-
-impl Num {
-    fn get(&self, field: &str) -> Result<u64, String> {
-        match self {
-            Num::N(n) => Ok(*n),
-            Num::S(s) => s
-                .parse()
-                .map_err(|_| format!("{field}: expected a number, got {s:?}")),
-        }
+/// A count as proto3's JSON mapping writes it: a number (`1e0` too), a
+/// string holding one, or null (0).
+fn num(v: &Value, field: &str) -> Result<u64, String> {
+    let bad = || format!("{field}: expected a whole number >= 0, got {v}");
+    match v {
+        Value::Null => Ok(0),
+        Value::Number(n) => n.as_u64().map_or_else(
+            || {
+                n.as_f64()
+                    .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 1.8e19)
+                    .map(|f| f as u64)
+                    .ok_or_else(bad)
+            },
+            Ok,
+        ),
+        Value::String(s) => s.trim().parse().map_err(|_| bad()),
+        _ => Err(bad()),
     }
-}
-
-/// An enum: its name, or its number.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum EnumVal {
-    N(i32),
-    S(String),
 }
 
 #[derive(Deserialize)]
@@ -124,7 +127,7 @@ struct JsonRequest {
     #[serde(default)]
     descriptors: Vec<JsonDescriptor>,
     #[serde(default, rename = "hitsAddend", alias = "hits_addend")]
-    hits_addend: Option<Num>,
+    hits_addend: Value,
 }
 
 #[derive(Deserialize)]
@@ -135,31 +138,31 @@ struct JsonDescriptor {
     #[serde(default)]
     limit: Option<JsonOverride>,
     #[serde(default, rename = "hitsAddend", alias = "hits_addend")]
-    hits_addend: Option<Num>,
+    hits_addend: Value,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonEntry {
     #[serde(default)]
-    key: String,
+    key: Option<String>,
     #[serde(default)]
-    value: String,
+    value: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonOverride {
     #[serde(default, rename = "requestsPerUnit", alias = "requests_per_unit")]
-    requests_per_unit: Option<Num>,
+    requests_per_unit: Value,
     #[serde(default)]
-    unit: Option<EnumVal>,
+    unit: Value,
 }
 
 impl JsonRequest {
     fn into_proto(self) -> Result<RateLimitRequest, String> {
-        let u32_of = |n: Option<Num>, field: &str| -> Result<u32, String> {
-            let v = n.map(|n| n.get(field)).transpose()?.unwrap_or(0);
+        let u32_of = |n: &Value, field: &str| -> Result<u32, String> {
+            let v = num(n, field)?;
             u32::try_from(v).map_err(|_| format!("{field}: {v} is above 4294967295"))
         };
         let mut descriptors = Vec::with_capacity(self.descriptors.len());
@@ -168,17 +171,18 @@ impl JsonRequest {
                 None => None,
                 Some(o) => Some(RateLimitOverride {
                     requests_per_unit: u32_of(
-                        o.requests_per_unit,
+                        &o.requests_per_unit,
                         &format!("descriptors[{i}].limit.requestsPerUnit"),
                     )?,
-                    unit: match o.unit {
-                        None => 0,
-                        Some(EnumVal::N(n)) => n,
-                        Some(EnumVal::S(s)) => RateLimitUnit::from_str_name(&s)
+                    unit: match &o.unit {
+                        Value::String(s) => RateLimitUnit::from_str_name(s)
                             .map(|u| u as i32)
                             .ok_or_else(|| {
-                            format!("descriptors[{i}].limit.unit: unknown unit {s:?}")
-                        })?,
+                                format!("descriptors[{i}].limit.unit: unknown unit {s:?}")
+                            })?,
+                        // A number (the server names a bad one), or null.
+                        v => i32::try_from(num(v, &format!("descriptors[{i}].limit.unit"))?)
+                            .unwrap_or(i32::MAX),
                     },
                 }),
             };
@@ -188,18 +192,22 @@ impl JsonRequest {
                     .entries
                     .into_iter()
                     .map(|e| Entry {
-                        key: e.key,
-                        value: e.value,
+                        key: e.key.unwrap_or_default(),
+                        value: e.value.unwrap_or_default(),
                     })
                     .collect(),
                 limit,
-                hits_addend: d.hits_addend.map(|n| n.get(&field)).transpose()?,
+                // Absent or null: unset (the request's hits apply).
+                hits_addend: match &d.hits_addend {
+                    Value::Null => None,
+                    v => Some(num(v, &field)?),
+                },
             });
         }
         Ok(RateLimitRequest {
             domain: self.domain,
             descriptors,
-            hits_addend: u32_of(self.hits_addend, "hitsAddend")?,
+            hits_addend: u32_of(&self.hits_addend, "hitsAddend")?,
         })
     }
 }
@@ -316,6 +324,14 @@ mod tests {
         .unwrap();
         let p = r.into_proto().unwrap();
         assert_eq!(p.domain, "d");
+        // Nulls are defaults; 1e0 is a whole number.
+        let n: JsonRequest = serde_json::from_str(
+            r#"{"domain": "d", "hitsAddend": 1e0, "descriptors": [{"entries": [{"key": "k", "value": null}], "hitsAddend": null}]}"#,
+        )
+        .unwrap();
+        let n = n.into_proto().unwrap();
+        assert_eq!((n.hits_addend, n.descriptors[0].hits_addend), (1, None));
+        assert_eq!(n.descriptors[0].entries[0].value, "");
         assert_eq!(p.hits_addend, 2);
         assert_eq!(p.descriptors[0].hits_addend, Some(5));
         let l = p.descriptors[0].limit.as_ref().unwrap();
