@@ -1954,7 +1954,7 @@ fn warn_ignored(dir: &Path) {
     let more = ignored.len().saturating_sub(5);
     tracing::warn!(
         dir = %dir.display(),
-        "config dir: not reading {}{} (only .yaml and .yml files hold config; rename them to load them)",
+        "config dir: not reading {}{} (only .yaml and .yml files hold config, and a link must lead to one)",
         shown.join(", "),
         if more > 0 { format!(" and {more} more") } else { String::new() }
     );

@@ -762,13 +762,16 @@ fn config_in_subdirectories_loads_and_other_files_are_named() {
         &cfg.join("limits.conf"),
         &simple_config("conf", "k", "hour", 5),
     );
+    std::os::unix::fs::symlink(cfg.join("gone.yaml"), cfg.join("broken.yaml")).unwrap();
     let c = SluiceCmd::check_config(&cfg).cwd(tmp.path()).run();
     assert!(c.success(), "{}", c.output());
     assert!(c.stdout.contains("ok: domain nested"), "{}", c.output());
     assert!(c.stdout.contains("ok: domain top"), "{}", c.output());
     assert!(!c.stdout.contains("domain conf"), "{}", c.output());
     assert!(
-        c.stderr.contains("not reading") && c.stderr.contains("limits.conf"),
+        c.stderr.contains("not reading")
+            && c.stderr.contains("limits.conf")
+            && c.stderr.contains("broken.yaml"),
         "{}",
         c.output()
     );

@@ -359,8 +359,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
 }
 
 /// The files [`read_dir`] does not read because they are not `*.yaml` /
-/// `*.yml` (dotfiles aside), sorted: the caller warns about them, since
-/// upstream would read them.
+/// `*.yml`, or are links to nothing (dotfiles aside), sorted: the caller
+/// warns about them, since upstream would read them.
 ///
 /// # Errors
 /// [`Error::Read`] if a directory cannot be read.
@@ -415,6 +415,9 @@ fn walk_entries(
             }
         } else if path.is_file() {
             f(path, name.ends_with(".yaml") || name.ends_with(".yml"))?;
+        } else if path.is_symlink() {
+            // A link to nothing: not read, and named in the warning.
+            f(path, false)?;
         }
     }
     Ok(())

@@ -144,6 +144,12 @@ pub fn throttle_limit(plan_name: &str, t: &Throttle, method: Option<&str>) -> Ar
             break;
         }
     }
+    if best < 1.0 && t.rate_limit > 0.0 {
+        // Under one a day: per year, at least 1 (0 would read as "always
+        // over" to an RLS client, which the throttle is not).
+        best = (t.rate_limit * 31_536_000.0).round().max(1.0);
+        unit = Unit::Year;
+    }
     let name = match method {
         None => format!("{plan_name}/throttle"),
         Some(m) => format!("{plan_name}/throttle{m}"),
@@ -235,6 +241,13 @@ mod tests {
         let l = throttle_limit("p", &t(1.0 / 7200.0), Some("/x/GET"));
         assert_eq!((l.requests_per_unit, l.unit), (12, Unit::Day));
         assert_eq!(l.name.as_deref(), Some("p/throttle/x/GET"));
+        // Under one a day: per year, never 0 (RLS's "always over").
+        let l = throttle_limit("p", &t(1e-6), None);
+        assert_eq!((l.requests_per_unit, l.unit), (32, Unit::Year));
+        let l = throttle_limit("p", &t(1e-9), None);
+        assert_eq!((l.requests_per_unit, l.unit), (1, Unit::Year));
+        let l = throttle_limit("p", &t(0.0), None);
+        assert_eq!(l.requests_per_unit, 0, "a zero rate stays 0");
     }
 
     #[test]
