@@ -1329,6 +1329,28 @@ async fn rotation_keeps_the_old_value_for_the_grace_period_and_deletion_revokes(
     assert!(!contains(&k.encode_to_vec(), v2.as_bytes()));
     assert_allowed(&call_key(&s, DOMAIN, &v2).await, "new value");
     assert_allowed(&call_key(&s, DOMAIN, &v1).await, "old value within grace");
+    // The old value still works for alice: no other key may take it,
+    // created or imported.
+    let e = try_create_key(&mut admin, "thief", &v1)
+        .await
+        .expect_err("a value in its grace period");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("\"alice\"'s previous value"), "{e:?}");
+    let imported = ok(
+        "import",
+        admin
+            .import_api_keys(ImportApiKeysRequest {
+                csv: format!("Name,Key\nthief2,{v1}\n"),
+                fail_on_warnings: false,
+            })
+            .await,
+    );
+    assert!(imported.ids.is_empty(), "{imported:?}");
+    assert!(
+        imported.warnings[0].contains("grace period"),
+        "{imported:?}"
+    );
+    assert_allowed(&call_key(&s, DOMAIN, &v1).await, "still alice's");
 
     // Rotate again with no grace: the previous value is refused at once.
     let v3 = ok("rotate without grace", rotate(&mut admin, "alice", 0).await).value;

@@ -440,6 +440,16 @@ impl Catalog {
             .map(|r| &r.key)
     }
 
+    /// The key whose previous value (rotated away, still in its grace
+    /// period at `now`) hashes to `hash`: that value must not be given to
+    /// another key while it still works.
+    pub fn key_by_grace_hash(&self, hash: &[u8; 32], now: i64) -> Option<&Arc<ApiKey>> {
+        self.by_hash
+            .get(hash)
+            .filter(|r| r.until.is_some_and(|u| u > now))
+            .map(|r| &r.key)
+    }
+
     /// Plans ordered by name.
     pub fn plans_by_name(&self) -> impl Iterator<Item = &Arc<CompiledPlan>> {
         self.plan_names.values().filter_map(|id| self.plans.get(id))

@@ -476,6 +476,12 @@ impl Registry {
                 "another API key already has this value".into(),
             ));
         }
+        if let Some(k) = cat.key_by_grace_hash(&hash, now) {
+            return Err(Error::AlreadyExists(format!(
+                "this value is API key {:?}'s previous value, which still works in its rotation grace period",
+                k.name
+            )));
+        }
         self.commit(Changes {
             keys_put: vec![key.clone()],
             ..Changes::default()
@@ -576,6 +582,14 @@ impl Registry {
             return Err(Error::AlreadyExists(
                 "an API key already has this value".into(),
             ));
+        }
+        if let Some(other) = cat.key_by_grace_hash(&hash, now) {
+            if other.id != k.id {
+                return Err(Error::AlreadyExists(format!(
+                    "this value is API key {:?}'s previous value, which still works in its rotation grace period",
+                    other.name
+                )));
+            }
         }
         k.previous = (grace_secs > 0).then(|| PreviousValue {
             hash: k.hash.clone(),
@@ -742,6 +756,16 @@ impl Registry {
                 continue;
             }
             let hash = model::hash_value(&row.value);
+            if let Some(other) = cat.key_by_grace_hash(&hash, now) {
+                warn(
+                    &mut warnings,
+                    format!(
+                        "Key: API key {:?}'s previous value, still working in its rotation grace period",
+                        other.name
+                    ),
+                );
+                continue;
+            }
             let existing = hashes
                 .get(&hash)
                 .and_then(|id| by_id.get(id).cloned())
