@@ -878,7 +878,18 @@ pub struct ImportRow {
 /// # Errors
 /// [`Error::Invalid`] on field `csv` when the header lacks a required column
 /// or the text is not CSV.
+///
+/// A quote never closed is an error for the whole text (every row after
+/// it would be read into one field).
 pub fn parse_import_csv(text: &str) -> Result<(Vec<ImportRow>, Vec<String>), Error> {
+    // The csv reader ends a quoted field left open at the end of the text
+    // quietly (and swallows the rows after its quote into it): refuse it.
+    if let Some(line) = unclosed_quote_line(text) {
+        return Err(Error::invalid(
+            "csv",
+            format!("line {line}: a quote opened here is never closed"),
+        ));
+    }
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
@@ -976,6 +987,25 @@ fn name_taken(what: &str, name: &str, other_id: &str) -> Error {
     }
 }
 
+
+/// The line of a quote that opens a quoted field and is never closed (a
+/// doubled quote inside a quoted field is an escaped one).
+fn unclosed_quote_line(text: &str) -> Option<usize> {
+    let (mut line, mut open) = (1, None);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '"' if open.is_some() && chars.peek() == Some(&'"') => {
+                chars.next();
+            }
+            '"' => open = if open.is_some() { None } else { Some(line) },
+            _ => {}
+        }
+    }
+    open
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1001,23 +1031,30 @@ mod tests {
         assert!(parse_import_csv("Name,Value\na,b\n").is_err());
     }
 
-    /// An unclosed quote swallows the rows after it: the warning says so,
-    /// with the row's own line, and the rows before it still import.
+    /// An unclosed quote would swallow the rows after it (or, on the last
+    /// row, end quietly): the import is refused, naming the quote's line.
+    /// Quoted fields over several lines and doubled quotes are fine.
     #[test]
-    fn an_unclosed_quote_is_named_as_such() {
-        let text = "Name,Key,Description\n\
-                    alice,abcdefghijklmnopqrstu,\"multi\nline\"\n\
-                    bob,bcdefghijklmnopqrstuv,ok\n\
-                    \"carol,cdefghijklmnopqrstuvw,x\n\
-                    dave,defghijklmnopqrstuvwx,y\n";
-        let (rows, warnings) = parse_import_csv(text).unwrap();
-        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["alice", "bob"]);
+    fn an_unclosed_quote_is_refused_naming_its_line() {
+        let good = "Name,Key,Description\n\
+                    alice,abcdefghijklmnopqrstu,\"multi\nline, \"\"quoted\"\"\"\n\
+                    bob,bcdefghijklmnopqrstuv,ok\n";
+        let (rows, warnings) = parse_import_csv(good).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(rows[1].line, 4, "bob's row starts on line 4");
-        assert_eq!(
-            warnings,
-            ["line 5: a quoted field runs on to line 6 (a quote not closed?), so this row has no Name or Key"]
-        );
+        for (text, line) in [
+            (
+                "Name,Key,Description\nbob,bcdefghijklmnopqrstuv,ok\n\"carol,cdefghijklmnopqrstuvw,x\ndave,defghijklmnopqrstuvwx,y\n",
+                3,
+            ),
+            ("Name,Key\nq1,\"qkey1-aaaaaaaaaaaaaaaaaaaaa\n", 2),
+        ] {
+            let e = parse_import_csv(text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("line {line}: a quote opened here is never closed")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
