@@ -12,7 +12,19 @@ impl From<plans::Error> for Status {
             plans::Error::NotFound { .. } => Status::not_found(e.to_string()),
             plans::Error::AlreadyExists(m) => Status::already_exists(m),
             plans::Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            plans::Error::Storage(e) => from_storage(e),
+            plans::Error::Storage(e) => {
+                // An admin call: say so (the decision path's message would
+                // point at the rate limit store).
+                if e.is_transient() {
+                    tracing::warn!(error = %e, "admin write failed: storage unavailable");
+                    Status::unavailable(
+                        "the change could not be stored (storage unavailable, e.g. a full disk: see the server log); it was not made",
+                    )
+                } else {
+                    tracing::error!(error = %e, "admin call failed");
+                    Status::internal("internal error (see the server log)")
+                }
+            }
         }
     }
 }
