@@ -94,7 +94,7 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Address for gRPC (RLS, health, reflection).
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081", value_parser = listen_addr)]
     listen: SocketAddr,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
@@ -141,11 +141,11 @@ struct ServeArgs {
     max_concurrent_streams: u32,
     /// Address of the admin API (usage plans and API keys), with its own
     /// health and reflection.
-    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8082")]
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8082", value_parser = listen_addr)]
     admin_listen: SocketAddr,
     /// Address for envoyproxy/ratelimit's HTTP endpoints (GET /healthcheck,
     /// POST /json; upstream's port 8080). Off unless given.
-    #[arg(long, env = "SLUICE_HTTP_LISTEN")]
+    #[arg(long, env = "SLUICE_HTTP_LISTEN", value_parser = listen_addr)]
     http_listen: Option<SocketAddr>,
     #[command(flatten)]
     token: TokenArgs,
@@ -508,6 +508,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     closed.context("final flush of counters failed")?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name that
+/// resolves (`localhost:8081`; its IPv4 address when it has one).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not IP:PORT or HOST:PORT ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 /// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives

@@ -847,3 +847,28 @@ fn the_http_port_serves_healthcheck_and_json() {
     assert!(body.contains("/healthcheck and /json"), "{body}");
     s.terminate();
 }
+
+/// Listen addresses take a host name (`localhost:PORT`, its IPv4 address),
+/// here through the environment; a name that does not resolve is a clear
+/// start-up error.
+#[test]
+fn listen_addresses_take_host_names() {
+    let tmp = tempdir();
+    let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
+        .env("SLUICE_HTTP_LISTEN", "localhost:0")
+        .start();
+    let line = s.wait_for_line(|l| l.contains("/json) listening on"));
+    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    s.terminate();
+    let f = SluiceCmd::serve_embedded(&tmp.path().join("data2"))
+        .arg("--http-listen")
+        .arg("no-such-host.invalid:1")
+        .run();
+    assert!(!f.success(), "{}", f.output());
+    assert!(
+        f.stderr
+            .contains("\"no-such-host.invalid:1\" is not IP:PORT or HOST:PORT"),
+        "{}",
+        f.output()
+    );
+}

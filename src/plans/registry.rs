@@ -987,7 +987,6 @@ fn name_taken(what: &str, name: &str, other_id: &str) -> Error {
     }
 }
 
-
 /// The line of a quote that opens a quoted field and is never closed (a
 /// doubled quote inside a quoted field is an escaped one).
 fn unclosed_quote_line(text: &str) -> Option<usize> {
