@@ -1946,17 +1946,10 @@ fn warn_ignored(dir: &Path) {
     if ignored.is_empty() {
         return;
     }
-    let shown: Vec<String> = ignored
-        .iter()
-        .take(5)
-        .map(|p| p.display().to_string())
-        .collect();
-    let more = ignored.len().saturating_sub(5);
     tracing::warn!(
         dir = %dir.display(),
-        "config dir: not reading {}{} (only .yaml and .yml files hold config, and a link must lead to one)",
-        shown.join(", "),
-        if more > 0 { format!(" and {more} more") } else { String::new() }
+        "config dir: not reading {} (only .yaml and .yml files hold config, and a link must lead to one)",
+        crate::telemetry::first_five(ignored.iter().map(|p| p.display().to_string()))
     );
 }
 

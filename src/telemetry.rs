@@ -28,3 +28,28 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// The first five of `names` (in their order), then how many more: how a
+/// log line lists files without growing with them (`a, b, c, d, e and 7
+/// more`).
+pub fn first_five<I: IntoIterator<Item = String>>(names: I) -> String {
+    let names: Vec<String> = names.into_iter().collect();
+    let more = names.len().saturating_sub(5);
+    let shown = names[..names.len().min(5)].join(", ");
+    if more > 0 {
+        format!("{shown} and {more} more")
+    } else {
+        shown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn first_five_names_five_then_counts_the_rest() {
+        let names = |n: usize| (0..n).map(|i| format!("f{i}"));
+        assert_eq!(super::first_five(names(2)), "f0, f1");
+        assert_eq!(super::first_five(names(5)), "f0, f1, f2, f3, f4");
+        assert_eq!(super::first_five(names(7)), "f0, f1, f2, f3, f4 and 2 more");
+    }
+}

@@ -346,12 +346,14 @@ const MAX_DEPTH: usize = 8;
 /// [`Error::Read`] if the directory or a file cannot be read.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
     let mut files = Vec::new();
-    walk(dir, 0, &mut |path| {
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Read {
-            path: path.clone(),
-            source: e,
-        })?;
-        files.push((path, text));
+    walk_entries(dir, 0, &mut |path, is_yaml| {
+        if is_yaml {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::Read {
+                path: path.clone(),
+                source: e,
+            })?;
+            files.push((path, text));
+        }
         Ok(())
     })?;
     files.sort();
@@ -374,20 +376,6 @@ pub fn ignored_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     })?;
     out.sort();
     Ok(out)
-}
-
-fn walk(
-    dir: &Path,
-    depth: usize,
-    yaml: &mut dyn FnMut(PathBuf) -> Result<(), Error>,
-) -> Result<(), Error> {
-    walk_entries(dir, depth, &mut |path, is_yaml| {
-        if is_yaml {
-            yaml(path)
-        } else {
-            Ok(())
-        }
-    })
 }
 
 /// Calls `f` with every regular file under `dir` (not under a dot name)

@@ -12,19 +12,13 @@ impl From<plans::Error> for Status {
             plans::Error::NotFound { .. } => Status::not_found(e.to_string()),
             plans::Error::AlreadyExists(m) => Status::already_exists(m),
             plans::Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            plans::Error::Storage(e) => {
-                // An admin call: say so (the decision path's message would
-                // point at the rate limit store).
-                if e.is_transient() {
-                    tracing::warn!(error = %e, "admin write failed: storage unavailable");
-                    Status::unavailable(
-                        "the change could not be stored (storage unavailable, e.g. a full disk: see the server log); it was not made",
-                    )
-                } else {
-                    tracing::error!(error = %e, "admin call failed");
-                    Status::internal("internal error (see the server log)")
-                }
-            }
+            // An admin call: say so (the decision path's message would
+            // point at the rate limit store).
+            plans::Error::Storage(e) => storage_status(
+                e,
+                "admin write failed",
+                "the change could not be stored (storage unavailable, e.g. a full disk: see the server log); it was not made",
+            ),
         }
     }
 }
@@ -39,11 +33,17 @@ impl From<InvalidRequest> for Status {
 /// an error (not UNKNOWN-then-allow) per its `failure_mode_deny`, so the
 /// operator's choice applies. Details are logged here, never sent.
 pub fn from_storage(e: storage::Error) -> Status {
+    storage_status(e, "decision failed", "rate limit storage unavailable")
+}
+
+/// A storage failure of `what`: UNAVAILABLE with `unavailable` when it is
+/// transient, else INTERNAL; logged with its details either way.
+fn storage_status(e: storage::Error, what: &str, unavailable: &str) -> Status {
     if e.is_transient() {
-        tracing::warn!(error = %e, "decision failed: storage unavailable");
-        Status::unavailable("rate limit storage unavailable")
+        tracing::warn!(error = %e, "{what}: storage unavailable");
+        Status::unavailable(unavailable)
     } else {
-        tracing::error!(error = %e, "decision failed");
+        tracing::error!(error = %e, "{what}");
         Status::internal("internal error")
     }
 }

@@ -99,13 +99,10 @@ fn warn_if_foreign(dir: &Path) {
     }
     if !foreign.is_empty() {
         foreign.sort();
-        let more = foreign.len().saturating_sub(5);
-        foreign.truncate(5);
         tracing::warn!(
             dir = %dir.display(),
-            "the data dir holds files that are not sluice's ({}{}); starting a new database beside them: check --data-dir",
-            foreign.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            "the data dir holds files that are not sluice's ({}); starting a new database beside them: check --data-dir",
+            crate::telemetry::first_five(foreign)
         );
     }
 }
