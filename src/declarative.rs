@@ -21,6 +21,8 @@
 //!       limit: 1000                 # required
 //!       period: DAY                 # required: DAY, WEEK or MONTH
 //!       anchor_day: 0               # default 0
+//!       # offset: 4                 # AWS's offset (days after the period's natural
+//!                                   # start), instead of anchor_day; export writes anchor_day
 //!       time_zone: UTC              # default UTC
 //!     stages:                       # default []
 //!       - domain: llm-gateway       # required
@@ -102,12 +104,20 @@
 //!
 //! # Order of changes
 //!
-//! 1. create or update plans (file order),
-//! 2. create or update keys (file order),
-//! 3. remove stale bindings, then
-//! 4. add new bindings (so a key can move between two plans that govern the
-//!    same domain and stage),
+//! 1. remove stale bindings (so a key can move between two plans that
+//!    govern the same domain and stage, and a plan can take a stage from
+//!    one its keys leave),
+//! 2. create or update plans (file order, except that an update giving a
+//!    plan a stage another plan of one of its keys still governs waits for
+//!    that plan's update; two plans sharing a key that trade stages are
+//!    refused before any change, naming the way out),
+//! 3. create or update keys (file order),
+//! 4. add new bindings,
 //! 5. with `prune`: delete keys, then plans, not in the file (by name).
+//!
+//! Errors found before the first change (a binding to a plan that exists
+//! nowhere, two plans of a key for one stage, a limit whose unit changes)
+//! name the file and line, as parse errors do ([`Lines::place`]).
 //!
 //! # Output
 //!
@@ -189,6 +199,16 @@ pub enum Error {
     /// that exists nowhere). Found before any change is made.
     #[error("{0}")]
     Conflict(String),
+    /// A [`Conflict`](Self::Conflict) at a place in the file;
+    /// [`Lines::place`] makes it an [`Invalid`](Self::Invalid) with the
+    /// file and line.
+    #[error("{message}")]
+    ConflictAt {
+        /// Where in the file.
+        at: At,
+        /// What is wrong.
+        message: String,
+    },
     /// The admin address is not a valid URI or cannot be connected to.
     #[error("cannot connect to the admin API at {addr}: {message}")]
     Connect {
@@ -347,6 +367,12 @@ pub struct QuotaSpec {
     /// WEEK: 0 = Sunday .. 6 = Saturday; MONTH: 1..31 (0 means 1); DAY: 0.
     #[serde(default)]
     pub anchor_day: i32,
+    /// Amazon API Gateway's `offset`, read as the same anchor: days after
+    /// the natural start of the period (WEEK: after Sunday, MONTH: after the
+    /// 1st). Give `anchor_day` or `offset`, not both. `export` writes
+    /// `anchor_day`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i32>,
     /// IANA time zone; default UTC.
     #[serde(default = "default_time_zone")]
     pub time_zone: String,
@@ -677,6 +703,8 @@ struct QuotaOut<'a> {
     period: PeriodSpec,
     #[serde(skip_serializing_if = "is_zero")]
     anchor_day: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i32>,
     #[serde(skip_serializing_if = "is_default_time_zone")]
     time_zone: &'a str,
 }
@@ -695,6 +723,7 @@ impl Serialize for QuotaSpec {
             limit: self.limit,
             period: self.period,
             anchor_day: self.anchor_day,
+            offset: self.offset,
             time_zone: &self.time_zone,
         })
         .serialize(s)
@@ -718,8 +747,73 @@ impl Serialize for PriceSpec {
     }
 }
 
+/// A place in a declarative file, for the line of an error found after
+/// parsing (see [`Lines::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// `usage_plans[i]`.
+    Plan(usize),
+    /// `usage_plans[i].limits[j]`.
+    Limit(usize, usize),
+    /// `api_keys[i]`.
+    Key(usize),
+    /// `api_keys[i].usage_plans[j]`.
+    Binding(usize, usize),
+}
+
+/// The lines of a declarative file's plans, limits, keys and bindings, for
+/// error messages.
+#[derive(Debug, Default)]
+pub struct Lines {
+    path: PathBuf,
+    names: Option<NamesOnly>,
+}
+
+impl Lines {
+    /// The lines of `text`, read from `path`. A text that does not parse
+    /// gives no lines (its errors come from [`parse_spec`]).
+    pub fn of(path: &Path, text: &str) -> Lines {
+        Lines {
+            path: path.to_owned(),
+            // It parsed once, so this only fails on something exotic, and
+            // then the messages lack a line.
+            names: one_document(path, text).ok().flatten(),
+        }
+    }
+
+    /// The line of a place in the file.
+    pub fn line(&self, at: At) -> Option<u64> {
+        let n = self.names.as_ref()?;
+        Some(match at {
+            At::Plan(i) => n.usage_plans.get(i)?.name.referenced.line(),
+            At::Limit(i, j) => n.usage_plans.get(i)?.limits.get(j)?.name.referenced.line(),
+            At::Key(i) => n.api_keys.get(i)?.name.referenced.line(),
+            At::Binding(i, j) => n.api_keys.get(i)?.usage_plans.get(j)?.referenced.line(),
+        })
+    }
+
+    /// The line where the plan after `usage_plans[i]` starts (the end of
+    /// plan `i`'s lines), if there is one.
+    fn next_plan_line(&self, i: usize) -> Option<u64> {
+        self.line(At::Plan(i + 1))
+    }
+
+    /// `e` with its file and line when it is a [`Error::ConflictAt`]; any
+    /// other error as it is.
+    pub fn place(&self, e: Error) -> Error {
+        match e {
+            Error::ConflictAt { at, message } => Error::Invalid {
+                path: self.path.clone(),
+                line: self.line(at),
+                message,
+            },
+            e => e,
+        }
+    }
+}
+
 /// Only the names of a file, with their lines, for error messages.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct NamesOnly {
     #[serde(default)]
     usage_plans: Vec<NamedOnly>,
@@ -727,7 +821,7 @@ struct NamesOnly {
     api_keys: Vec<NamedOnly>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct NamedOnly {
     name: serde_saphyr::Spanned<String>,
     #[serde(default)]
@@ -736,7 +830,7 @@ struct NamedOnly {
     limits: Vec<LimitNameOnly>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct LimitNameOnly {
     name: serde_saphyr::Spanned<String>,
 }
@@ -754,35 +848,11 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     let Some(spec) = one_document::<Spec>(path, text)? else {
         return Ok(Spec::default());
     };
-    // The same text again, for the lines of names; it parsed once, so this
-    // only fails on something exotic, and then the messages lack a line.
-    let names: Option<NamesOnly> = one_document(path, text).ok().flatten();
-    let line_of_plan = |i: usize| {
-        names
-            .as_ref()
-            .and_then(|n| n.usage_plans.get(i))
-            .map(|p| p.name.referenced.line())
-    };
-    let line_of_key = |i: usize| {
-        names
-            .as_ref()
-            .and_then(|n| n.api_keys.get(i))
-            .map(|k| k.name.referenced.line())
-    };
-    let line_of_limit = |i: usize, j: usize| {
-        names
-            .as_ref()
-            .and_then(|n| n.usage_plans.get(i))
-            .and_then(|p| p.limits.get(j))
-            .map(|l| l.name.referenced.line())
-    };
-    let line_of_binding = |i: usize, j: usize| {
-        names
-            .as_ref()
-            .and_then(|n| n.api_keys.get(i))
-            .and_then(|k| k.usage_plans.get(j))
-            .map(|p| p.referenced.line())
-    };
+    let lines = Lines::of(path, text);
+    let line_of_plan = |i: usize| lines.line(At::Plan(i));
+    let line_of_key = |i: usize| lines.line(At::Key(i));
+    let line_of_limit = |i: usize, j: usize| lines.line(At::Limit(i, j));
+    let line_of_binding = |i: usize, j: usize| lines.line(At::Binding(i, j));
     let invalid = |line: Option<u64>, message: String| Error::Invalid {
         path: path.to_owned(),
         line,
@@ -885,9 +955,10 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     // dry run reports it, and a real run stops before its first change.
     for (i, p) in spec.usage_plans.iter().enumerate() {
         crate::server::admin::check_plan(&plan_to_proto(p)).map_err(|e| {
+            let message = e.to_string();
             invalid(
-                line_of_plan(i),
-                format!("usage_plans[{i}] ({:?}): {e}", p.name),
+                field_line(text, &lines, i, &message),
+                format!("usage_plans[{i}] ({:?}): {message}", p.name),
             )
         })?;
     }
@@ -925,6 +996,81 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     Ok(spec)
 }
 
+/// The line of the field that a check's message about `usage_plans[i]`
+/// starts with (`quota.time_zone: ...`, `limits[1].window: ...`), looked
+/// for among the plan's own lines; the plan's line when the message names
+/// no field, the nearest enclosing field's when the field is not found
+/// (e.g. a flow list on one line).
+fn field_line(text: &str, lines: &Lines, i: usize, message: &str) -> Option<u64> {
+    let plan = lines.line(At::Plan(i))?;
+    let end = lines.next_plan_line(i).unwrap_or(u64::MAX);
+    let Some((path, _)) = message.split_once(": ") else {
+        return Some(plan);
+    };
+    if path.is_empty() || path.contains(char::is_whitespace) {
+        return Some(plan);
+    }
+    let mut from = plan;
+    // Which match of the next field to take: the index of the list item
+    // the previous segment named.
+    let mut nth = 0;
+    for seg in path.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        if let ("limits", Some(j)) = (key, index) {
+            match lines.line(At::Limit(i, j)) {
+                Some(l) => from = l,
+                None => return Some(from),
+            }
+            nth = 0;
+            continue;
+        }
+        let found = text
+            .lines()
+            .zip(1u64..)
+            .skip(usize::try_from(from - 1).unwrap_or(usize::MAX))
+            .take_while(|(_, n)| *n < end)
+            .filter(|(l, _)| has_key(l, key))
+            .nth(nth);
+        match found {
+            Some((_, n)) => from = n,
+            None => return Some(from),
+        }
+        nth = index.unwrap_or(0);
+    }
+    Some(from)
+}
+
+/// Whether a YAML line has `key` as a mapping key (`key:` at the start,
+/// after `- `, or in a flow mapping after `{` or `,`).
+fn has_key(line: &str, key: &str) -> bool {
+    let mut rest = line;
+    while let Some(at) = rest.find(key) {
+        let before = rest[..at].trim_end().chars().last();
+        let after = rest[at + key.len()..].trim_start();
+        if matches!(before, None | Some('-' | '{' | ',')) && after.starts_with(':') {
+            return true;
+        }
+        rest = &rest[at + key.len()..];
+    }
+    false
+}
+
+/// The mapping key on line `line` (1-based) before column `column`: the
+/// field a value at that place belongs to.
+fn key_before(text: &str, line: usize, column: usize) -> Option<&str> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let upto = l.get(..column.saturating_sub(1).min(l.len()))?;
+    let colon = upto.trim_end().strip_suffix(':')?;
+    let start = colon
+        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .map_or(0, |p| p + 1);
+    let key = &colon[start..];
+    (!key.is_empty()).then_some(key)
+}
+
 /// The one YAML document of `text` (none if every document is empty:
 /// leading and trailing `---` markers, as Kubernetes and Helm write them,
 /// are fine). A second document is an error rather than silently ignored.
@@ -933,7 +1079,7 @@ fn one_document<'de, T: serde::Deserialize<'de>>(
     text: &'de str,
 ) -> Result<Option<T>, Error> {
     let mut docs: Vec<T> =
-        serde_saphyr::from_str_multiple(text).map_err(|e| parse_error(path, &e))?;
+        serde_saphyr::from_str_multiple(text).map_err(|e| parse_error(path, text, &e))?;
     if docs.len() > 1 {
         return Err(Error::Parse {
             path: path.to_owned(),
@@ -946,7 +1092,7 @@ fn one_document<'de, T: serde::Deserialize<'de>>(
     Ok(docs.pop())
 }
 
-fn parse_error(path: &Path, e: &serde_saphyr::Error) -> Error {
+fn parse_error(path: &Path, text: &str, e: &serde_saphyr::Error) -> Error {
     let options = serde_saphyr::render_options! {
         snippets: serde_saphyr::SnippetMode::Off,
     };
@@ -955,6 +1101,15 @@ fn parse_error(path: &Path, e: &serde_saphyr::Error) -> Error {
         let marker = format!("line {}", loc.line());
         if !message.contains(&marker) {
             message = format!("line {} column {}: {message}", loc.line(), loc.column());
+        }
+        // A bad value ("invalid i32") says where, not which field.
+        let (line, column) = (loc.line(), loc.column());
+        let key = usize::try_from(line)
+            .ok()
+            .zip(usize::try_from(column).ok())
+            .and_then(|(l, c)| key_before(text, l, c));
+        if let Some(key) = key.filter(|k| !message.contains(k)) {
+            message = format!("{message} (field {key})");
         }
     }
     Error::Parse {
@@ -1055,7 +1210,7 @@ fn plan_to_proto(p: &PlanSpec) -> pb::UsagePlan {
             limit: q.limit,
             period: period_to_proto(q.period) as i32,
             anchor_day: q.anchor_day,
-            offset: None,
+            offset: q.offset,
             time_zone: q.time_zone.clone(),
         }),
         stages: p
@@ -1476,19 +1631,23 @@ pub fn diff(
     let file_keys: HashSet<&str> = spec.api_keys.iter().map(|k| k.name.as_str()).collect();
 
     // Check every binding before computing anything.
-    for k in &spec.api_keys {
-        for p in &k.usage_plans {
+    for (i, k) in spec.api_keys.iter().enumerate() {
+        for (j, p) in k.usage_plans.iter().enumerate() {
             if file_plans.contains(p.as_str()) {
                 continue;
             }
+            let conflict = |message: String| Error::ConflictAt {
+                at: At::Binding(i, j),
+                message,
+            };
             if !server_plans.contains_key(p.as_str()) {
-                return Err(Error::Conflict(format!(
+                return Err(conflict(format!(
                     "api key {:?}: usage_plans names usage plan {p:?}, which is neither in the file nor on the server",
                     k.name
                 )));
             }
             if prune {
-                return Err(Error::Conflict(format!(
+                return Err(conflict(format!(
                     "api key {:?}: usage_plans names usage plan {p:?}, which is not in the file, so pruning would delete it",
                     k.name
                 )));
@@ -1510,29 +1669,66 @@ pub fn diff(
             None => server_plans.get(name).map_or(&[], |p| &p.stages),
         }
     };
-    for k in &spec.api_keys {
+    for (ki, k) in spec.api_keys.iter().enumerate() {
         for (i, a) in k.usage_plans.iter().enumerate() {
-            for b in &k.usage_plans[i + 1..] {
-                let shared = stages_of(a).iter().find(|sa| {
-                    stages_of(b)
-                        .iter()
-                        .any(|sb| sa.domain == sb.domain && sa.stage == sb.stage)
-                });
-                if let Some(st) = shared {
-                    return Err(Error::Conflict(format!(
-                        "api key {:?}: usage plans {a:?} and {b:?} both govern domain {:?} stage {:?}; a key may have one plan per domain and stage",
-                        k.name, st.domain, st.stage
-                    )));
+            for (j, b) in k.usage_plans.iter().enumerate().skip(i + 1) {
+                if let Some((domain, stage)) = shared_stage(stages_of(a), stages_of(b)) {
+                    return Err(Error::ConflictAt {
+                        at: At::Binding(ki, j),
+                        message: format!(
+                            "api key {:?}: usage plans {a:?} and {b:?} both govern domain {domain:?} stage {stage:?}; a key may have one plan per domain and stage",
+                            k.name
+                        ),
+                    });
                 }
             }
         }
     }
 
-    let mut changes = Vec::new();
-    for p in &spec.usage_plans {
+    // Stale bindings go first: a plan update may give a plan a stage that
+    // another plan of the key has until the key leaves it.
+    let mut unbinds = Vec::new();
+    let mut binds = Vec::new();
+    let mut bound: HashMap<&str, Vec<&str>> = HashMap::new();
+    for k in &spec.api_keys {
+        let have: BTreeSet<&str> = server_keys
+            .get(k.name.as_str())
+            .map(|key| {
+                key.usage_plan_ids
+                    .iter()
+                    .map(|id| plan_names.get(id.as_str()).copied().unwrap_or(id.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: BTreeSet<&str> = k.usage_plans.iter().map(String::as_str).collect();
+        for plan in have.difference(&want) {
+            unbinds.push(Change::Unbind {
+                key: k.name.clone(),
+                plan: (*plan).to_owned(),
+            });
+        }
+        for plan in want.difference(&have) {
+            binds.push(Change::Bind {
+                key: k.name.clone(),
+                plan: (*plan).to_owned(),
+            });
+        }
+        bound.insert(&k.name, have.intersection(&want).copied().collect());
+    }
+    for k in keys.iter().filter(|k| !file_keys.contains(k.name.as_str())) {
+        let plans = k
+            .usage_plan_ids
+            .iter()
+            .map(|id| plan_names.get(id.as_str()).copied().unwrap_or(id.as_str()))
+            .collect();
+        bound.insert(&k.name, plans);
+    }
+
+    let mut plan_changes = Vec::new();
+    for (i, p) in spec.usage_plans.iter().enumerate() {
         let want = plan_to_proto(p);
         match server_plans.get(p.name.as_str()) {
-            None => changes.push(Change::CreatePlan { plan: want }),
+            None => plan_changes.push((i, Change::CreatePlan { plan: want })),
             Some(have) => {
                 let fields = plan_fields_changed(&want, have);
                 if !fields.is_empty() {
@@ -1540,11 +1736,13 @@ pub fn diff(
                         id: p.name.clone(),
                         ..want
                     };
-                    changes.push(Change::UpdatePlan { plan, fields });
+                    plan_changes.push((i, Change::UpdatePlan { plan, fields }));
                 }
             }
         }
     }
+    let mut changes = unbinds;
+    changes.extend(order_plan_changes(plan_changes, &server_plans, &bound)?);
     for k in &spec.api_keys {
         let want = key_to_proto(k);
         match server_keys.get(k.name.as_str()) {
@@ -1559,31 +1757,6 @@ pub fn diff(
                     changes.push(Change::UpdateKey { key, fields });
                 }
             }
-        }
-    }
-    let mut binds = Vec::new();
-    for k in &spec.api_keys {
-        let have: BTreeSet<&str> = server_keys
-            .get(k.name.as_str())
-            .map(|key| {
-                key.usage_plan_ids
-                    .iter()
-                    .map(|id| plan_names.get(id.as_str()).copied().unwrap_or(id.as_str()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let want: BTreeSet<&str> = k.usage_plans.iter().map(String::as_str).collect();
-        for plan in have.difference(&want) {
-            changes.push(Change::Unbind {
-                key: k.name.clone(),
-                plan: (*plan).to_owned(),
-            });
-        }
-        for plan in want.difference(&have) {
-            binds.push(Change::Bind {
-                key: k.name.clone(),
-                plan: (*plan).to_owned(),
-            });
         }
     }
     changes.extend(binds);
@@ -1608,6 +1781,81 @@ pub fn diff(
         }));
     }
     Ok(ChangeSet { changes })
+}
+
+/// The domain and stage two plans' stages share, if any.
+fn shared_stage<'a>(a: &'a [pb::ApiStage], b: &[pb::ApiStage]) -> Option<(&'a str, &'a str)> {
+    a.iter()
+        .find(|sa| {
+            b.iter()
+                .any(|sb| sa.domain == sb.domain && sa.stage == sb.stage)
+        })
+        .map(|s| (s.domain.as_str(), s.stage.as_str()))
+}
+
+/// The plan creations and updates (with their `usage_plans` index) in an
+/// order the server accepts one by one: an update must not give a plan a
+/// domain and stage that another plan of one of its keys governs at that
+/// moment (`bound`: each key's plans that stay bound throughout). Updates
+/// are kept in file order where they can be; one that must wait for
+/// another goes after it.
+///
+/// # Errors
+/// [`Error::ConflictAt`] when no order works: two plans that share a key
+/// trade a domain and stage.
+fn order_plan_changes(
+    mut pending: Vec<(usize, Change)>,
+    server_plans: &HashMap<&str, &pb::UsagePlan>,
+    bound: &HashMap<&str, Vec<&str>>,
+) -> Result<Vec<Change>, Error> {
+    let mut stages: HashMap<String, Vec<pb::ApiStage>> = server_plans
+        .iter()
+        .map(|(name, p)| ((*name).to_owned(), p.stages.clone()))
+        .collect();
+    // The key and other plan an update would clash with now, if any.
+    let clash = |stages: &HashMap<String, Vec<pb::ApiStage>>, plan: &pb::UsagePlan| {
+        bound
+            .iter()
+            .filter(|(_, plans)| plans.contains(&plan.name.as_str()))
+            .find_map(|(key, plans)| {
+                plans.iter().filter(|o| **o != plan.name).find_map(|other| {
+                    let theirs = stages.get(*other)?;
+                    let (d, s) = shared_stage(&plan.stages, theirs)?;
+                    Some((*key, *other, d.to_owned(), s.to_owned()))
+                })
+            })
+    };
+    let mut out = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let next = pending.iter().position(|(_, c)| match c {
+            Change::UpdatePlan { plan, .. } => clash(&stages, plan).is_none(),
+            _ => true,
+        });
+        let Some(n) = next else {
+            let (i, Change::UpdatePlan { plan, .. }) = &pending[0] else {
+                unreachable!("only updates wait");
+            };
+            let (key, other, domain, stage) =
+                clash(&stages, plan).expect("a waiting update clashes");
+            return Err(Error::ConflictAt {
+                at: At::Plan(*i),
+                message: format!(
+                    "usage plan {:?}: its new stages include domain {domain:?} stage {stage:?}, which usage \
+                     plan {other:?} governs until its own update, and api key {key:?} is bound to both; \
+                     the server refuses a key two plans for one domain and stage at any moment, and no \
+                     order of the updates avoids that (the plans trade stages). Apply in two steps: \
+                     first a file where {key:?} is bound to only one of them, then this file",
+                    plan.name
+                ),
+            });
+        };
+        let (_, change) = pending.remove(n);
+        if let Change::CreatePlan { plan } | Change::UpdatePlan { plan, .. } = &change {
+            stages.insert(plan.name.clone(), plan.stages.clone());
+        }
+        out.push(change);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -1725,6 +1973,7 @@ pub fn export_spec(plans: &[pb::UsagePlan], keys: &[pb::ApiKey]) -> Result<Spec,
                     limit: n.limit,
                     period: period_from_proto(&p.name, n.period)?,
                     anchor_day: n.anchor_day,
+                    offset: None,
                     time_zone: n.time_zone,
                 })
             }
@@ -2091,10 +2340,14 @@ pub async fn plan_changes(
             )));
         }
     }
-    for p in &spec.usage_plans {
+    for (i, p) in spec.usage_plans.iter().enumerate() {
         if let Some(have) = plans.iter().find(|h| h.name == p.name) {
-            crate::server::admin::check_plan_update(have, &plan_to_proto(p))
-                .map_err(|e| Error::Conflict(format!("usage plan {:?}: {e}", p.name)))?;
+            crate::server::admin::check_plan_update(have, &plan_to_proto(p)).map_err(|e| {
+                Error::ConflictAt {
+                    at: At::Plan(i),
+                    message: format!("usage plan {:?}: {e}", p.name),
+                }
+            })?;
         }
     }
     Ok(changes)
@@ -2139,14 +2392,25 @@ pub fn check_spend_prices(spec: &Spec, shared_prices: bool) -> Result<(), Error>
     if shared_prices {
         return Ok(());
     }
-    for p in spec.usage_plans.iter().filter(|p| p.prices.is_empty()) {
-        if let Some(l) = p.limits.iter().find(|l| l.metric == MetricSpec::Spend) {
-            return Err(Error::Conflict(format!(
-                "usage plan {:?}: limit {:?} is a SPEND limit, but the plan has no prices and the \
-                 shared price table would be empty (the server's, or the file's shared_prices); \
-                 give the plan prices, or give the table prices (shared_prices in the file)",
-                p.name, l.name
-            )));
+    for (i, p) in spec.usage_plans.iter().enumerate() {
+        if !p.prices.is_empty() {
+            continue;
+        }
+        if let Some((j, l)) = p
+            .limits
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.metric == MetricSpec::Spend)
+        {
+            return Err(Error::ConflictAt {
+                at: At::Limit(i, j),
+                message: format!(
+                    "usage plan {:?}: limit {:?} is a SPEND limit, but the plan has no prices and the \
+                     shared price table would be empty (the server's, or the file's shared_prices); \
+                     give the plan prices, or give the table prices (shared_prices in the file)",
+                    p.name, l.name
+                ),
+            });
         }
     }
     Ok(())
@@ -2846,6 +3110,96 @@ mod tests {
         );
     }
 
+    /// A plan taking a stage from another plan of one of its keys waits for
+    /// that plan's update; plans trading stages are refused (at the first
+    /// one's place in the file); a key leaving a plan is unbound first.
+    #[test]
+    fn plan_updates_are_ordered_so_no_key_has_two_plans_for_a_stage() {
+        let with_domain = |name: &str, domain: &str| {
+            let mut p = plan_spec(name);
+            p.stages[0].domain = domain.into();
+            p
+        };
+        let spec = Spec {
+            usage_plans: vec![with_domain("a", "d1"), with_domain("b", "d2")],
+            api_keys: vec![key_spec("k", &["a", "b"])],
+            shared_prices: None,
+        };
+        let (plans, keys) = applied(&spec);
+
+        let mut chain = spec.clone();
+        chain.usage_plans = vec![with_domain("a", "d2"), with_domain("b", "d3")];
+        let c = diff(&chain, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            ["~ usage plan b: stages", "~ usage plan a: stages"]
+        );
+
+        let mut swap = spec.clone();
+        swap.usage_plans = vec![with_domain("a", "d2"), with_domain("b", "d1")];
+        let e = diff(&swap, &plans, &keys, false).unwrap_err();
+        assert!(
+            matches!(&e, Error::ConflictAt { at: At::Plan(0), message } if message.contains("trade stages")),
+            "{e:?}"
+        );
+        // Placed, it names the file and the plan's line.
+        let text = "usage_plans:\n  - name: a\n  - name: b\n";
+        let placed = Lines::of(Path::new("f.yaml"), text).place(e).to_string();
+        assert!(placed.starts_with("f.yaml:2: usage plan \"a\""), "{placed}");
+
+        // Without the key on b, the same stages apply: unbind, then update.
+        swap.api_keys[0].usage_plans = vec!["a".into()];
+        let c = diff(&swap, &plans, &keys, false).unwrap();
+        assert_eq!(
+            lines(&c),
+            [
+                "- bind k -> b",
+                "~ usage plan a: stages",
+                "~ usage plan b: stages"
+            ]
+        );
+
+        // A key the file does not list stays bound throughout: it counts.
+        let mut unlisted = swap.clone();
+        unlisted.api_keys.clear();
+        assert!(diff(&unlisted, &plans, &keys, false).is_err());
+    }
+
+    /// A binding to a plan that exists nowhere is placed at the binding.
+    #[test]
+    fn a_binding_to_no_plan_is_placed_at_its_line() {
+        let text = "api_keys:\n  - name: k\n    usage_plans:\n      - x\n      - nowhere\n";
+        let spec = parse(text);
+        let plans = vec![server_plan("p0", &plan_spec("x"))];
+        let e = diff(&spec, &plans, &[], false).unwrap_err();
+        let placed = Lines::of(Path::new("f.yaml"), text).place(e).to_string();
+        assert!(
+            placed.starts_with("f.yaml:5: api key \"k\": usage_plans names usage plan \"nowhere\""),
+            "{placed}"
+        );
+    }
+
+    /// AWS's quota `offset` is read as the same anchor the server reads it
+    /// as; with `anchor_day` too it is refused, naming the field.
+    #[test]
+    fn a_quota_offset_is_taken_as_the_server_takes_it() {
+        let spec = parse(
+            "usage_plans:\n  - name: m\n    quota: { limit: 10, period: MONTH, offset: 4 }\n",
+        );
+        let q = plan_to_proto(&spec.usage_plans[0]).quota.unwrap();
+        assert_eq!((q.anchor_day, q.offset), (0, Some(4)));
+        // The server stores it as anchor 5: no change on a second apply.
+        let mut have = server_plan("p0", &spec.usage_plans[0]);
+        have.quota = Some(pb::Quota {
+            anchor_day: 5,
+            offset: None,
+            ..q
+        });
+        assert!(diff(&spec, &[have], &[], false).unwrap().is_empty());
+        let e = parse_err("usage_plans:\n  - name: m\n    quota: { limit: 10, period: MONTH, anchor_day: 2, offset: 4 }\n");
+        assert!(e.contains(":3:") && e.contains("quota.offset"), "{e}");
+    }
+
     #[test]
     fn unlisted_resources_are_kept_unless_pruned() {
         let spec = parse(EXAMPLE);
@@ -2870,15 +3224,35 @@ mod tests {
         for (yaml, want) in [
             (
                 "usage_plans:\n  - name: ok\n  - name: bad\n    quota: { limit: 10, period: DAY, time_zone: Mars/Base }\n",
-                "p.yaml:3: usage_plans[1] (\"bad\"): quota.time_zone: unknown IANA time zone \"Mars/Base\"",
+                "p.yaml:4: usage_plans[1] (\"bad\"): quota.time_zone: unknown IANA time zone \"Mars/Base\"",
             ),
             (
                 "usage_plans:\n  - name: neg\n    throttle: { rate_limit: -1, burst_limit: 2 }\n",
-                "p.yaml:2: usage_plans[0] (\"neg\"): throttle.rate_limit",
+                "p.yaml:3: usage_plans[0] (\"neg\"): throttle.rate_limit",
             ),
             (
                 "usage_plans:\n  - name: wk\n    quota: { limit: 10, period: WEEK, anchor_day: 9 }\n",
-                "p.yaml:2: usage_plans[0] (\"wk\"): quota.anchor_day",
+                "p.yaml:3: usage_plans[0] (\"wk\"): quota.anchor_day",
+            ),
+            // The field's own line, in block style, not the next plan's.
+            (
+                "usage_plans:\n  - name: z\n    quota:\n      limit: 10\n      period: DAY\n      time_zone: Mars/Base\n  - name: y\n    quota: { limit: 1, period: DAY, time_zone: UTC }\n",
+                "p.yaml:6: usage_plans[0] (\"z\"): quota.time_zone",
+            ),
+            // A limit's field: the limit's lines, not the first limit's.
+            (
+                "usage_plans:\n  - name: l\n    limits:\n      - name: a\n        metric: TOKENS\n        limit: 5\n        window: MINUTE\n      - name: b\n        metric: TOKENS\n        limit: -5\n        window: MINUTE\n",
+                "p.yaml:10: usage_plans[0] (\"l\"): limits[1].limit",
+            ),
+            // The second stage of a flow list on one line: that line.
+            (
+                "usage_plans:\n  - name: s\n    description: x\n    stages: [{ domain: a }, { domain: '' }]\n",
+                "p.yaml:4: usage_plans[0] (\"s\"): stages[1].domain",
+            ),
+            // A value of the wrong type: its line and field.
+            (
+                "usage_plans:\n  - name: t\n    throttle: { rate_limit: 1, burst_limit: 3000000000 }\n",
+                "p.yaml: invalid i32 at line 3, column 45 (field burst_limit)",
             ),
         ] {
             let e = parse_spec(Path::new("p.yaml"), yaml).unwrap_err().to_string();
@@ -2984,6 +3358,7 @@ mod tests {
             limit: i64::MAX,
             period: PeriodSpec::Week,
             anchor_day: 6,
+            offset: None,
             time_zone: "America/New_York".into(),
         });
         p.stages[0].stage = "123".into();

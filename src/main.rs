@@ -304,9 +304,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let spec = declarative::parse_spec(&file, &text)?;
+            let lines = declarative::Lines::of(&file, &text);
             client_runtime()?.block_on(async {
                 let mut c = client.connect().await?;
-                let changes = declarative::plan_changes(&mut c, &spec, prune).await?;
+                let changes = declarative::plan_changes(&mut c, &spec, prune)
+                    .await
+                    .map_err(|e| lines.place(e))?;
                 if dry_run {
                     print!("{changes}");
                     return Ok(ExitCode::SUCCESS);

@@ -510,3 +510,86 @@ usage_plans:
     assert!(out.contains("no changes"), "{out}");
     s2.terminate();
 }
+
+/// Plans of one key that change stages: an update that takes a stage from
+/// another plan of the key waits for that plan's update (a chain applies);
+/// two plans that trade stages are refused before any change, in a dry run
+/// and a real run alike, naming the file's line and the way out; a key
+/// leaving a plan is unbound before the plans change. Errors found against
+/// the server's state name the file and line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_trading_stages_under_one_key_are_ordered_or_refused_before_any_change() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    let admin = s.admin_addr();
+    let file = dir.path().join("a.yaml");
+    let path = file.to_str().unwrap();
+    let write = |a: &str, b: &str, k: &str| {
+        let text = format!(
+            "usage_plans:\n  - name: a\n    stages: [{{ domain: {a} }}]\n  - name: b\n    stages: [{{ domain: {b} }}]\napi_keys:\n  - name: k\n    usage_plans: [{k}]\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("d1", "d2", "a, b");
+    ok(&sluice(&["apply", "-f", path], admin, &data));
+
+    // A chain: a takes d2 from b, b moves on to d3. In file order a's update
+    // would be refused; b's goes first.
+    write("d2", "d3", "a, b");
+    let out = ok(&sluice(&["apply", "-f", path], admin, &data)).to_owned();
+    assert!(
+        out.find("~ usage plan b: stages").unwrap() < out.find("~ usage plan a: stages").unwrap(),
+        "{out}"
+    );
+    let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
+    assert!(
+        exported.contains("domain: d2") && exported.contains("domain: d3"),
+        "{exported}"
+    );
+
+    // A swap: no order works. Refused in the dry run and the real run, with
+    // a's line (2), and nothing changes.
+    write("d3", "d2", "a, b");
+    for args in [
+        vec!["apply", "-f", path, "--dry-run"],
+        vec!["apply", "-f", path],
+    ] {
+        let f = sluice(&args, admin, &data);
+        assert!(!f.success(), "{args:?}:\n{}", f.output());
+        assert!(
+            f.stderr.contains("a.yaml:2:")
+                && f.stderr.contains("trade stages")
+                && f.stderr.contains("bound to only one of them"),
+            "{args:?}:\n{}",
+            f.output()
+        );
+    }
+    assert_eq!(ok(&sluice(&["export"], admin, &data)), exported);
+
+    // The way out: the key leaves b in the same file; it is unbound first,
+    // then both plans change.
+    write("d3", "d2", "a");
+    let out = ok(&sluice(&["apply", "-f", path], admin, &data)).to_owned();
+    assert!(
+        out.find("- bind k -> b").unwrap() < out.find("~ usage plan a: stages").unwrap(),
+        "{out}"
+    );
+    let f = sluice(&["apply", "-f", path, "--dry-run"], admin, &data);
+    assert!(ok(&f).contains("no changes"), "{}", f.output());
+
+    // A binding to a plan that exists nowhere: the binding's line.
+    std::fs::write(
+        &file,
+        "api_keys:\n  - name: k\n    usage_plans:\n      - a\n      - nowhere\n",
+    )
+    .unwrap();
+    let f = sluice(&["apply", "-f", path, "--dry-run"], admin, &data);
+    assert!(!f.success(), "{}", f.output());
+    assert!(
+        f.stderr.contains("a.yaml:5:") && f.stderr.contains("\"nowhere\""),
+        "{}",
+        f.output()
+    );
+    s.terminate();
+}
