@@ -20,9 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
-    // The RLS server sluice runs: the same service and route, answering with
+    // The RLS server sluice runs: the same service and route, taking a
+    // `WireRequest` (the request with its strings as bytes, so a value that
+    // is not UTF-8 is decided, not a decode error) and answering with
     // `WireResponse` (encoded straight from a decision) instead of the
-    // generated `RateLimitResponse`. Clients still use the generated one.
+    // generated types. Clients still use the generated ones.
     let direct = out.join("rls_direct");
     fs::create_dir_all(&direct)?;
     let rls = tonic_build::manual::Service::builder()
@@ -32,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tonic_build::manual::Method::builder()
                 .name("should_rate_limit")
                 .route_name("ShouldRateLimit")
-                .input_type("crate::proto::rls::RateLimitRequest")
+                .input_type("crate::server::wire::WireRequest")
                 .output_type("crate::server::wire::WireResponse")
                 .codec_path("tonic_prost::ProstCodec")
                 .build(),

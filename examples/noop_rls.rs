@@ -18,7 +18,7 @@
 use sluice::proto::rls::rate_limit_response::{Code, DescriptorStatus};
 use sluice::proto::rls::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use sluice::proto::rls::{RateLimitRequest, RateLimitResponse};
-use sluice::server::wire::WireResponse;
+use sluice::server::wire::{WireRequest, WireResponse};
 use tonic::{Request, Response, Status};
 
 /// The same allocator as the sluice binary, so the ratio stays honest.
@@ -55,7 +55,7 @@ struct Canned(Vec<u8>);
 impl sluice::server::rls::RateLimitService for Canned {
     async fn should_rate_limit(
         &self,
-        _request: Request<RateLimitRequest>,
+        _request: Request<WireRequest>,
     ) -> Result<Response<WireResponse>, Status> {
         Ok(Response::new(WireResponse::Encoded(self.0.clone())))
     }

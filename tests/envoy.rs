@@ -19,7 +19,9 @@ mod proc;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use envoy_harness::{assert_denied_without_sluice, http, Admin, Envoy, Response, Upstream};
+use envoy_harness::{
+    assert_denied_without_sluice, http, http_raw, Admin, Envoy, Response, Upstream,
+};
 use proc::*;
 use sluice::proto::admin as pb;
 
@@ -273,4 +275,69 @@ async fn usage_plans_through_real_envoy() {
     assert_denied_without_sluice(&get("/", Some(&alice)), &upstream, oks);
 
     drop(envoy);
+}
+
+/// A header value that is not UTF-8 (Envoy forwards its bytes as they
+/// came) is decided like any other value. It used to fail the call's
+/// decoding: with the example's `failure_mode_deny: true` every such call
+/// was a 500, and behind an Envoy that fails open (Envoy's default) any
+/// client skipped its limit with one such byte. The embedded config allows
+/// 20 gpt-4o calls per key and minute; 45 calls are enough for one minute
+/// window to end midway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_is_not_utf8_is_limited_like_any_other() {
+    let tmp = tempdir();
+    let data: PathBuf = tmp.path().join("data");
+    let sluice = SluiceCmd::serve_embedded(&data).start();
+    let upstream = Upstream::start(&[("content-type", "text/plain")], "ok");
+    let envoy = tokio::task::block_in_place(|| {
+        Envoy::start(
+            tmp.path(),
+            "envoy.yaml",
+            upstream.addr.port(),
+            sluice.addr.port(),
+        )
+    });
+    let call = |key: &[u8]| {
+        tokio::task::block_in_place(|| {
+            http_raw(
+                envoy.listener,
+                "GET",
+                "/",
+                &[("x-api-key", key), ("x-model", b"gpt-4o")],
+                "",
+            )
+        })
+    };
+    // Warm-up, as in the test above: Envoy's first gRPC call may time out.
+    let mut r = call(b"warm-up-key");
+    for _ in 0..10 {
+        if r.status != 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        r = call(b"warm-up-key");
+    }
+    assert_ok(&r, "warm-up");
+
+    let mut refused = None;
+    for i in 0..45 {
+        let r = call(b"\xff\xfe-key-\xc3");
+        match r.status {
+            200 => {}
+            429 => {
+                refused = Some(i);
+                break;
+            }
+            _ => panic!("call {i} with a non-UTF-8 key: {r:?}"),
+        }
+    }
+    let refused = refused.expect("45 calls of one key, none refused");
+    assert!(
+        (20..=40).contains(&refused),
+        "refused at call {refused}, after 20 (or up to 40 across a minute boundary)"
+    );
+    // The calls refused did not reach the upstream: the warm-up calls (one
+    // answered) and the key's allowed calls did.
+    assert_eq!(upstream.hits(), 1 + refused, "upstream hits");
 }

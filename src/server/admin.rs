@@ -529,6 +529,22 @@ pub fn check_plan(p: &pb::UsagePlan) -> Result<(), Error> {
     model::validate_plan(&plan_from(p)?)
 }
 
+/// The checks `CreateApiKey` runs on a key's own fields (for `sluice
+/// apply`, before its first change).
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bad field.
+pub fn check_key(k: &pb::ApiKey) -> Result<(), Error> {
+    model::validate_key(&model::ApiKey {
+        name: k.name.clone(),
+        description: k.description.clone(),
+        customer_id: k.customer_id.clone(),
+        expire_time: expire_from(&k.expire_time),
+        tags: k.tags.clone().into_iter().collect(),
+        ..model::ApiKey::default()
+    })
+}
+
 /// The check `UpdatePriceTable` runs on a table (for `sluice apply`, before
 /// its first change).
 ///

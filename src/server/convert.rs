@@ -5,9 +5,9 @@
 use prost_types::Duration;
 
 use crate::engine::{self, Code, Decision, Descriptor, Entry, LimitOverride, Reason, Unit};
-use crate::proto::common::RateLimitDescriptor;
 use crate::proto::rls::rate_limit_response::{self as resp, DescriptorStatus};
-use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
+use crate::proto::rls::RateLimitResponse;
+use crate::server::wire::{WireDescriptor, WireRequest};
 
 /// Bounds on request size; a request past any of them is INVALID_ARGUMENT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,13 +36,19 @@ impl Default for RequestLimits {
 #[error("{0}")]
 pub struct InvalidRequest(pub String);
 
-/// Validates a wire request into an engine request (consuming it, so no
-/// string is copied).
+/// Bytes off the wire as a string: as they are when they are UTF-8 (no
+/// copy), else with each invalid sequence replaced by U+FFFD.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Validates a wire request into an engine request (consuming it, so a
+/// UTF-8 string is not copied).
 ///
 /// # Errors
 /// [`InvalidRequest`] naming the offending field.
 pub fn request_from_proto(
-    req: RateLimitRequest,
+    req: WireRequest,
     limits: &RequestLimits,
 ) -> Result<engine::Request, InvalidRequest> {
     let bad = |m: String| Err(InvalidRequest(m));
@@ -75,7 +81,7 @@ pub fn request_from_proto(
         descriptors.push(descriptor_from_proto(i, d, limits)?);
     }
     Ok(engine::Request {
-        domain: req.domain,
+        domain: text(req.domain),
         descriptors,
         hits_addend: req.hits_addend,
     })
@@ -83,7 +89,7 @@ pub fn request_from_proto(
 
 fn descriptor_from_proto(
     i: usize,
-    d: RateLimitDescriptor,
+    d: WireDescriptor,
     limits: &RequestLimits,
 ) -> Result<Descriptor, InvalidRequest> {
     if d.entries.len() > limits.max_entries {
@@ -115,8 +121,8 @@ fn descriptor_from_proto(
         .entries
         .into_iter()
         .map(|e| Entry {
-            key: e.key,
-            value: e.value,
+            key: text(e.key),
+            value: text(e.value),
         })
         .collect();
     let limit = match d.limit {

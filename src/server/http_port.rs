@@ -82,7 +82,7 @@ async fn json_call<S: CounterStore>(State(ctx): State<Arc<Ctx<S>>>, body: String
         Ok(r) => r,
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
     };
-    let req = match request_from_proto(req, &ctx.limits) {
+    let req = match request_from_proto(req.into(), &ctx.limits) {
         Ok(r) => r,
         Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
     };

@@ -6,10 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{request_from_proto, RequestLimits};
 use super::status::from_storage;
-use super::wire::WireResponse;
+use super::wire::{WireRequest, WireResponse};
 use crate::engine::Code;
 use crate::limiter::RateLimiter;
-use crate::proto::rls::RateLimitRequest;
 use crate::storage::{unix_now_us, CounterStore};
 
 pub use generated::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
@@ -45,7 +44,7 @@ impl<S: CounterStore> RateLimitService for RlsService<S> {
     // bookkeeping shows in the profile. One DEBUG event carries the fields.
     async fn should_rate_limit(
         &self,
-        request: Request<RateLimitRequest>,
+        request: Request<WireRequest>,
     ) -> Result<Response<WireResponse>, Status> {
         let req = request_from_proto(request.into_inner(), &self.limits).inspect_err(|e| {
             tracing::debug!(error = %e, "invalid request");

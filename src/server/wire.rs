@@ -13,6 +13,13 @@
 //! The encoding is the one prost produces for the equivalent
 //! `RateLimitResponse`, byte for byte (fields in tag order, proto3 defaults
 //! left out); a test holds the two together.
+//!
+//! Requests come in as a [`WireRequest`]: the `RateLimitRequest` message
+//! with its strings read as bytes (the same wire encoding), so a descriptor
+//! value that is not UTF-8 (Envoy forwards header bytes as they came) is
+//! decided instead of failing the call's decoding: a failed call passes
+//! behind an Envoy that fails open, so any client could skip its limit
+//! with one bad byte in a header.
 
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::DecodeContext;
@@ -22,6 +29,74 @@ use prost::DecodeError;
 use crate::engine::{Code, Decision, Limit, Status};
 use crate::proto::rls::RateLimitResponse;
 use crate::server::convert;
+
+/// A `RateLimitRequest` as it comes off the wire: the generated message
+/// with its `string` fields as bytes (wire-compatible: both are
+/// length-delimited). [`convert::request_from_proto`] reads them as UTF-8,
+/// invalid sequences replaced by U+FFFD (so such values share counters:
+/// never fewer hits counted, only more).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireRequest {
+    /// `domain`.
+    #[prost(bytes = "vec", tag = "1")]
+    pub domain: Vec<u8>,
+    /// `descriptors`.
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<WireDescriptor>,
+    /// `hits_addend`.
+    #[prost(uint32, tag = "3")]
+    pub hits_addend: u32,
+}
+
+/// A `RateLimitDescriptor` with its entries' strings as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireDescriptor {
+    /// `entries`.
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<WireEntry>,
+    /// `limit`.
+    #[prost(message, optional, tag = "2")]
+    pub limit: Option<crate::proto::common::rate_limit_descriptor::RateLimitOverride>,
+    /// `hits_addend` (a `google.protobuf.UInt64Value`).
+    #[prost(message, optional, tag = "3")]
+    pub hits_addend: Option<u64>,
+}
+
+/// A descriptor entry with its strings as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireEntry {
+    /// `key`.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// `value`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+impl From<crate::proto::rls::RateLimitRequest> for WireRequest {
+    fn from(r: crate::proto::rls::RateLimitRequest) -> Self {
+        WireRequest {
+            domain: r.domain.into_bytes(),
+            descriptors: r
+                .descriptors
+                .into_iter()
+                .map(|d| WireDescriptor {
+                    entries: d
+                        .entries
+                        .into_iter()
+                        .map(|e| WireEntry {
+                            key: e.key.into_bytes(),
+                            value: e.value.into_bytes(),
+                        })
+                        .collect(),
+                    limit: d.limit,
+                    hits_addend: d.hits_addend,
+                })
+                .collect(),
+            hits_addend: r.hits_addend,
+        }
+    }
+}
 
 /// A `ShouldRateLimit` answer, ready to encode.
 #[derive(Debug)]

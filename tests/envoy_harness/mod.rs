@@ -92,10 +92,12 @@ fn serve_one(conn: TcpStream, hits: &AtomicUsize, reply: &[u8]) -> std::io::Resu
     let mut chunked = false;
     let mut first = true;
     loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
+        // Bytes, not a String: header values may be any bytes but CR/LF.
+        let mut raw = Vec::new();
+        if r.read_until(b'\n', &mut raw)? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end();
         if line.is_empty() && !first {
             break;
@@ -202,6 +204,19 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Response {
+    let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    http_raw(addr, method, path, &raw, body)
+}
+
+/// [`http`] with header values as bytes (HTTP allows bytes 0x80 to 0xFF in
+/// a value, which are not UTF-8 on their own).
+pub fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &str,
+) -> Response {
     let what = format!("{method} http://{addr}{path} {headers:?}");
     let deadline = Instant::now() + HTTP_TIMEOUT;
     let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
@@ -210,16 +225,19 @@ pub fn http(
         .expect("read timeout");
     s.set_write_timeout(Some(HTTP_TIMEOUT))
         .expect("write timeout");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n").into_bytes();
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req.extend_from_slice(format!("{k}: ").as_bytes());
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
     }
     if method != "GET" && method != "HEAD" {
-        req.push_str(&format!("content-length: {}\r\n", body.len()));
+        req.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body.as_bytes());
+    s.write_all(&req)
         .unwrap_or_else(|e| panic!("{what}: send: {e}"));
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
