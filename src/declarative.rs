@@ -792,12 +792,6 @@ impl Lines {
         })
     }
 
-    /// The line where the plan after `usage_plans[i]` starts (the end of
-    /// plan `i`'s lines), if there is one.
-    fn next_plan_line(&self, i: usize) -> Option<u64> {
-        self.line(At::Plan(i + 1))
-    }
-
     /// `e` with its file and line when it is a [`Error::ConflictAt`]; any
     /// other error as it is.
     pub fn place(&self, e: Error) -> Error {
@@ -957,7 +951,7 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
         crate::server::admin::check_plan(&plan_to_proto(p)).map_err(|e| {
             let message = e.to_string();
             invalid(
-                field_line(text, &lines, i, &message),
+                field_line(text, &lines, At::Plan(i), &message),
                 format!("usage_plans[{i}] ({:?}): {message}", p.name),
             )
         })?;
@@ -980,6 +974,15 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
                 ),
             ));
         }
+        // What the server checks in a key on its own (lengths, control
+        // characters, tags, the expire time's range), checked now.
+        crate::server::admin::check_key(&key_to_proto(k)).map_err(|e| {
+            let message = e.to_string();
+            invalid(
+                field_line(text, &lines, At::Key(i), &message),
+                format!("api_keys[{i}] ({:?}): {message}", k.name),
+            )
+        })?;
         let mut bound = HashSet::new();
         for (j, p) in k.usage_plans.iter().enumerate() {
             if !bound.insert(p.as_str()) {
@@ -996,14 +999,19 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
     Ok(spec)
 }
 
-/// The line of the field that a check's message about `usage_plans[i]`
+/// The line of the field that a check's message about a plan or key
 /// starts with (`quota.time_zone: ...`, `limits[1].window: ...`), looked
-/// for among the plan's own lines; the plan's line when the message names
+/// for among its own lines; the plan's or key's line when the message names
 /// no field, the nearest enclosing field's when the field is not found
 /// (e.g. a flow list on one line).
-fn field_line(text: &str, lines: &Lines, i: usize, message: &str) -> Option<u64> {
-    let plan = lines.line(At::Plan(i))?;
-    let end = lines.next_plan_line(i).unwrap_or(u64::MAX);
+fn field_line(text: &str, lines: &Lines, at: At, message: &str) -> Option<u64> {
+    let plan = lines.line(at)?;
+    let (i, next) = match at {
+        At::Plan(i) => (i, At::Plan(i + 1)),
+        At::Key(i) => (usize::MAX, At::Key(i + 1)),
+        At::Limit(..) | At::Binding(..) => return Some(plan),
+    };
+    let end = lines.line(next).unwrap_or(u64::MAX);
     let Some((path, _)) = message.split_once(": ") else {
         return Some(plan);
     };
@@ -3163,6 +3171,35 @@ mod tests {
         let mut unlisted = swap.clone();
         unlisted.api_keys.clear();
         assert!(diff(&unlisted, &plans, &keys, false).is_err());
+    }
+
+    /// What the server checks in a key on its own is checked while parsing,
+    /// with the field's line: a dry run reports it, and a real run stops
+    /// before its first change (it used to create the plans before it).
+    #[test]
+    fn keys_are_checked_as_the_server_checks_them() {
+        let long = "x".repeat(5000);
+        for (yaml, want) in [
+            (
+                "api_keys:\n  - name: \"k\\abell\"\n".to_owned(),
+                "p.yaml:2: api_keys[0] (\"k\\u{7}bell\"): name: must not contain control characters",
+            ),
+            (
+                format!("api_keys:\n  - name: ok\n  - name: k\n    description: {long}\n"),
+                "p.yaml:4: api_keys[1] (\"k\"): description",
+            ),
+            (
+                "api_keys:\n  - name: k\n    tags: { \"\": v }\n".to_owned(),
+                "p.yaml:3: api_keys[0] (\"k\"): tags",
+            ),
+            (
+                "api_keys:\n  - name: k\n    enabled: true\n    customer_id: \"a\\nb\"\n".to_owned(),
+                "p.yaml:4: api_keys[0] (\"k\"): customer_id: must not contain control characters",
+            ),
+        ] {
+            let e = parse_spec(Path::new("p.yaml"), &yaml).unwrap_err().to_string();
+            assert!(e.starts_with(want), "want `{want}`\ngot  `{e}`");
+        }
     }
 
     /// A binding to a plan that exists nowhere is placed at the binding.

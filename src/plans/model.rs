@@ -903,6 +903,24 @@ pub fn validate_key(k: &ApiKey) -> Result<(), Error> {
     if k.customer_id.len() > 1024 {
         return Err(Error::invalid("customer_id", "must be at most 1024 bytes"));
     }
+    if k.customer_id.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "customer_id",
+            "must not contain control characters",
+        ));
+    }
+    if let Some(t) = k.expire_time {
+        if jiff::Timestamp::from_second(t).is_err() {
+            return Err(Error::invalid(
+                "expire_time",
+                format!(
+                    "must be between {} and {}, got {t} seconds since 1970",
+                    jiff::Timestamp::MIN.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    jiff::Timestamp::MAX.strftime("%Y-%m-%dT%H:%M:%SZ")
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -929,6 +947,30 @@ mod tests {
                 ..Stage::default()
             }],
             ..Plan::default()
+        }
+    }
+
+    /// A key's customer id takes no control characters, and its expire
+    /// time must be one a timestamp can show (an export of a key expiring
+    /// in the year 10000 failed for the whole server).
+    #[test]
+    fn a_key_needs_a_printable_customer_and_a_showable_expire_time() {
+        let key = |customer: &str, expire: Option<i64>| ApiKey {
+            name: "k".into(),
+            customer_id: customer.into(),
+            expire_time: expire,
+            ..ApiKey::default()
+        };
+        assert!(validate_key(&key("acme", Some(253_402_207_200))).is_ok());
+        for (k, want) in [
+            (key("a\nb", None), "customer_id"),
+            (key("acme", Some(253_402_207_201)), "expire_time"),
+            (key("acme", Some(i64::MIN)), "expire_time"),
+        ] {
+            match validate_key(&k) {
+                Err(Error::Invalid { field, .. }) => assert_eq!(field, want),
+                other => panic!("{k:?}: {other:?}"),
+            }
         }
     }
 
