@@ -580,9 +580,9 @@ impl<S: CounterStore> RateLimiter<S> {
                 let bkey = pd::push_key(&mut arena, |b| {
                     pd::bucket_key_into(b, &p.id, &key.id, method.map(|m| (stage, m)));
                 });
-                let outcome = self
-                    .buckets
-                    .update(&arena[bkey.clone()], |s| bucket::take(s, t, hits, now_us));
+                let outcome = self.buckets.update(&arena[bkey.clone()], |s| {
+                    bucket::take(s, t, hits, now_us, p.update_time)
+                });
                 throttle_state = Some(states.len());
                 states.push(LimitState::throttle(
                     limit,
@@ -993,8 +993,10 @@ impl<S: CounterStore> RateLimiter<S> {
                 if let Some((bkey, t, _, _)) = &throttled {
                     if hits > 0 {
                         let full_at = self.buckets.update(k(bkey), |s| {
-                            let s = s.unwrap_or_else(|| bucket::take(None, t, 0, now_us).0);
-                            let s = bucket::refund(s, t, hits, now_us);
+                            let s = s.unwrap_or_else(|| {
+                                bucket::take(None, t, 0, now_us, p.update_time).0
+                            });
+                            let s = bucket::refund(s, t, hits, now_us, p.update_time);
                             (s, s.full_at)
                         });
                         if let Some(st) = throttle_state.and_then(|i| states.get_mut(i)) {
@@ -1271,7 +1273,7 @@ impl<S: CounterStore> RateLimiter<S> {
             let s = self.buckets.get(&pd::bucket_key(&p.id, key_id, None));
             // Whole millionths of a token: the nanosecond arithmetic's last
             // digits (2.000000000455) are noise to a reader.
-            let tokens = (bucket::tokens_at(s, t, now_us) * 1e6).floor() / 1e6;
+            let tokens = (bucket::tokens_at(s, t, now_us, p.update_time) * 1e6).floor() / 1e6;
             (tokens, t.burst_limit)
         });
         Ok((days, LiveUsage { quota, throttle }))

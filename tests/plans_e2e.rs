@@ -2816,6 +2816,54 @@ async fn a_lowered_burst_does_not_lock_a_key_out() {
     s.shutdown().await;
 }
 
+/// A raised throttle rate refills a key's bucket from the update on, not
+/// from the key's next call: a bucket drained under 0.01/s (one token per
+/// 100 s), the rate then raised to 10/s, is full again 2.5 s later (the
+/// update time is known to the second, so at most 1.5 s of it is counted),
+/// and the next call passes. It used to be refused, with 0.025 tokens in
+/// the bucket and GetUsage showing them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raised_rate_refills_from_the_update() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let (_, value) = plan_with_key(
+        &mut admin,
+        plan("rr", DOMAIN, throttle(0.01, 5), None),
+        "alice",
+    )
+    .await;
+    let r = s
+        .check(request(
+            DOMAIN,
+            vec![desc_hits(&[("api_key", value.as_str())], 5)],
+        ))
+        .await;
+    assert_allowed(&r, "the whole burst");
+    assert_refused(&call_key(&s, DOMAIN, &value).await, "throttled", "drained");
+    ok(
+        "raise rate",
+        admin
+            .update_usage_plan(UpdateUsagePlanRequest {
+                usage_plan: Some(UsagePlan {
+                    id: "rr".into(),
+                    throttle: throttle(10.0, 5),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["throttle.rate_limit"]),
+            })
+            .await,
+    );
+    // No call in between: the bucket is converted when it is next used.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let live = key_usage_today(&mut admin, "rr", "alice")
+        .await
+        .live
+        .expect("live");
+    assert_eq!(live.throttle_tokens, 5.0, "{live:?}");
+    assert_allowed(&call_key(&s, DOMAIN, &value).await, "after the raise");
+    s.shutdown().await;
+}
+
 /// Changing a plan's quota calendar (time zone, period) mid-period keeps
 /// the calls already made in the new current period, and a key's grant:
 /// the count is rebuilt from the key's daily usage. Before, the new period

@@ -109,7 +109,7 @@ mod tests {
                     (0..400)
                         .filter(|_| {
                             b.update(b"k", |s| {
-                                let (s, o) = take(s, &t, 1, 0);
+                                let (s, o) = take(s, &t, 1, 0, 0);
                                 (s, o.allowed)
                             })
                         })
