@@ -1864,6 +1864,8 @@ pub struct ConfigSource {
     /// typo must not silently serve other rules).
     fallback: bool,
     last: Option<Vec<(PathBuf, String)>>,
+    /// Whether the directory was found gone (warned once).
+    missing: bool,
 }
 
 impl ConfigSource {
@@ -1873,6 +1875,7 @@ impl ConfigSource {
             dir: dir.into(),
             fallback: false,
             last: None,
+            missing: false,
         }
     }
 
@@ -1913,6 +1916,7 @@ impl ConfigSource {
         let cfg = config::from_files(&files)?;
         self.last = Some(files);
         warn_ignored(&self.dir);
+        warn_if_empty(&self.dir, &cfg);
         Ok(cfg)
     }
 
@@ -1924,7 +1928,17 @@ impl ConfigSource {
     /// A config error; the caller keeps the last good config.
     pub fn poll(&mut self) -> Result<Option<Config>, config::Error> {
         if !self.dir.exists() {
+            if !self.missing {
+                self.missing = true;
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    "config dir is gone: the last config keeps serving until it is back"
+                );
+            }
             return Ok(None);
+        }
+        if std::mem::take(&mut self.missing) {
+            tracing::info!(dir = %self.dir.display(), "config dir is back");
         }
         let files = config::read_dir(&self.dir)?;
         if self.last.as_ref() == Some(&files) {
@@ -1934,7 +1948,21 @@ impl ConfigSource {
         // Remember the files even when invalid, so one bad edit is logged once.
         self.last = Some(files);
         warn_ignored(&self.dir);
+        if let Ok(cfg) = &result {
+            warn_if_empty(&self.dir, cfg);
+        }
         result.map(Some)
+    }
+}
+
+/// Warns when the config dir holds no domain: no rule applies, so every
+/// request is answered OK (an empty or wrongly mounted directory).
+fn warn_if_empty(dir: &Path, cfg: &Config) {
+    if cfg.sources.is_empty() {
+        tracing::warn!(
+            dir = %dir.display(),
+            "config dir holds no config files (*.yaml, *.yml): no rule applies, every request is answered OK"
+        );
     }
 }
 

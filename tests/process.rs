@@ -250,9 +250,60 @@ async fn hot_reload_applies_changes_and_keeps_last_good_config() {
     .await;
     let r = should(&mut c, beta_req.clone()).await;
     assert_eq!(first_limit(&r), None, "beta stays removed: {r:?}");
+
+    // 6. The directory goes away (a volume unmounted): said once, and the
+    // last config keeps serving; back, it is read again.
+    let away = tmp.path().join("config-away");
+    std::fs::rename(&cfg, &away).unwrap();
+    let line = s.wait_for_line(|l| l.contains("config dir is gone"));
+    assert!(line.contains("WARN"), "{line}");
+    let r = should(&mut c, alpha_req.clone()).await;
+    assert_eq!(first_limit(&r), Some(3000), "last good config: {r:?}");
+    write_atomic(
+        &away.join("alpha.yaml"),
+        &simple_config("alpha", "k", "hour", 4000),
+    );
+    std::fs::rename(&away, &cfg).unwrap();
+    poll_until(&mut c, &alpha_req, "alpha back at 4000", |r| {
+        first_limit(r) == Some(4000)
+    })
+    .await;
     drop(c);
     let status = s.terminate();
     assert_exit_ok(&mut s, status);
+}
+
+/// A config dir with no config file loads (upstream starts with no rules
+/// too) but says that no rule applies; a file that is not UTF-8 is refused
+/// naming its line and column.
+#[test]
+fn an_empty_config_dir_is_said_and_a_non_utf8_file_is_placed() {
+    let tmp = tempdir();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let c = SluiceCmd::check_config(&empty).cwd(tmp.path()).run();
+    assert!(c.success(), "{}", c.output());
+    assert!(
+        c.stderr.contains("WARN") && c.stderr.contains("no rule applies"),
+        "{}",
+        c.output()
+    );
+
+    let latin = tmp.path().join("latin");
+    std::fs::create_dir_all(&latin).unwrap();
+    std::fs::write(
+        latin.join("x.yaml"),
+        b"domain: d\n# caf\xe9\ndescriptors: []\n",
+    )
+    .unwrap();
+    let c = SluiceCmd::check_config(&latin).cwd(tmp.path()).run();
+    assert!(!c.success(), "{}", c.output());
+    assert!(
+        c.stderr
+            .contains("x.yaml:2:6: not UTF-8 text (byte 0xe9 here)"),
+        "{}",
+        c.output()
+    );
 }
 
 const TYPO_CONFIG: &str = "domain: bad

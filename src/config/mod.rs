@@ -64,7 +64,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// The file is not valid YAML or does not fit the schema.
-    #[error("{}:{}: {message}", path.display(), pos.map_or_else(|| "?".to_string(), |p| p.to_string()))]
+    #[error("{}{}: {message}", path.display(), pos.map_or_else(String::new, |p| format!(":{p}")))]
     Syntax {
         /// The file.
         path: PathBuf,
@@ -124,16 +124,38 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
     // Every document of the file, empty ones (a leading or trailing `---`,
     // as Kubernetes and Helm write them) skipped: upstream's YAML decoder
     // reads the first document and accepts those markers.
-    let opts = serde_saphyr::options! { with_snippet: false };
-    let mut docs: Vec<FileYaml> = serde_saphyr::from_str_multiple_with_options(text, opts)
-        .map_err(|e| {
-            let pos = e.location().map(Position::from);
-            Error::Syntax {
-                path: path.to_owned(),
-                pos,
-                message: describe(&e.to_string(), pos, text),
-            }
-        })?;
+    let parse = |duplicates| {
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_depth = MAX_YAML_DEPTH;
+        let opts = serde_saphyr::options! {
+            with_snippet: false,
+            duplicate_keys: duplicates,
+            budget: Some(budget),
+        };
+        serde_saphyr::from_str_multiple_with_options::<FileYaml, Vec<FileYaml>>(text, opts)
+    };
+    let parsed = match parse(serde_saphyr::DuplicateKeyPolicy::Error) {
+        // Upstream's YAML decoder (yaml.v2, not strict) takes the last of a
+        // key given twice in one mapping: so does sluice, with a warning.
+        Err(serde_saphyr::Error::DuplicateMappingKey { key, location }) => {
+            tracing::warn!(
+                file = %path.display(),
+                line = location.line(),
+                "key `{}` is given twice in one mapping: the last value is used (as envoyproxy/ratelimit does)",
+                key.as_deref().unwrap_or("?")
+            );
+            parse(serde_saphyr::DuplicateKeyPolicy::LastWins)
+        }
+        other => other,
+    };
+    let mut docs = parsed.map_err(|e| {
+        let pos = e.location().map(Position::from);
+        Error::Syntax {
+            path: path.to_owned(),
+            pos,
+            message: describe(&e, pos, text),
+        }
+    })?;
     if docs.len() > 1 {
         // Upstream would silently ignore every domain after the first.
         let second = &docs[1].domain;
@@ -177,7 +199,28 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
 /// The parser's message without the "at line X, column Y" that the position
 /// already gives, plus the offending line so the field is named even when the
 /// parser's message does not ("invalid u32").
-fn describe(msg: &str, pos: Option<Position>, text: &str) -> String {
+/// How deep a config file's YAML may nest (mappings and lists): a level of
+/// descriptors takes two, so 40 levels fit, more than a request's entries
+/// (`--max-entries`, 32 by default). Deeper files are refused before
+/// parsing recurses into them: an unoptimized build overflows a 2 MiB
+/// stack (a tokio worker's, where reloads run) near 48 levels.
+const MAX_YAML_DEPTH: usize = 82;
+
+fn describe(e: &serde_saphyr::Error, pos: Option<Position>, text: &str) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+    let msg = match e {
+        serde_saphyr::Error::Budget {
+            breach: BudgetBreach::Depth { .. },
+            ..
+        } => format!(
+            "descriptors nest too deep: at most {} levels",
+            MAX_YAML_DEPTH / 2 - 1
+        ),
+        serde_saphyr::Error::Budget { breach, .. } => {
+            format!("the file is too large or expands too far through YAML aliases ({breach:?})")
+        }
+        e => e.to_string(),
+    };
     let msg = msg.trim();
     let msg = match msg.rfind(" at line ") {
         Some(i) => &msg[..i],
@@ -220,7 +263,9 @@ fn load_level(
                     None => None,
                     Some(u) => match Unit::parse(&u.value) {
                         Some(unit) => Some((unit, u.referenced)),
-                        None if rl.unlimited && u.value.is_empty() => None,
+                        // Upstream checks the unit of an unlimited rule
+                        // only for being a valid one (refused below).
+                        None if rl.unlimited => None,
                         None => {
                             return Err(invalid(
                                 u.referenced,
@@ -348,16 +393,35 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
     let mut files = Vec::new();
     walk_entries(dir, 0, &mut |path, is_yaml| {
         if is_yaml {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::Read {
+            let bytes = std::fs::read(&path).map_err(|e| Error::Read {
                 path: path.clone(),
                 source: e,
             })?;
+            let text = String::from_utf8(bytes).map_err(|e| not_utf8(&path, &e))?;
             files.push((path, text));
         }
         Ok(())
     })?;
     files.sort();
     Ok(files)
+}
+
+/// The error for a config file that is not UTF-8, at its first bad byte.
+fn not_utf8(path: &Path, e: &std::string::FromUtf8Error) -> Error {
+    let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+    let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    Error::Syntax {
+        path: path.to_owned(),
+        pos: Some(Position {
+            line: count(valid.iter().filter(|b| **b == b'\n').count() + 1),
+            column: count(valid.len() - line_start + 1),
+        }),
+        message: format!(
+            "not UTF-8 text (byte 0x{:02x} here): save the file as UTF-8",
+            e.as_bytes()[valid.len()]
+        ),
+    }
 }
 
 /// The files [`read_dir`] does not read because they are not `*.yaml` /

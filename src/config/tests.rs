@@ -91,7 +91,7 @@ fn errors_name_file_line_and_field() {
 fn empty_file_is_an_error() {
     assert_eq!(
         err("\n"),
-        "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
+        "rules.yaml: file is empty: expected a `domain` and `descriptors`"
     );
 }
 
@@ -168,7 +168,7 @@ fn a_second_document_is_an_error_naming_its_domain_and_line() {
 fn a_file_of_comments_only_is_empty() {
     assert_eq!(
         err("# nothing here\n---\n"),
-        "rules.yaml:?: file is empty: expected a `domain` and `descriptors`"
+        "rules.yaml: file is empty: expected a `domain` and `descriptors`"
     );
 }
 
@@ -195,4 +195,65 @@ fn requests_per_unit_null_quoted_and_float_forms() {
         };
         assert_eq!(limit.requests_per_unit, want, "requests_per_unit: {v}");
     }
+}
+
+/// As upstream: an unlimited rule's unit is checked only for being a valid
+/// one (refused with unlimited); an invalid one is ignored.
+#[test]
+fn an_unlimited_rule_ignores_an_invalid_unit() {
+    let (_, _, rules) = parse_file(
+        Path::new("rules.yaml"),
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: fortnight}\n",
+    )
+    .unwrap();
+    let set = RuleSet::new(HashMap::from([("d".to_owned(), rules)]));
+    assert!(set.domains().contains_key("d"));
+}
+
+/// A key given twice in one mapping: the last value, as upstream's yaml.v2
+/// (not strict) takes it, instead of an error that named a library option.
+#[test]
+fn a_key_given_twice_takes_the_last_value() {
+    let (domain, _, _) = parse_file(
+        Path::new("rules.yaml"),
+        "domain: a\ndomain: b\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+    )
+    .unwrap();
+    assert_eq!(domain, "b");
+}
+
+/// Descriptors nest deeper than a request's entries go by default (32);
+/// too deep is an error that says so, naming the file and line (it named a
+/// parser budget before), not a stack overflow.
+#[test]
+fn deep_nesting_loads_and_too_deep_says_so() {
+    let nest = |levels: usize| {
+        let mut y = String::from("domain: d\ndescriptors:\n");
+        for i in 0..levels {
+            let pad = "  ".repeat(2 * i + 1);
+            y.push_str(&format!("{pad}- key: k{i}\n"));
+            if i + 1 < levels {
+                y.push_str(&format!("{pad}  descriptors:\n"));
+            } else {
+                y.push_str(&format!(
+                    "{pad}  rate_limit: {{unit: second, requests_per_unit: 1}}\n"
+                ));
+            }
+        }
+        y
+    };
+    // On a 2 MiB stack (a tokio worker's, where reloads run), unoptimized.
+    let deepest = nest(40);
+    let loaded = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || parse_file(Path::new("rules.yaml"), &deepest).map(|(d, _, _)| d))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(loaded.unwrap(), "d");
+    let e = err(&nest(41));
+    assert!(
+        e.starts_with("rules.yaml:") && e.contains("descriptors nest too deep: at most 40 levels"),
+        "{e}"
+    );
 }
