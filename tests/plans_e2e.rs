@@ -411,6 +411,45 @@ async fn create_plan_fills_id_times_and_defaults_and_get_finds_it_by_id_and_name
         get_plan(&mut admin, "silver").await,
         Code::NotFound,
     );
+    // No plan or key named at all: INVALID_ARGUMENT naming the field, not
+    // a plan "" not found.
+    let m = err(
+        "get nothing",
+        get_plan(&mut admin, "").await,
+        Code::InvalidArgument,
+    );
+    assert!(m.contains("plan: is required"), "{m}");
+    let m = err(
+        "get no key",
+        admin
+            .get_api_key(GetApiKeyRequest { key: String::new() })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(m.contains("key: is required"), "{m}");
+    let m = err(
+        "usage of no plan",
+        admin
+            .get_usage(GetUsageRequest {
+                start_date: "2026-01-01".into(),
+                end_date: "2026-01-01".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(m.contains("plan: is required"), "{m}");
+    let m = err(
+        "bind nothing",
+        admin
+            .create_usage_plan_key(CreateUsagePlanKeyRequest {
+                plan: created.id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(m.contains("key: is required"), "{m}");
 
     // A second plan gets another id.
     let other = create_plan(&mut admin, plan("silver", OTHER, None, daily(5))).await;

@@ -893,6 +893,19 @@ pub fn validate_prices(prices: &BTreeMap<String, Price>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks that a request names a plan or key (by id or name): an empty
+/// reference is [`Error::Invalid`] naming `field`, not a plan or key ""
+/// not found.
+///
+/// # Errors
+/// [`Error::Invalid`] when `v` is empty.
+pub fn reference(field: &str, v: &str) -> Result<(), Error> {
+    if v.is_empty() {
+        return Err(Error::invalid(field, "is required: an id or a name"));
+    }
+    Ok(())
+}
+
 /// Checks a key's own fields.
 ///
 /// # Errors

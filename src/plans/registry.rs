@@ -277,6 +277,7 @@ impl Registry {
     }
 
     fn find_plan(cat: &Catalog, plan: &str) -> Result<Plan, Error> {
+        model::reference("plan", plan)?;
         cat.plan(plan)
             .map(|p| p.plan.clone())
             .ok_or_else(|| Error::NotFound {
@@ -286,6 +287,7 @@ impl Registry {
     }
 
     fn find_key(cat: &Catalog, key: &str) -> Result<ApiKey, Error> {
+        model::reference("key", key)?;
         cat.key(key)
             .map(|k| (**k).clone())
             .ok_or_else(|| Error::NotFound {

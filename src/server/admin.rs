@@ -914,6 +914,8 @@ impl<S: CounterStore> AdminServer<S> {
         plan: &str,
         key: &str,
     ) -> Result<(Arc<CompiledPlan>, Arc<model::ApiKey>), Error> {
+        model::reference("plan", plan)?;
+        model::reference("key", key)?;
         let cat = self.registry.catalog();
         let p = cat.plan(plan).cloned().ok_or_else(|| Error::NotFound {
             kind: "usage plan",
@@ -1180,6 +1182,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         req: Request<pb::ListUsagePlanKeysRequest>,
     ) -> Res<pb::ListUsagePlanKeysResponse> {
         let req = req.into_inner();
+        model::reference("plan", &req.plan)?;
         let cat = self.registry.catalog();
         let p = cat.plan(&req.plan).ok_or_else(|| Error::NotFound {
             kind: "usage plan",
@@ -1222,6 +1225,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             .series(jiff::Span::new().days(1))
             .take_while(|d| *d <= end)
             .collect();
+        model::reference("plan", &req.plan)?;
         let cat = self.registry.catalog();
         let plan = cat
             .plan(&req.plan)
