@@ -879,6 +879,7 @@ impl<S: CounterStore> RateLimiter<S> {
             let name = plan.quota_limit.as_ref().and_then(|l| l.name.as_deref());
             states.push(LimitState::requests(
                 limit,
+                *effective,
                 name.unwrap_or_default(),
                 effective.saturating_sub(used.min(*effective)),
                 Some(reset_in),
@@ -1786,9 +1787,13 @@ impl<'a> LimitState<'a> {
         }
     }
 
-    /// A request limit (the quota), named `name`.
+    /// A request limit (the quota) of `cap` requests per `limit`'s window,
+    /// named `name`. `cap` is the whole limit: `limit` carries the wire's
+    /// `requests_per_unit`, a u32 that saturates (headers would then show
+    /// a remaining count above the limit).
     fn requests(
         limit: &engine::Limit,
+        cap: u64,
         name: &'a str,
         remaining: u64,
         reset_in: Option<u64>,
@@ -1796,7 +1801,7 @@ impl<'a> LimitState<'a> {
         LimitState {
             name: Cow::Borrowed(name),
             metric: Metric::Requests,
-            limit: u64::from(limit.requests_per_unit),
+            limit: cap,
             remaining,
             reset_in,
             window: i64::try_from(limit.unit.seconds()).unwrap_or(i64::MAX),

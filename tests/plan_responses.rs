@@ -8,7 +8,7 @@ use common::{desc, request, TestServer, OK, OVER_LIMIT};
 use prost_types::value::Kind;
 use sluice::proto::admin::{
     ApiKey, ApiStage, CreateApiKeyRequest, CreateUsagePlanKeyRequest, CreateUsagePlanRequest,
-    Throttle, UsagePlan,
+    Period, Quota, Throttle, UsagePlan,
 };
 use sluice::proto::rls::RateLimitResponse;
 
@@ -122,4 +122,65 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
     assert_refusal(&invalid, "invalid-key");
     drop(admin);
     server.shutdown().await;
+}
+
+/// A quota above the wire's u32 is shown whole in the headers: the limit
+/// was clamped to 4294967295 while the remaining count was not, so a client
+/// read more remaining than the limit.
+#[tokio::test]
+async fn a_quota_above_u32_is_shown_whole_in_the_headers() {
+    let server = TestServer::start("domain: other\ndescriptors: []\n").await;
+    let mut admin = server.admin().await;
+    let big: i64 = 1 << 40;
+    admin
+        .create_usage_plan(CreateUsagePlanRequest {
+            usage_plan: Some(UsagePlan {
+                name: "big".into(),
+                quota: Some(Quota {
+                    limit: big,
+                    period: Period::Day as i32,
+                    ..Default::default()
+                }),
+                stages: vec![ApiStage {
+                    domain: "llm".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let value = admin
+        .create_api_key(CreateApiKeyRequest {
+            api_key: Some(ApiKey {
+                name: "bob".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .value;
+    admin
+        .create_usage_plan_key(CreateUsagePlanKeyRequest {
+            plan: "big".into(),
+            key: "bob".into(),
+        })
+        .await
+        .unwrap();
+    let ok = server
+        .check(request("llm", vec![desc(&[("api_key", &value)])]))
+        .await;
+    assert_eq!(ok.overall_code, OK, "{ok:?}");
+    assert_eq!(
+        header(&ok, "x-ratelimit-limit-requests"),
+        Some(big.to_string().as_str()),
+        "{ok:?}"
+    );
+    assert_eq!(
+        header(&ok, "x-ratelimit-remaining-requests"),
+        Some((big - 1).to_string().as_str()),
+        "{ok:?}"
+    );
 }
