@@ -867,7 +867,7 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
                 throttle: throttle(1e-12, 5),
                 ..base()
             },
-            "throttle.rate_limit: must be 0 (blocked) or at least 1e-9 per second",
+            "throttle.rate_limit: must be 0 (no refill: burst_limit calls, then none) or at least 1e-9 per second",
         ),
         (
             "unknown time zone",

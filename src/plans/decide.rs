@@ -149,6 +149,12 @@ pub fn throttle_limit(plan_name: &str, t: &Throttle, method: Option<&str>) -> Ar
         // over" to an RLS client, which the throttle is not).
         best = (t.rate_limit * 31_536_000.0).round().max(1.0);
         unit = Unit::Year;
+    } else if t.rate_limit <= 0.0 {
+        // No refill: the burst, once, then nothing; per year is the
+        // nearest unit (0 per day read as "always over" while the burst's
+        // calls passed). A burst of 0 is 0: always over, as it is.
+        best = f64::from(t.burst_limit);
+        unit = Unit::Year;
     }
     let name = match method {
         None => format!("{plan_name}/throttle"),
@@ -246,8 +252,15 @@ mod tests {
         assert_eq!((l.requests_per_unit, l.unit), (32, Unit::Year));
         let l = throttle_limit("p", &t(1e-9), None);
         assert_eq!((l.requests_per_unit, l.unit), (1, Unit::Year));
+        // No refill: the burst, per year (not 0, "always over", while the
+        // burst's calls pass); with no burst either, 0.
         let l = throttle_limit("p", &t(0.0), None);
-        assert_eq!(l.requests_per_unit, 0, "a zero rate stays 0");
+        assert_eq!((l.requests_per_unit, l.unit), (1, Unit::Year));
+        let none = Throttle {
+            rate_limit: 0.0,
+            burst_limit: 0,
+        };
+        assert_eq!(throttle_limit("p", &none, None).requests_per_unit, 0);
     }
 
     #[test]

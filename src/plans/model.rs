@@ -523,12 +523,12 @@ pub fn validate_throttle(field: &str, t: &Throttle) -> Result<(), Error> {
         ));
     }
     // Below one token per ~31.7 years the bucket's arithmetic leaves the
-    // range of its waits (and of a protobuf Duration); 0 blocks.
+    // range of its waits (and of a protobuf Duration); 0 never refills.
     if t.rate_limit > 0.0 && t.rate_limit < MIN_RATE {
         return Err(Error::invalid(
             format!("{field}.rate_limit"),
             format!(
-                "must be 0 (blocked) or at least {MIN_RATE:e} per second, got {:e}",
+                "must be 0 (no refill: burst_limit calls, then none) or at least {MIN_RATE:e} per second, got {:e}",
                 t.rate_limit
             ),
         ));
