@@ -612,7 +612,29 @@ impl MethodKey {
     }
 }
 
-/// Checks a plan (not the uniqueness of its name, which needs the store).
+/// Checks a plan before it is written (created or updated; not the
+/// uniqueness of its name, which needs the store): [`validate_plan`] and
+/// the checks added since plans were first stored, which a stored plan
+/// need not pass to load (a data dir written by an earlier version starts).
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first bad field.
+pub fn validate_new_plan(p: &Plan) -> Result<(), Error> {
+    validate_plan(p)?;
+    for (i, s) in p.stages.iter().enumerate() {
+        // Requests refuse domains over 1024 bytes (--max-key-value-len's
+        // default): a plan for a longer one could never decide a call.
+        if s.domain.len() > 1024 {
+            return Err(Error::invalid(
+                format!("stages[{i}].domain"),
+                format!("must be at most 1024 bytes, got {}", s.domain.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a plan record, as it is stored and loaded.
 ///
 /// # Errors
 /// [`Error::Invalid`] naming the first bad field.
@@ -631,6 +653,7 @@ pub fn validate_plan(p: &Plan) -> Result<(), Error> {
         if s.domain.is_empty() {
             return Err(Error::invalid(f("domain"), "must not be empty"));
         }
+
         if !seen.insert((&s.domain, &s.stage)) {
             return Err(Error::invalid(
                 f("domain"),
@@ -1100,6 +1123,14 @@ mod tests {
         let mut p = plan();
         p.stages[0].domain.clear();
         assert_eq!(field_of(&p), "stages[0].domain");
+        // Too long for a request: refused for a new write, loaded if stored.
+        p.stages[0].domain = "d".repeat(1025);
+        assert!(
+            matches!(validate_new_plan(&p), Err(Error::Invalid { field, .. }) if field == "stages[0].domain")
+        );
+        assert!(validate_plan(&p).is_ok());
+        p.stages[0].domain = "d".repeat(1024);
+        assert!(validate_new_plan(&p).is_ok(), "{p:?}");
         let mut p = plan();
         p.stages.push(p.stages[0].clone());
         assert_eq!(field_of(&p), "stages[1].domain");

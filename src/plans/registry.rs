@@ -321,7 +321,7 @@ impl Registry {
         plan.id = new_id()?;
         plan.create_time = now;
         plan.update_time = now;
-        model::validate_plan(&plan)?;
+        model::validate_new_plan(&plan)?;
         model::validate_spend_prices(&plan, self.catalog.load().shared_prices())?;
         if let Some(other) = self.catalog.load().plan(&plan.name) {
             return Err(name_taken("usage plan", &plan.name, &other.plan.id));
@@ -357,7 +357,7 @@ impl Registry {
         p.id = id;
         p.create_time = created;
         p.update_time = now;
-        model::validate_plan(&p)?;
+        model::validate_new_plan(&p)?;
         model::validate_spend_prices(&p, cat.shared_prices())?;
         model::validate_limit_units(&old, &p)?;
         // The limits this update removes are remembered while their

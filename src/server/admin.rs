@@ -526,7 +526,7 @@ fn header_style_from(v: i32) -> Result<model::HeaderStyle, Error> {
 /// # Errors
 /// [`Error::Invalid`] naming the first bad field, as the server would.
 pub fn check_plan(p: &pb::UsagePlan) -> Result<(), Error> {
-    model::validate_plan(&plan_from(p)?)
+    model::validate_new_plan(&plan_from(p)?)
 }
 
 /// The checks `CreateApiKey` runs on a key's own fields (for `sluice
