@@ -507,6 +507,58 @@ async fn list_plans_pages_by_name_and_rejects_a_garbage_token() {
             .await,
         "page_token",
     );
+
+    // A token is tied to the request it came from (AIP-158): not taken by
+    // another list, nor by the same list with other filters.
+    invalid(
+        "a plans token for keys",
+        admin
+            .list_api_keys(ListApiKeysRequest {
+                page_size: 2,
+                page_token: p1.next_page_token.clone(),
+                ..Default::default()
+            })
+            .await,
+        "page_token",
+    );
+    for name in ["k-a", "k-b", "k-c"] {
+        ok(
+            name,
+            admin
+                .create_api_key(CreateApiKeyRequest {
+                    api_key: Some(ApiKey {
+                        name: name.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await,
+        );
+    }
+    let filtered = |token: String, prefix: &str| ListApiKeysRequest {
+        page_size: 1,
+        page_token: token,
+        name_prefix: prefix.into(),
+        ..Default::default()
+    };
+    let k1 = ok(
+        "keys page 1",
+        admin.list_api_keys(filtered(String::new(), "k-")).await,
+    );
+    invalid(
+        "a filtered token without the filter",
+        admin
+            .list_api_keys(filtered(k1.next_page_token.clone(), ""))
+            .await,
+        "page_token",
+    );
+    let k2 = ok(
+        "keys page 2",
+        admin
+            .list_api_keys(filtered(k1.next_page_token, "k-"))
+            .await,
+    );
+    assert_eq!(k2.api_keys[0].name, "k-b", "{k2:?}");
     s.shutdown().await;
 }
 

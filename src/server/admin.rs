@@ -768,28 +768,47 @@ fn page_size(n: i32) -> Result<usize, Error> {
     }
 }
 
-/// Decodes a page token: the name of the last item of the previous page.
-fn page_after(token: &str) -> Result<Option<String>, Error> {
+/// Separates a page token's request scope from the last name (names hold
+/// no control characters).
+const TOKEN_SEP: char = '\u{1e}';
+
+/// Decodes a page token: the request it was made for (`scope`: the method
+/// and its filters) and the name of the last item of the previous page. A
+/// token of another request, or with other filters, is refused (AIP-158):
+/// it would page through something else.
+fn page_after(token: &str, scope: &str) -> Result<Option<String>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let bad = |m: &str| Error::invalid("page_token", m.to_owned());
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .map(Some)
-        .ok_or_else(|| Error::invalid("page_token", "not a token from a previous page"))
+        .ok_or_else(|| bad("not a token from a previous page"))?;
+    let (made_for, last) = text
+        .rsplit_once(TOKEN_SEP)
+        .ok_or_else(|| bad("not a token from a previous page"))?;
+    if made_for != scope {
+        return Err(bad(
+            "made for another request or other filters: page on with the request that gave it",
+        ));
+    }
+    Ok(Some(last.to_owned()))
 }
 
-/// One page of `items` (sorted by name) after `token`.
+/// One page of `items` (sorted by name) after `token`. `scope` names the
+/// request (method and filters) that page tokens are tied to.
 fn page<T>(
     items: impl Iterator<Item = T>,
     name: impl Fn(&T) -> &str,
     size: i32,
     token: &str,
+    scope: &[&str],
 ) -> Result<(Vec<T>, String), Error> {
     let size = page_size(size)?;
-    let after = page_after(token)?;
+    let scope = scope.join("\u{1f}");
+    let after = page_after(token, &scope)?;
     let mut out: Vec<T> = items
         .filter(|i| after.as_deref().is_none_or(|a| name(i) > a))
         .take(size + 1)
@@ -797,7 +816,10 @@ fn page<T>(
     let next = if out.len() > size {
         out.truncate(size);
         out.last()
-            .map(|i| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name(i)))
+            .map(|i| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(format!("{scope}{TOKEN_SEP}{}", name(i)))
+            })
             .unwrap_or_default()
     } else {
         String::new()
@@ -965,6 +987,7 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             |p| p.plan.name.as_str(),
             req.page_size,
             &req.page_token,
+            &["ListUsagePlans"],
         )?;
         Ok(Response::new(pb::ListUsagePlansResponse {
             usage_plans: items.iter().map(|p| plan_to(&p.plan)).collect(),
@@ -1062,7 +1085,13 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             (req.customer_id.is_empty() || k.customer_id == req.customer_id)
                 && k.name.starts_with(&req.name_prefix)
         });
-        let (items, next) = page(items, |k| k.name.as_str(), req.page_size, &req.page_token)?;
+        let (items, next) = page(
+            items,
+            |k| k.name.as_str(),
+            req.page_size,
+            &req.page_token,
+            &["ListApiKeys", &req.customer_id, &req.name_prefix],
+        )?;
         Ok(Response::new(pb::ListApiKeysResponse {
             api_keys: items.iter().map(|k| key_to(k)).collect(),
             next_page_token: next,
@@ -1190,7 +1219,13 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         })?;
         let id = p.plan.id.clone();
         let items = cat.keys_by_name().filter(|k| k.plan_ids.contains(&id));
-        let (items, next) = page(items, |k| k.name.as_str(), req.page_size, &req.page_token)?;
+        let (items, next) = page(
+            items,
+            |k| k.name.as_str(),
+            req.page_size,
+            &req.page_token,
+            &["ListUsagePlanKeys", &id],
+        )?;
         Ok(Response::new(pb::ListUsagePlanKeysResponse {
             keys: items
                 .iter()
@@ -1247,6 +1282,13 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
             |k| k.name.as_str(),
             req.page_size,
             &req.page_token,
+            &[
+                "GetUsage",
+                &plan.plan.id,
+                &req.key,
+                &req.start_date,
+                &req.end_date,
+            ],
         )?;
         let mut items = Vec::with_capacity(keys.len());
         for k in &keys {
