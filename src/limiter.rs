@@ -1933,7 +1933,9 @@ impl ConfigSource {
     /// A config error; the caller keeps the last good config.
     pub fn poll(&mut self) -> Result<Option<Config>, config::Error> {
         if !self.dir.exists() {
-            if !self.missing {
+            // Only a directory that was read is "gone" (not the default
+            // directory while the embedded config serves).
+            if !self.missing && self.last.is_some() {
                 self.missing = true;
                 tracing::warn!(
                     dir = %self.dir.display(),

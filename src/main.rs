@@ -289,7 +289,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config_dir } => {
             // Warnings about what loads but is not implemented go to stderr.
             telemetry::init(telemetry::LogFormat::Text);
-            let cfg = ConfigSource::new(&config_dir).load_initial()?;
+            if !config_dir.exists() {
+                anyhow::bail!(
+                    "{}: config dir not found (give the directory of config files with --config-dir or SLUICE_CONFIG_DIR)",
+                    config_dir.display()
+                );
+            }
+            let cfg = ConfigSource::new(&config_dir)
+                .load_initial()
+                .context("invalid config")?;
             for (domain, file) in &cfg.sources {
                 println!("ok: domain {domain} ({})", file.display());
             }
@@ -506,9 +514,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(drain_timeout, h).await;
     }
     let closed = store.close().await;
+    if let Err(e) = &closed {
+        // A stalled disk (sled never completes a flush after a failed
+        // write) would also hang the database's own flush on drop: exit
+        // now, without destructors, rather than never.
+        tracing::error!(
+            error = %e,
+            "final flush of counters failed: the counts changed since the last good write to disk are lost"
+        );
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+        if let Err(e) = &admin_result {
+            tracing::error!(error = %e, "admin gRPC server failed");
+        }
+        std::process::exit(1);
+    }
     result.context("gRPC server failed")?;
     admin_result.context("admin gRPC server failed")?;
-    closed.context("final flush of counters failed")?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

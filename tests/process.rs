@@ -5,6 +5,7 @@ mod proc;
 
 use std::io::Write;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use proc::*;
@@ -51,6 +52,7 @@ async fn fresh_start_without_config_dir_serves_embedded_default_and_health() {
     let tmp = tempdir();
     let mut s = SluiceCmd::serve_embedded(&tmp.path().join("data"))
         .cwd(tmp.path())
+        .args(["--reload-interval-ms", "50"])
         .start();
     assert!(
         s.stderr().contains("embedded default"),
@@ -90,9 +92,13 @@ async fn fresh_start_without_config_dir_serves_embedded_default_and_health() {
         );
     }
     drop((c, h));
+    // Polls of the default dir that never existed say nothing (a "config
+    // dir is gone" warning came once a second).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = s.terminate();
     assert_exit_ok(&mut s, status);
     assert!(s.stderr().contains("stopped cleanly"), "{}", s.stderr());
+    assert!(!s.stderr().contains("WARN"), "{}", s.stderr());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,6 +533,12 @@ async fn data_dir_in_use_by_another_sluice_is_refused() {
         data.display(),
         f.stderr
     );
+    assert!(
+        f.stderr
+            .contains("locked by another process (is another sluice serving this data dir?)"),
+        "{}",
+        f.stderr
+    );
     // The first one is unaffected.
     assert!(first.is_running());
     let mut c = first.client().await;
@@ -922,4 +934,85 @@ fn listen_addresses_take_host_names() {
         "{}",
         f.output()
     );
+}
+
+/// A disk that stops taking writes (here: a file size limit on the running
+/// server, set with util-linux's `prlimit`, so sled's writes fail with
+/// EFBIG as on a full disk): decisions go on from memory (interval
+/// durability), gRPC health turns NOT_SERVING, SIGTERM still ends the
+/// process (sled 0.34 never completes a flush after a failed write: the
+/// final flush used to hang it forever), and the data dir written before
+/// the failure restarts intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_ends() {
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    avoid_window_edge(86_400, 300);
+    let cmd = SluiceCmd::serve(&cfg, &data).cwd(tmp.path());
+    let mut s = cmd.clone().ignoring_sigxfsz().start();
+    assert_eq!(hit_n(&s, "erin", 3).await, PERSIST_LIMIT - 3);
+    // Written: the store flushes every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = data.join("sled").join("db");
+    let size = std::fs::metadata(&db).expect("sled's log").len();
+    let limit = Command::new("prlimit")
+        .arg("--pid")
+        .arg(s.pid().to_string())
+        .arg(format!("--fsize={size}:unlimited"))
+        .output()
+        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
+    assert!(
+        limit.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&limit.stderr)
+    );
+
+    // New counters to write: the next write fails; decisions go on.
+    let mut c = s.client().await;
+    let mut h = s.health().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    loop {
+        i += 1;
+        let user = format!("writer-{i}");
+        let r = should(&mut c, request(PERSIST_DOMAIN, &[("user", &user)])).await;
+        assert_eq!(r.overall_code, OK, "{r:?}");
+        if health_status(&mut h, "").await == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health still SERVING after {i} calls; stderr:\n{}",
+            s.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        health_status(&mut h, "ratelimit").await,
+        ServingStatus::NotServing as i32
+    );
+    let line = s.wait_for_line(|l| l.contains("writing counters to disk failed"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert_eq!(
+        hit_n(&s, "erin", 1).await,
+        PERSIST_LIMIT - 4,
+        "decided from memory"
+    );
+    drop((c, h));
+
+    // SIGTERM ends it (the final flush fails, bounded), naming the loss.
+    s.signal("TERM");
+    let status = s.wait_exit(Duration::from_secs(120));
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        s.stderr().contains("final flush of counters failed"),
+        "{}",
+        s.stderr()
+    );
+    drop(s);
+
+    // Restarted without the limit: what was written before is there.
+    let s = cmd.start();
+    assert_eq!(hit_n(&s, "erin", 1).await, PERSIST_LIMIT - 4);
 }

@@ -55,6 +55,8 @@ pub struct Registry {
     path: PathBuf,
     catalog: Arc<ArcSwap<Catalog>>,
     write: tokio::sync::Mutex<()>,
+    /// Set while an admin write to disk runs (see [`storage::bounded`]).
+    busy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn grant_key(plan: &str, key: &str, start: i64) -> Vec<u8> {
@@ -171,6 +173,7 @@ impl Registry {
             catalog: Arc::new(ArcSwap::from_pointee(catalog)),
             prices,
             write: tokio::sync::Mutex::new(()),
+            busy: Arc::default(),
         })
     }
 
@@ -203,40 +206,63 @@ impl Registry {
             .map(|k| Ok((k.id.clone(), serde_json::to_vec(k)?)))
             .collect::<Result<_, serde_json::Error>>()
             .map_err(|e| storage::Error::Io(format!("encoding a key: {e}")))?;
-        let result: Result<(), TransactionError<()>> = (&self.plans, &self.keys, &self.grants)
-            .transaction(|(p, k, g)| {
-                for (id, v) in &encode_plans {
-                    p.insert(id.as_bytes(), v.as_slice())?;
-                }
-                for id in &changes.plans_del {
-                    p.remove(id.as_bytes())?;
-                }
-                for (id, v) in &encode_keys {
-                    k.insert(id.as_bytes(), v.as_slice())?;
-                }
-                for id in &changes.keys_del {
-                    k.remove(id.as_bytes())?;
-                }
-                for ((plan, key, start), extra) in &changes.grants_put {
-                    g.insert(grant_key(plan, key, *start), &extra.to_be_bytes())?;
-                }
-                for (plan, key, start) in &changes.grants_del {
-                    g.remove(grant_key(plan, key, *start))?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
-        result.map_err(|e| storage::Error::Io(format!("admin write failed: {e:?}")))?;
-        if let Some(p) = &changes.prices {
-            let v = serde_json::to_vec(p)
-                .map_err(|e| storage::Error::Io(format!("encoding the price table: {e}")))?;
-            self.prices
-                .insert(PRICE_TABLE, v)
-                .map_err(|e| storage::Error::Io(format!("admin write failed: {e}")))?;
-        }
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| storage::Error::Io(format!("admin write not flushed: {e}")))?;
+        let prices = changes
+            .prices
+            .as_ref()
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| storage::Error::Io(format!("encoding the price table: {e}")))?;
+        // Off the async workers and bounded in time: a stalled disk fails
+        // the call instead of hanging it (and every admin call after it).
+        let trees = (
+            self.plans.clone(),
+            self.keys.clone(),
+            self.grants.clone(),
+            self.prices.clone(),
+            self.db.clone(),
+        );
+        let dels = (
+            changes.plans_del.clone(),
+            changes.keys_del.clone(),
+            changes.grants_put.clone(),
+            changes.grants_del.clone(),
+        );
+        storage::bounded(&self.busy, "admin write", move || {
+            let (plans, keys, grants, price_tree, db) = trees;
+            let (plans_del, keys_del, grants_put, grants_del) = dels;
+            let result: Result<(), TransactionError<()>> =
+                (&plans, &keys, &grants).transaction(|(p, k, g)| {
+                    for (id, v) in &encode_plans {
+                        p.insert(id.as_bytes(), v.as_slice())?;
+                    }
+                    for id in &plans_del {
+                        p.remove(id.as_bytes())?;
+                    }
+                    for (id, v) in &encode_keys {
+                        k.insert(id.as_bytes(), v.as_slice())?;
+                    }
+                    for id in &keys_del {
+                        k.remove(id.as_bytes())?;
+                    }
+                    for ((plan, key, start), extra) in &grants_put {
+                        g.insert(grant_key(plan, key, *start), &extra.to_be_bytes())?;
+                    }
+                    for (plan, key, start) in &grants_del {
+                        g.remove(grant_key(plan, key, *start))?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                });
+            result.map_err(|e| storage::Error::Io(format!("admin write failed: {e:?}")))?;
+            if let Some(v) = prices {
+                price_tree
+                    .insert(PRICE_TABLE, v)
+                    .map_err(|e| storage::Error::Io(format!("admin write failed: {e}")))?;
+            }
+            db.flush()
+                .map(|_| ())
+                .map_err(|e| storage::Error::Io(format!("admin write not flushed: {e}")))
+        })
+        .await?;
 
         // The new catalog: the old records with the changes applied.
         let old = self.catalog.load();

@@ -49,11 +49,7 @@ pub async fn serve<S: CounterStore>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in HEALTH_NAMES {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
+    let follower = follow_storage(health.clone(), &HEALTH_NAMES, limiter.store()).await;
     let own = [RLS_SERVICE, usage::USAGE_SERVICE];
     let (reflection_v1, reflection_v1alpha) = reflection(&own);
     let usage = crate::proto::usage::usage_service_server::UsageServiceServer::new(
@@ -64,6 +60,7 @@ pub async fn serve<S: CounterStore>(
     let drain = async move {
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
+        follower.abort();
         for name in HEALTH_NAMES {
             health
                 .set_service_status(name, ServingStatus::NotServing)
@@ -149,6 +146,39 @@ fn reflection(
     (v1, v1alpha)
 }
 
+/// Sets `names` SERVING, then keeps them NOT_SERVING while `store`'s
+/// writes to disk fail (a full or failing disk): the node cannot keep what
+/// its durability setting promises, so orchestrators and health-checking
+/// proxies should route elsewhere. The returned task is aborted when the
+/// server drains (which sets NOT_SERVING for good).
+async fn follow_storage<S: CounterStore>(
+    health: tonic_health::server::HealthReporter,
+    names: &'static [&'static str],
+    store: &S,
+) -> tokio::task::JoinHandle<()> {
+    for name in names {
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let mut writes_ok = store.writes_ok();
+    tokio::spawn(async move {
+        let Some(rx) = writes_ok.as_mut() else {
+            return;
+        };
+        while rx.changed().await.is_ok() {
+            let status = if *rx.borrow_and_update() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in names {
+                health.set_service_status(*name, status).await;
+            }
+        }
+    })
+}
+
 /// Health names of the admin server: "" and the admin service.
 pub const ADMIN_HEALTH_NAMES: [&str; 2] = ["", admin::ADMIN_SERVICE];
 
@@ -168,11 +198,7 @@ pub async fn serve_admin<S: CounterStore>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ADMIN_HEALTH_NAMES {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
+    let follower = follow_storage(health.clone(), &ADMIN_HEALTH_NAMES, limiter.store()).await;
     let own = [admin::ADMIN_SERVICE];
     let (reflection_v1, reflection_v1alpha) = reflection(&own);
     let admin = AdminServiceServer::with_interceptor(
@@ -181,6 +207,7 @@ pub async fn serve_admin<S: CounterStore>(
     );
     let drain = async move {
         shutdown.await;
+        follower.abort();
         for name in ADMIN_HEALTH_NAMES {
             health
                 .set_service_status(name, ServingStatus::NotServing)

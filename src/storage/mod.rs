@@ -118,6 +118,13 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Every live counter whose key starts with `prefix`, with its value.
     /// A full scan: for the admin path (usage reports), never for decisions.
     fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)>;
+
+    /// Whether the store's writes to disk work, as it changes (`true`:
+    /// the last write succeeded); `None` for a store that writes nothing.
+    /// The server reports it through gRPC health.
+    fn writes_ok(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// A storage error.
@@ -153,6 +160,51 @@ impl Error {
     /// UNAVAILABLE so Envoy's `failure_mode_deny` applies.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Io(_) | Error::Closed)
+    }
+}
+
+/// How long a write to disk may take before it counts as stalled. sled
+/// 0.34 never completes a flush once a write to its log failed (a full
+/// disk, a file size limit): without a bound, the writer, every decision of
+/// a sync-durability store, admin writes and the shutdown's final flush
+/// would wait forever.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs blocking disk work `f` off the async workers, waiting at most
+/// [`STALL_TIMEOUT`]. `busy` is set while such work runs: a call that finds
+/// it set fails at once instead of queueing behind a write that may never
+/// complete (the stalled thread is left to finish, or not).
+///
+/// # Errors
+/// `f`'s error; [`Error::Io`] naming `what` when the disk does not answer in
+/// time, when earlier work is still stuck, or when `f` panicked.
+pub async fn bounded<T: Send + 'static>(
+    busy: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    what: &str,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    use std::sync::atomic::Ordering;
+    if busy.swap(true, Ordering::SeqCst) {
+        return Err(Error::Io(format!(
+            "{what}: an earlier write to disk has not completed (storage stalled; restart once the disk is fixed)"
+        )));
+    }
+    let flag = busy.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let r = f();
+        flag.store(false, Ordering::SeqCst);
+        r
+    });
+    match tokio::time::timeout(STALL_TIMEOUT, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            busy.store(false, Ordering::SeqCst);
+            Err(Error::Io(format!("{what}: {e}")))
+        }
+        Err(_) => Err(Error::Io(format!(
+            "{what}: the disk did not answer within {} s (storage stalled; restart once the disk is fixed)",
+            STALL_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -56,6 +56,13 @@ struct Shared {
     wake: Notify,
     stop: Notify,
     stopped: AtomicBool,
+    /// Set while a write to disk runs (see [`super::bounded`]).
+    busy: Arc<AtomicBool>,
+    /// Whether the last write to disk succeeded.
+    writes_ok: watch::Sender<bool>,
+    /// When a failed write was last logged (Unix seconds): while writes
+    /// keep failing, once a minute.
+    fail_logged: AtomicU64,
 }
 
 /// Counters in memory, persisted to sled. Cheap to clone.
@@ -160,6 +167,9 @@ impl SledCounters {
                 path: path.clone(),
                 detail: e.to_string(),
             },
+            sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => open_err(
+                "locked by another process (is another sluice serving this data dir?)".into(),
+            ),
             other => open_err(other.to_string()),
         })?;
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
@@ -207,6 +217,9 @@ impl SledCounters {
             wake: Notify::new(),
             stop: Notify::new(),
             stopped: AtomicBool::new(false),
+            busy: Arc::new(AtomicBool::new(false)),
+            writes_ok: watch::channel(true).0,
+            fail_logged: AtomicU64::new(0),
         });
         let writer = tokio::spawn(writer_loop(shared.clone()));
         let purging = Arc::new(AtomicUsize::new(0));
@@ -340,6 +353,10 @@ impl CounterStore for SledCounters {
     fn scan_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, u64)> {
         self.shared.mem.scan(prefix)
     }
+
+    fn writes_ok(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.shared.writes_ok.subscribe())
+    }
 }
 
 /// Records handed at once from the reader of the tree to the thread that
@@ -443,20 +460,41 @@ async fn flush_once(shared: &Shared) -> Result<(), Error> {
         for c in &changed {
             batch.insert(keys::encode(c.expires_at, &c.key), &c.value.to_be_bytes());
         }
-        match shared.tree.apply_batch(batch) {
-            Ok(()) => shared.db.flush_async().await.map(|_| ()),
-            Err(e) => Err(e),
-        }
+        let (tree, db) = (shared.tree.clone(), shared.db.clone());
+        super::bounded(&shared.busy, "writing counters to disk", move || {
+            let io = |e: sled::Error| Error::Io(e.to_string());
+            tree.apply_batch(batch).map_err(io)?;
+            db.flush().map(|_| ()).map_err(io)
+        })
+        .await
     };
     let ok = result.is_ok();
     if !ok {
         shared.mem.mark_changed(changed.into_iter().map(|c| c.key));
     }
     shared.flushed.send_replace((epoch, ok));
-    result.map_err(|e| {
-        tracing::error!(path = %shared.path.display(), error = %e, "writing counters to disk failed");
-        Error::Io(e.to_string())
-    })
+    let was_ok = shared.writes_ok.send_replace(ok);
+    match &result {
+        Ok(()) if !was_ok => {
+            tracing::info!(path = %shared.path.display(), "writing counters to disk works again");
+        }
+        Ok(()) => {}
+        Err(e) => {
+            // The first failure, then once a minute while they go on (one
+            // line per interval would flood the log).
+            let now = unix_now();
+            let last = shared.fail_logged.load(Ordering::SeqCst);
+            if was_ok || now >= last.saturating_add(60) {
+                shared.fail_logged.store(now, Ordering::SeqCst);
+                tracing::error!(
+                    path = %shared.path.display(),
+                    error = %e,
+                    "writing counters to disk failed: counters are kept in memory and retried; gRPC health says NOT_SERVING until a write succeeds"
+                );
+            }
+        }
+    }
+    result
 }
 
 async fn writer_loop(shared: Arc<Shared>) {

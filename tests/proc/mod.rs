@@ -174,6 +174,10 @@ pub struct SluiceCmd {
     args: Vec<OsString>,
     cwd: Option<PathBuf>,
     envs: Vec<(OsString, OsString)>,
+    /// Started through `sh` with SIGXFSZ ignored (inherited across exec),
+    /// so a file size limit set on it later makes writes fail with EFBIG
+    /// instead of killing it.
+    ignore_sigxfsz: bool,
 }
 
 impl SluiceCmd {
@@ -183,6 +187,7 @@ impl SluiceCmd {
             args: Vec::new(),
             cwd: None,
             envs: Vec::new(),
+            ignore_sigxfsz: false,
         };
         c = c.arg("serve");
         c = c.arg("--config-dir").arg(config_dir);
@@ -198,6 +203,7 @@ impl SluiceCmd {
         let mut c = SluiceCmd {
             args: Vec::new(),
             envs: Vec::new(),
+            ignore_sigxfsz: false,
             cwd: data_dir
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -215,6 +221,7 @@ impl SluiceCmd {
             args: Vec::new(),
             cwd: None,
             envs: Vec::new(),
+            ignore_sigxfsz: false,
         }
         .arg("check-config")
         .arg("--config-dir")
@@ -247,8 +254,23 @@ impl SluiceCmd {
         self
     }
 
+    /// Starts it with SIGXFSZ ignored (see the field), through `sh`, which
+    /// execs sluice (the same pid).
+    pub fn ignoring_sigxfsz(mut self) -> Self {
+        self.ignore_sigxfsz = true;
+        self
+    }
+
     fn command(&self) -> Command {
-        let mut cmd = Command::new(sluice_bin());
+        let mut cmd = if self.ignore_sigxfsz {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg("trap '' XFSZ; exec \"$0\" \"$@\"")
+                .arg(sluice_bin());
+            c
+        } else {
+            Command::new(sluice_bin())
+        };
         cmd.args(&self.args);
         if let Some(d) = &self.cwd {
             cmd.current_dir(d);
