@@ -1120,7 +1120,9 @@ impl<S: CounterStore> RateLimiter<S> {
     }
 
     /// After a plan's quota calendar changed (its period, anchor day or time
-    /// zone), rebuilds each key's count in the new current period, and in
+    /// zone), or a quota was given to a plan without one (its calls were
+    /// still counted per UTC day), rebuilds each key's count in the new
+    /// current period, and in
     /// the new calendar's current day, from the key's daily usage counters
     /// (days of the old calendar, summed whole where they overlap: never
     /// less than was used), so the calls already made still count; the new
@@ -1136,10 +1138,18 @@ impl<S: CounterStore> RateLimiter<S> {
         key_ids: &[String],
         now_s: i64,
     ) -> Result<Vec<(String, i64, i64)>, storage::Error> {
-        let (Some(oq), Some(nq)) = (&old.quota, &new.quota) else {
+        let Some(nq) = &new.quota else {
             return Ok(Vec::new());
         };
-        let (Ok(old_cal), Ok(new_cal)) = (oq.calendar(), nq.calendar()) else {
+        // Without a quota, daily usage is kept on UTC days.
+        let old_cal = match &old.quota {
+            Some(oq) => oq.calendar().ok(),
+            None => {
+                crate::plans::period::Calendar::new(crate::plans::period::Period::Day, 0, "UTC")
+                    .ok()
+            }
+        };
+        let (Some(old_cal), Ok(new_cal)) = (old_cal, nq.calendar()) else {
             return Ok(Vec::new());
         };
         let (old_span, new_span) = (old_cal.containing(now_s), new_cal.containing(now_s));

@@ -2955,6 +2955,51 @@ async fn a_raised_rate_refills_from_the_update() {
     s.shutdown().await;
 }
 
+/// A quota removed and given back counts the calls made without it (they
+/// were counted per day all along): GetUsage's day and the live quota
+/// agree, and the quota is spent when they say. It used to come back with
+/// the count from before its removal (3, not 5 used), free calls in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_given_back_counts_the_calls_made_without_it() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let (_, value) = plan_with_key(&mut admin, plan("qb", DOMAIN, None, daily(6)), "alice").await;
+    for i in 0..3 {
+        assert_allowed(&call_key(&s, DOMAIN, &value).await, &format!("call {i}"));
+    }
+    let update = |quota: Option<Quota>| UpdateUsagePlanRequest {
+        usage_plan: Some(UsagePlan {
+            id: "qb".into(),
+            quota,
+            ..Default::default()
+        }),
+        update_mask: mask(&["quota"]),
+    };
+    ok("remove quota", admin.update_usage_plan(update(None)).await);
+    for i in 0..2 {
+        assert_allowed(
+            &call_key(&s, DOMAIN, &value).await,
+            &format!("unquota'd call {i}"),
+        );
+    }
+    ok(
+        "quota back",
+        admin.update_usage_plan(update(daily(6))).await,
+    );
+    let usage = key_usage_today(&mut admin, "qb", "alice").await;
+    let live = usage.live.expect("live");
+    assert_eq!((live.quota_used, live.quota_remaining), (5, 1), "{live:?}");
+    let today = usage.days.last().expect("today");
+    assert_eq!((today.used, today.remaining), (5, 1), "{today:?}");
+    assert_allowed(&call_key(&s, DOMAIN, &value).await, "the sixth");
+    assert_refused(
+        &call_key(&s, DOMAIN, &value).await,
+        "quota-exceeded",
+        "spent",
+    );
+    s.shutdown().await;
+}
+
 /// Changing a plan's quota calendar (time zone, period) mid-period keeps
 /// the calls already made in the new current period, and a key's grant:
 /// the count is rebuilt from the key's daily usage. Before, the new period

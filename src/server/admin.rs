@@ -40,7 +40,7 @@ pub struct AdminServer<S> {
 
 impl<S: CounterStore> AdminServer<S> {
     /// When an update changed a plan's quota calendar (period, anchor day or
-    /// time zone), its keys' counts in the new current period are rebuilt
+    /// time zone) or gave it a quota, its keys' counts in the new current period are rebuilt
     /// from their daily usage and their grants moved to it
     /// ([`RateLimiter::carry_quota`]): otherwise the period would restart at
     /// 0 with calls already made in it, and an extra grant would vanish.
@@ -50,7 +50,10 @@ impl<S: CounterStore> AdminServer<S> {
                 .as_ref()
                 .map(|q| (q.period, q.anchor_day, q.time_zone.clone()))
         };
-        if before.quota.is_none() || after.quota.is_none() || calendar(before) == calendar(after) {
+        // A quota given back (or for the first time) counts the calls made
+        // without it too, as AWS counts a period's calls whatever happened
+        // to the plan in it.
+        if after.quota.is_none() || calendar(before) == calendar(after) {
             return Ok(());
         }
         let key_ids: Vec<String> = self
