@@ -46,6 +46,16 @@ fn assert_refused(r: &Response, status: u16, reason: &str, what: &str) {
     assert_eq!(r.error_type(), reason, "{what}: {r:?}");
 }
 
+/// An upstream answering `200 OK`, body `ok`, to any request, and Envoy
+/// on `examples/envoy.yaml` in front of it, asking `sluice`.
+fn example_envoy(dir: &std::path::Path, sluice: &Sluice) -> (Upstream, Envoy) {
+    let upstream = Upstream::start(&[("content-type", "text/plain")], "ok");
+    let envoy = tokio::task::block_in_place(|| {
+        Envoy::start(dir, "envoy.yaml", upstream.addr.port(), sluice.addr.port())
+    });
+    (upstream, envoy)
+}
+
 fn limit_header(r: &Response) -> &str {
     r.header("x-ratelimit-limit")
         .unwrap_or_else(|| panic!("no x-ratelimit-limit: {r:?}"))
@@ -58,16 +68,7 @@ async fn usage_plans_through_real_envoy() {
     // No config dir: sluice serves its embedded default (domain llm-gateway).
     let mut sluice = SluiceCmd::serve_embedded(&data).start();
     let mut admin = Admin::connect(&mut sluice, &data).await;
-    // The upstream answers `200 OK`, body `ok`, to any request.
-    let upstream = Upstream::start(&[("content-type", "text/plain")], "ok");
-    let envoy = tokio::task::block_in_place(|| {
-        Envoy::start(
-            tmp.path(),
-            "envoy.yaml",
-            upstream.addr.port(),
-            sluice.addr.port(),
-        )
-    });
+    let (upstream, envoy) = example_envoy(tmp.path(), &sluice);
     let ingress = envoy.listener;
     let get = |path: &str, key: Option<&str>| {
         let h: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
@@ -289,15 +290,7 @@ async fn a_header_value_that_is_not_utf8_is_limited_like_any_other() {
     let tmp = tempdir();
     let data: PathBuf = tmp.path().join("data");
     let sluice = SluiceCmd::serve_embedded(&data).start();
-    let upstream = Upstream::start(&[("content-type", "text/plain")], "ok");
-    let envoy = tokio::task::block_in_place(|| {
-        Envoy::start(
-            tmp.path(),
-            "envoy.yaml",
-            upstream.addr.port(),
-            sluice.addr.port(),
-        )
-    });
+    let (upstream, envoy) = example_envoy(tmp.path(), &sluice);
     let call = |key: &[u8]| {
         tokio::task::block_in_place(|| {
             http_raw(

@@ -43,23 +43,19 @@ fn assert_refusal(r: &RateLimitResponse, reason: &str) {
     );
 }
 
-#[tokio::test]
-async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not() {
-    let server = TestServer::start("domain: other\ndescriptors: []\n").await;
+/// Creates `plan` (governing domain `llm`) and a key `key` bound to it on
+/// `server`; returns the key's value.
+async fn plan_with_key(server: &TestServer, plan: UsagePlan, key: &str) -> String {
     let mut admin = server.admin().await;
+    let name = plan.name.clone();
     admin
         .create_usage_plan(CreateUsagePlanRequest {
             usage_plan: Some(UsagePlan {
-                name: "gold".into(),
-                throttle: Some(Throttle {
-                    rate_limit: 0.001,
-                    burst_limit: 1,
-                }),
                 stages: vec![ApiStage {
                     domain: "llm".into(),
                     ..Default::default()
                 }],
-                ..Default::default()
+                ..plan
             }),
         })
         .await
@@ -67,7 +63,7 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
     let value = admin
         .create_api_key(CreateApiKeyRequest {
             api_key: Some(ApiKey {
-                name: "alice".into(),
+                name: key.into(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -78,11 +74,30 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
         .value;
     admin
         .create_usage_plan_key(CreateUsagePlanKeyRequest {
-            plan: "gold".into(),
-            key: "alice".into(),
+            plan: name,
+            key: key.into(),
         })
         .await
         .unwrap();
+    value
+}
+
+#[tokio::test]
+async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not() {
+    let server = TestServer::start("domain: other\ndescriptors: []\n").await;
+    let value = plan_with_key(
+        &server,
+        UsagePlan {
+            name: "gold".into(),
+            throttle: Some(Throttle {
+                rate_limit: 0.001,
+                burst_limit: 1,
+            }),
+            ..Default::default()
+        },
+        "alice",
+    )
+    .await;
 
     let ok = server
         .check(request("llm", vec![desc(&[("api_key", &value)])]))
@@ -120,7 +135,6 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
         .check(request("llm", vec![desc(&[("api_key", "no-such-key")])]))
         .await;
     assert_refusal(&invalid, "invalid-key");
-    drop(admin);
     server.shutdown().await;
 }
 
@@ -130,45 +144,21 @@ async fn refusals_carry_reason_header_metadata_and_body_and_allowed_calls_do_not
 #[tokio::test]
 async fn a_quota_above_u32_is_shown_whole_in_the_headers() {
     let server = TestServer::start("domain: other\ndescriptors: []\n").await;
-    let mut admin = server.admin().await;
     let big: i64 = 1 << 40;
-    admin
-        .create_usage_plan(CreateUsagePlanRequest {
-            usage_plan: Some(UsagePlan {
-                name: "big".into(),
-                quota: Some(Quota {
-                    limit: big,
-                    period: Period::Day as i32,
-                    ..Default::default()
-                }),
-                stages: vec![ApiStage {
-                    domain: "llm".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let value = admin
-        .create_api_key(CreateApiKeyRequest {
-            api_key: Some(ApiKey {
-                name: "bob".into(),
+    let value = plan_with_key(
+        &server,
+        UsagePlan {
+            name: "big".into(),
+            quota: Some(Quota {
+                limit: big,
+                period: Period::Day as i32,
                 ..Default::default()
             }),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .value;
-    admin
-        .create_usage_plan_key(CreateUsagePlanKeyRequest {
-            plan: "big".into(),
-            key: "bob".into(),
-        })
-        .await
-        .unwrap();
+        },
+        "bob",
+    )
+    .await;
     let ok = server
         .check(request("llm", vec![desc(&[("api_key", &value)])]))
         .await;
