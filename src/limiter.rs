@@ -1340,7 +1340,7 @@ impl<S: CounterStore> RateLimiter<S> {
         let (plan, stage_i, key) =
             self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
         let entries = model_entries(&plan.plan.stages[stage_i].model_entry, model);
-        let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, id));
+        let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, &key.id, id));
         let (_, states, out) = self
             .plan_call(
                 &cat,

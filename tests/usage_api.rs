@@ -419,6 +419,14 @@ async fn report_usage_counts_a_request_id_once_and_spends_the_token_limit() {
     let rep = report(&mut u, &key, "", 5, 5, "").await;
     assert_eq!(lim(&rep.limits, "idem/tpd").remaining, 0);
     assert!(report(&mut u, &key, "", 100, 50, "r2").await.duplicate);
+
+    // Ids are per key: another key of the plan reporting "r1" is counted
+    // (it was taken for a duplicate of alice's, its tokens lost).
+    let bob = key_for(&mut admin, "idem", "bob", "").await;
+    let rep = report(&mut u, &bob, "", 100, 50, "r1").await;
+    assert!(!rep.duplicate, "{rep:?}");
+    assert_eq!(lim(&rep.limits, "idem/tpd").remaining, 850);
+    assert!(report(&mut u, &bob, "", 100, 50, "r1").await.duplicate);
     s.shutdown().await;
 }
 

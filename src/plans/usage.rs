@@ -436,12 +436,14 @@ fn counter_key_rest_into(
     k.extend_from_slice(&window_start.to_be_bytes());
 }
 
-/// The key of a reported request id (for ReportUsage idempotency).
-pub fn report_key(plan_id: &str, request_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + 8 + plan_id.len() + request_id.len());
+/// The key of a reported request id (for ReportUsage idempotency): per
+/// key, so ids that two keys (or tenants) happen to share do not swallow
+/// each other's reports.
+pub fn report_key(plan_id: &str, key_id: &str, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + 12 + plan_id.len() + key_id.len() + request_id.len());
     k.push(super::decide::PLAN_KEY_TAG);
     k.push(b'r');
-    for part in [plan_id.as_bytes(), request_id.as_bytes()] {
+    for part in [plan_id.as_bytes(), key_id.as_bytes(), request_id.as_bytes()] {
         k.extend_from_slice(&(part.len() as u32).to_be_bytes());
         k.extend_from_slice(part);
     }
