@@ -285,15 +285,14 @@ impl<S: CounterStore> RateLimiter<S> {
                 }
                 Resolved::Refused(why) => {
                     tracing::debug!(?why, "API key refused");
-                    Some(Status {
-                        code: Code::OverLimit,
-                        limit: None,
-                        remaining: 0,
-                        reset_in: None,
-                        reason: Some(Reason::InvalidKey),
-                    })
+                    Some(invalid_key())
                 }
-                Resolved::Governed { plan, stage, key } => {
+                Resolved::Governed {
+                    plan,
+                    stage,
+                    key,
+                    lapsed,
+                } => {
                     let default = plan.plan.stages[stage].default_usage.as_str();
                     let kind = match d.entries.iter().find(|e| e.key == USAGE_ENTRY) {
                         Some(e) => Kind::Usage(e.value.as_str()),
@@ -306,6 +305,15 @@ impl<S: CounterStore> RateLimiter<S> {
                         None if d.hits(req.hits_addend) == 0 => Kind::Check,
                         None => Kind::Usage(default),
                     };
+                    // A disabled or expired key makes no new requests; the
+                    // usage of one it made before still counts.
+                    if let (Some(why), Kind::Requests | Kind::Check | Kind::Usage("requests")) =
+                        (lapsed, kind)
+                    {
+                        tracing::debug!(?why, "API key refused");
+                        plan_statuses.push(Some(invalid_key()));
+                        continue;
+                    }
                     match groups
                         .iter_mut()
                         .find(|g| g.0.plan.id == plan.plan.id && g.2.id == key.id && g.3 == kind)
@@ -1290,6 +1298,10 @@ impl<S: CounterStore> RateLimiter<S> {
         Ok((days, LiveUsage { quota, throttle }))
     }
 
+    /// The plan, stage and key a usage call names. `spent`: the call
+    /// counts usage already spent (ReportUsage), which a disabled or
+    /// expired key still may; otherwise (Reserve: a new request) it is
+    /// refused.
     fn governed(
         &self,
         cat: &Catalog,
@@ -1297,6 +1309,7 @@ impl<S: CounterStore> RateLimiter<S> {
         stage: &str,
         api_key: &str,
         now_s: i64,
+        spent: bool,
     ) -> Result<(Arc<CompiledPlan>, usize, Arc<ApiKey>), UsageError> {
         match cat.resolve_value(domain, stage, api_key, now_s) {
             Resolved::NotGoverned => Err(UsageError::NotGoverned {
@@ -1304,7 +1317,12 @@ impl<S: CounterStore> RateLimiter<S> {
                 stage: stage.to_owned(),
             }),
             Resolved::Refused(r) => Err(UsageError::InvalidKey(r)),
-            Resolved::Governed { plan, stage, key } => {
+            Resolved::Governed {
+                lapsed: Some(r), ..
+            } if !spent => Err(UsageError::InvalidKey(r)),
+            Resolved::Governed {
+                plan, stage, key, ..
+            } => {
                 let plan = cat
                     .plan(&plan.plan.id)
                     .cloned()
@@ -1337,8 +1355,14 @@ impl<S: CounterStore> RateLimiter<S> {
         now_us: i64,
     ) -> Result<ReportResult, UsageError> {
         let cat = self.catalog.load_full();
-        let (plan, stage_i, key) =
-            self.governed(&cat, domain, stage, api_key, now_us.div_euclid(1_000_000))?;
+        let (plan, stage_i, key) = self.governed(
+            &cat,
+            domain,
+            stage,
+            api_key,
+            now_us.div_euclid(1_000_000),
+            true,
+        )?;
         let entries = model_entries(&plan.plan.stages[stage_i].model_entry, model);
         let dedupe = request_id.map(|id| usage::report_key(&plan.plan.id, &key.id, id));
         let (_, states, out) = self
@@ -1378,7 +1402,7 @@ impl<S: CounterStore> RateLimiter<S> {
     ) -> Result<ReserveResult, UsageError> {
         let cat = self.catalog.load_full();
         let now_s = now_us.div_euclid(1_000_000);
-        let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s)?;
+        let (plan, stage_i, key) = self.governed(&cat, domain, stage, api_key, now_s, false)?;
         let entries = model_entries(&plan.plan.stages[stage_i].model_entry, model);
         let (status, states, out) = self
             .plan_call(
@@ -1826,6 +1850,14 @@ fn set_previous(plans: &mut [LimitPlan<'_>], prev_idx: &[usize], values: &[u64])
         let w = plans[i].prev.as_ref().map_or(0, |(_, w)| *w);
         plans[i].prev_value = v;
         plans[i].prev_share = usage::previous_share(v, w);
+    }
+}
+
+/// A plan's refusal of an API key (unknown, disabled, expired, not bound).
+fn invalid_key() -> Status {
+    Status {
+        reset_in: None,
+        ..refusal(None, 0, Reason::InvalidKey)
     }
 }
 

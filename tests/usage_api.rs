@@ -1766,3 +1766,59 @@ async fn an_overlong_model_name_counts_as_other_models() {
     drop(admin);
     s.shutdown().await;
 }
+
+/// Usage of a request allowed before its key was disabled still counts,
+/// through a charge descriptor (Envoy's apply_on_stream_done) and
+/// ReportUsage: the tokens were spent (it used to be refused as an invalid
+/// key and dropped). New requests and reservations of the key are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_spent_before_a_key_was_disabled_still_counts() {
+    let s = server().await;
+    let mut admin = s.admin().await;
+    let key = plan_with_key(
+        &mut admin,
+        usage_plan("lapse", DOMAIN, vec![tokens_per_day("tpd", 1000)]),
+        "alice",
+    )
+    .await;
+    let mut u = usage_client(&s).await;
+    assert_allowed(&call(&s, &key, &[]).await, "while enabled");
+    ok(
+        "disable",
+        admin
+            .update_api_key(UpdateApiKeyRequest {
+                api_key: Some(ApiKey {
+                    id: "alice".into(),
+                    enabled: false,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            })
+            .await,
+    );
+    let charge = request(
+        DOMAIN,
+        vec![desc_hits(
+            &[("api_key", &key), ("usage", "total_tokens")],
+            300,
+        )],
+    );
+    assert_allowed(&s.check(charge).await, "a charge of the disabled key");
+    let rep = report(&mut u, &key, "", 100, 100, "").await;
+    assert_eq!(lim(&rep.limits, "lapse/tpd").remaining, 500, "{rep:?}");
+
+    assert_refused(
+        &call(&s, &key, &[]).await,
+        "invalid-key",
+        None,
+        "a new request",
+    );
+    let r = ok(
+        "a reservation",
+        u.reserve(reserve_req(&key, "", 10, 10)).await,
+    );
+    assert!(!r.allowed && r.reason == "invalid-key", "{r:?}");
+    s.shutdown().await;
+}

@@ -193,6 +193,11 @@ pub enum Resolved<'a> {
         stage: usize,
         /// The key.
         key: &'a ApiKey,
+        /// Why the key may make no new requests (disabled or expired), if
+        /// so: a request is refused for it, while usage it reports is
+        /// still counted (the tokens of a request allowed before were
+        /// spent).
+        lapsed: Option<Refusal>,
     },
 }
 
@@ -398,19 +403,21 @@ impl Catalog {
             return Resolved::Refused(Refusal::Unknown);
         }
         let key = &*r.key;
-        if !key.enabled {
-            return Resolved::Refused(Refusal::Disabled);
-        }
-        if key.expire_time.is_some_and(|t| now >= t) {
-            return Resolved::Refused(Refusal::Expired);
-        }
+        let lapsed = if !key.enabled {
+            Some(Refusal::Disabled)
+        } else if key.expire_time.is_some_and(|t| now >= t) {
+            Some(Refusal::Expired)
+        } else {
+            None
+        };
         match r.routes.iter().find(|route| route.slot == slot) {
             Some(route) => Resolved::Governed {
                 plan: &route.plan,
                 stage: route.stage,
                 key,
+                lapsed,
             },
-            None => Resolved::Refused(Refusal::NoPlan),
+            None => Resolved::Refused(lapsed.unwrap_or(Refusal::NoPlan)),
         }
     }
 
@@ -565,7 +572,12 @@ mod tests {
         match r {
             Resolved::NotGoverned => "-".into(),
             Resolved::Refused(why) => format!("{why:?}"),
-            Resolved::Governed { plan, stage, key } => {
+            Resolved::Governed {
+                lapsed: Some(why), ..
+            } => format!("{why:?}"),
+            Resolved::Governed {
+                plan, stage, key, ..
+            } => {
                 format!("{}/{stage}/{}", plan.plan.id, key.id)
             }
         }
