@@ -469,8 +469,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::time::sleep(drain_timeout).await;
         }
     };
+    let mut http = http;
     let both = async {
-        tokio::join!(
+        let (rls, admin, ()) = tokio::join!(
             async {
                 let r = server::serve(
                     listener,
@@ -497,7 +498,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 stop_tx.send_replace(true);
                 r
             },
-        )
+            async {
+                // It stops accepting with the others; its open calls get
+                // the same drain deadline, not one of their own after it.
+                if let Some(h) = http.as_mut() {
+                    let _ = h.await;
+                }
+            },
+        );
+        (rls, admin)
     };
     let (result, admin_result) = tokio::select! {
         r = both => r,
@@ -509,9 +518,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     watcher.abort();
     purger.abort();
     if let Some(h) = http {
-        // It stopped accepting with the others; calls still open get the
-        // drain's time, no more.
-        let _ = tokio::time::timeout(drain_timeout, h).await;
+        h.abort();
     }
     let closed = store.close().await;
     if let Err(e) = &closed {
@@ -557,7 +564,7 @@ fn listen_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives
 /// right after the "listening" lines is never missed) and returns a future
-/// that completes on the first of them.
+/// that completes on the first of them. SIGHUP is logged and ignored.
 ///
 /// # Errors
 /// If a handler cannot be installed.
@@ -567,10 +574,24 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        // SIGHUP's default ends the process without the final flush; many
+        // operators send it to reload. Config is re-read on its own.
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
         Ok(async move {
-            tokio::select! {
-                _ = int.recv() => tracing::info!("received SIGINT"),
-                _ = term.recv() => tracing::info!("received SIGTERM"),
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {
+                        tracing::info!("received SIGINT");
+                        break;
+                    }
+                    _ = term.recv() => {
+                        tracing::info!("received SIGTERM");
+                        break;
+                    }
+                    _ = hup.recv() => tracing::info!(
+                        "received SIGHUP: ignored (the config dir is re-read every --reload-interval-ms on its own; SIGTERM stops)"
+                    ),
+                }
             }
         })
     }

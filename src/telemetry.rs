@@ -22,7 +22,13 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (the reader of stderr went
+        // away: a log shipper restarting, `| head`) is dropped. By default
+        // the subscriber reports it with `eprintln!`, which panics on the
+        // same broken pipe, in whatever task was logging: the signal
+        // handler's, and SIGTERM was then never acted on.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -862,6 +862,16 @@ fn http1(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u
     (status, body)
 }
 
+/// The address of the HTTP port (--http-listen), from its log line.
+fn http_addr(s: &mut Sluice) -> std::net::SocketAddr {
+    let line = s.wait_for_line(|l| l.contains("/json) listening on"));
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
 /// envoyproxy/ratelimit's HTTP endpoints on --http-listen: GET /healthcheck
 /// answers 200 OK (Kubernetes httpGet probes written for upstream work),
 /// POST /json decides a JSON RateLimitRequest, 200 or 429 as upstream, and
@@ -874,13 +884,7 @@ fn the_http_port_serves_healthcheck_and_json() {
     let mut s = SluiceCmd::serve(&cfg, &tmp.path().join("data"))
         .args(["--http-listen", "127.0.0.1:0"])
         .start();
-    let line = s.wait_for_line(|l| l.contains("/json) listening on"));
-    let addr: std::net::SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = http_addr(&mut s);
     assert_eq!(http1(addr, "GET", "/healthcheck", ""), (200, "OK".into()));
     let req = r#"{"domain": "d", "descriptors": [{"entries": [{"key": "k", "value": "v"}]}]}"#;
     let (status, body) = http1(addr, "POST", "/json", req);
@@ -950,7 +954,13 @@ async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_en
     persist_config(&cfg);
     avoid_window_edge(86_400, 300);
     let cmd = SluiceCmd::serve(&cfg, &data).cwd(tmp.path());
-    let mut s = cmd.clone().ignoring_sigxfsz().start();
+    let mut s = cmd
+        .clone()
+        .args(["--http-listen", "127.0.0.1:0"])
+        .ignoring_sigxfsz()
+        .start();
+    let http = http_addr(&mut s);
+    assert_eq!(http1(http, "GET", "/healthcheck", "").0, 200);
     assert_eq!(hit_n(&s, "erin", 3).await, PERSIST_LIMIT - 3);
     // Written: the store flushes every 100 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -992,6 +1002,8 @@ async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_en
         health_status(&mut h, "ratelimit").await,
         ServingStatus::NotServing as i32
     );
+    // Upstream's HTTP health check says so too.
+    assert_eq!(http1(http, "GET", "/healthcheck", "").0, 500);
     let line = s.wait_for_line(|l| l.contains("writing counters to disk failed"));
     assert!(line.contains("ERROR"), "{line}");
     assert_eq!(
@@ -1015,4 +1027,131 @@ async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_en
     // Restarted without the limit: what was written before is there.
     let s = cmd.start();
     assert_eq!(hit_n(&s, "erin", 1).await, PERSIST_LIMIT - 4);
+}
+
+/// The reader of sluice's stderr going away (a log shipper restarting,
+/// `| head`) changes nothing but the logs: SIGHUP is ignored, SIGTERM still
+/// drains, flushes and exits 0, and the hits made before are on disk. A log
+/// line written into the broken pipe used to panic the task writing it (the
+/// signal handler's), so SIGTERM was never acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_stop_sigterm() {
+    use std::io::BufRead;
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    avoid_window_edge(86_400, 300);
+    let mut child = Command::new(sluice_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--config-dir")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("sluice exited before listening")
+            .expect("read stderr");
+        if let Some(a) = listening_addr(&line) {
+            break a;
+        }
+    };
+    let mut c = sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .expect("connect");
+    for _ in 0..3 {
+        let r = should(&mut c, request(PERSIST_DOMAIN, &[("user", "frank")])).await;
+        assert_eq!(r.overall_code, OK, "{r:?}");
+    }
+    drop(c);
+    drop(lines); // the read end closes: every log line now fails with EPIPE
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill {sig}");
+    };
+    kill("-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "SIGHUP ended the process"
+    );
+    kill("-TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no exit within 60 s of SIGTERM with stderr closed");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+
+    let s = SluiceCmd::serve(&cfg, &data).cwd(tmp.path()).start();
+    assert_eq!(hit_n(&s, "frank", 1).await, PERSIST_LIMIT - 4);
+}
+
+/// With sync durability a disk that fails writes fails every decision with
+/// UNAVAILABLE (Envoy's failure_mode_deny then decides), and says so in the
+/// log once, not once per call (a line per refused call flooded the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_disk_under_sync_durability_is_unavailable_and_logged_once() {
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    let mut s = SluiceCmd::serve(&cfg, &data)
+        .cwd(tmp.path())
+        .args(["--durability", "sync"])
+        .ignoring_sigxfsz()
+        .start();
+    assert_eq!(hit_n(&s, "gina", 1).await, PERSIST_LIMIT - 1);
+    let size = std::fs::metadata(data.join("sled").join("db"))
+        .expect("sled's log")
+        .len();
+    let limit = Command::new("prlimit")
+        .arg("--pid")
+        .arg(s.pid().to_string())
+        .arg(format!("--fsize={size}:unlimited"))
+        .output()
+        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
+    assert!(limit.status.success(), "{limit:?}");
+    let mut c = s.client().await;
+    for i in 0..20 {
+        let user = format!("sync-{i}");
+        let r = c
+            .should_rate_limit(request(PERSIST_DOMAIN, &[("user", &user)]))
+            .await;
+        let e = r.expect_err("a decision that cannot be made durable");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    }
+    drop(c);
+    s.signal("TERM");
+    s.wait_exit(Duration::from_secs(120));
+    let stderr = s.stderr();
+    let lines = stderr
+        .lines()
+        .filter(|l| l.contains("decision failed: storage unavailable"))
+        .count();
+    assert_eq!(lines, 1, "{stderr}");
 }

@@ -1,5 +1,6 @@
 //! envoyproxy/ratelimit's HTTP port (its PORT, 8080 there), for
-//! deployments that probe or call it: `GET /healthcheck` answers `200 OK`,
+//! deployments that probe or call it: `GET /healthcheck` answers `200 OK`
+//! (500 while writes to disk fail),
 //! and `POST /json` takes a `RateLimitRequest` in proto3's JSON mapping and
 //! answers the `RateLimitResponse` the same way, with HTTP 200 when the
 //! overall code is OK and 429 when it is OVER_LIMIT (as upstream). Off
@@ -50,8 +51,24 @@ pub async fn serve_http<S: CounterStore>(
 ) -> std::io::Result<()> {
     // Any method on both paths, as upstream's handlers; bodies up to gRPC's
     // own message limit (4 MiB).
+    // Unhealthy (500, as upstream answers when it is) while the store's
+    // writes to disk fail, as gRPC health says NOT_SERVING.
+    let writes_ok = limiter.store().writes_ok();
+    let health = move || {
+        let ok = writes_ok.as_ref().is_none_or(|rx| *rx.borrow());
+        async move {
+            if ok {
+                (StatusCode::OK, "OK")
+            } else {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage failing: writes to disk fail (see the server log)",
+                )
+            }
+        }
+    };
     let app = Router::new()
-        .route("/healthcheck", any(|| async { "OK" }))
+        .route("/healthcheck", any(health))
         .route("/json", any(json_call::<S>))
         .fallback(|| async {
             (

@@ -37,13 +37,35 @@ pub fn from_storage(e: storage::Error) -> Status {
 }
 
 /// A storage failure of `what`: UNAVAILABLE with `unavailable` when it is
-/// transient, else INTERNAL; logged with its details either way.
+/// transient, else INTERNAL; logged with its details either way, at most
+/// once a minute (with how many more there were): a failing disk under a
+/// sync-durability store fails every call, and one line each would flood
+/// the log.
 fn storage_status(e: storage::Error, what: &str, unavailable: &str) -> Status {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LOGGED_AT: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = storage::unix_now();
+    let last = LOGGED_AT.load(Ordering::Relaxed);
+    let log = now >= last.saturating_add(60)
+        && LOGGED_AT
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+    let more = if log {
+        UNLOGGED.swap(0, Ordering::Relaxed)
+    } else {
+        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+        0
+    };
     if e.is_transient() {
-        tracing::warn!(error = %e, "{what}: storage unavailable");
+        if log {
+            tracing::warn!(error = %e, unlogged_since_last = more, "{what}: storage unavailable");
+        }
         Status::unavailable(unavailable)
     } else {
-        tracing::error!(error = %e, "{what}");
+        if log {
+            tracing::error!(error = %e, unlogged_since_last = more, "{what}");
+        }
         Status::internal("internal error")
     }
 }

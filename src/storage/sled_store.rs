@@ -489,7 +489,7 @@ async fn flush_once(shared: &Shared) -> Result<(), Error> {
                 tracing::error!(
                     path = %shared.path.display(),
                     error = %e,
-                    "writing counters to disk failed: counters are kept in memory and retried; gRPC health says NOT_SERVING until a write succeeds"
+                    "writing counters to disk failed: counters are kept in memory and retried; gRPC health and /healthcheck say NOT_SERVING until a write succeeds (after a failed write sled takes none: restart once the disk is fixed)"
                 );
             }
         }
