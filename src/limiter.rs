@@ -2043,6 +2043,9 @@ pub async fn watch_config<S: CounterStore>(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // The last rejection logged: a directory or file that cannot be read
+    // fails every poll the same way, and is said once (and its end too).
+    let mut last_error: Option<(String, bool)> = None;
     loop {
         tick.tick().await;
         let dir = source.dir().to_owned();
@@ -2055,14 +2058,23 @@ pub async fn watch_config<S: CounterStore>(
             Ok((s, result)) => {
                 source = s;
                 match result {
-                    Ok(Some(cfg)) => {
-                        let domains: Vec<&String> = cfg.sources.keys().collect();
-                        tracing::info!(dir = %dir.display(), ?domains, "config reloaded");
-                        limiter.set_config(cfg);
+                    Ok(found) => {
+                        if let Some((e, true)) = last_error.take() {
+                            tracing::info!(dir = %dir.display(), was = %e, "config dir can be read again");
+                        }
+                        if let Some(cfg) = found {
+                            let domains: Vec<&String> = cfg.sources.keys().collect();
+                            tracing::info!(dir = %dir.display(), ?domains, "config reloaded");
+                            limiter.set_config(cfg);
+                        }
                     }
-                    Ok(None) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "config reload rejected; the last good config keeps serving");
+                        let message = e.to_string();
+                        if last_error.as_ref().map(|(m, _)| m) != Some(&message) {
+                            tracing::warn!(error = %message, "config reload rejected; the last good config keeps serving");
+                        }
+                        let unreadable = matches!(e, config::Error::Read { .. });
+                        last_error = Some((message, unreadable));
                     }
                 }
             }

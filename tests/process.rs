@@ -1155,3 +1155,94 @@ async fn a_failing_disk_under_sync_durability_is_unavailable_and_logged_once() {
         .count();
     assert_eq!(lines, 1, "{stderr}");
 }
+
+/// Out of file descriptors (the open-file limit lowered on the running
+/// server with util-linux's `prlimit`, then more connections than it
+/// allows): accepting says why, once, instead of retrying in a silent busy
+/// loop, and once the connections close the server answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_said_once_and_passes() {
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    let mut s = SluiceCmd::serve(&cfg, &data).cwd(tmp.path()).start();
+    assert_eq!(hit_n(&s, "hank", 1).await, PERSIST_LIMIT - 1);
+    let open = std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
+        .expect("/proc")
+        .count();
+    let limit = Command::new("prlimit")
+        .arg("--pid")
+        .arg(s.pid().to_string())
+        .arg(format!("--nofile={}:{}", open + 8, open + 8))
+        .output()
+        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
+    assert!(limit.status.success(), "{limit:?}");
+    let held: Vec<std::net::TcpStream> = (0..40)
+        .filter_map(|_| std::net::TcpStream::connect(s.addr).ok())
+        .collect();
+    let line = s.wait_for_line(|l| l.contains("cannot accept connections"));
+    assert!(
+        line.contains("ERROR") && line.contains("open-file limit"),
+        "{line}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    // The connections it could not accept are accepted (and closed) now;
+    // a new client is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = s.client().await;
+            should(&mut c, request(PERSIST_DOMAIN, &[("user", "hank")])).await
+        })
+        .await;
+        if let Ok(r) = answered {
+            assert_eq!(r.statuses[0].limit_remaining, PERSIST_LIMIT - 2, "{r:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never answered again");
+    }
+    let said = s
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("cannot accept connections"))
+        .count();
+    assert_eq!(said, 1, "{}", s.stderr());
+    s.terminate();
+}
+
+/// A config file that fails every poll the same way before it is parsed
+/// (here: not UTF-8) is said once, not once per poll; fixed, it loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_error_that_repeats_every_poll_is_said_once() {
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    let mut s = SluiceCmd::serve(&cfg, &data)
+        .cwd(tmp.path())
+        .args(["--reload-interval-ms", "50"])
+        .start();
+    let bad = cfg.join("bad.yaml");
+    std::fs::write(&bad, b"domain: bad\n# caf\xe9\ndescriptors: []\n").unwrap();
+    let line = s.wait_for_line(|l| l.contains("config reload rejected"));
+    assert!(line.contains("bad.yaml:2:6"), "{line}");
+    // Twenty polls more.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let said = s
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("config reload rejected"))
+        .count();
+    assert_eq!(said, 1, "{}", s.stderr());
+    write_atomic(&bad, &simple_config("bad", "k", "hour", 7));
+    let mut c = s.client().await;
+    poll_until(
+        &mut c,
+        &request("bad", &[("k", "v")]),
+        "the fixed file",
+        |r| first_limit(r) == Some(7),
+    )
+    .await;
+    drop(c);
+    s.terminate();
+}

@@ -258,13 +258,42 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item =
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Unix seconds of the last "too many connections" warning.
     let warned = Arc::new(AtomicU64::new(0));
+    // Unix seconds of the last "cannot accept" error logged.
+    let accept_logged = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
+        .then(move |conn| {
+            let accept_logged = accept_logged.clone();
+            async move {
+                let e = match conn {
+                    Ok(s) => return Some(s),
+                    Err(e) => e,
+                };
+                // Out of file descriptors (or memory): the listener stays
+                // readable, so accepting again at once spins a core and
+                // starves the connections already open. Wait a little, and
+                // say so once a minute.
+                // ENFILE, EMFILE, ENOBUFS, ENOMEM.
+                if !matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)) {
+                    // A connection reset before it was accepted: routine.
+                    tracing::debug!(error = %e, "accept failed");
+                    return None;
+                }
+                let now = crate::storage::unix_now();
+                let last = accept_logged.load(Ordering::Relaxed);
+                if now >= last + 60
+                    && accept_logged
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::error!(error = %e, "cannot accept connections (raise the open-file limit, `ulimit -n`, or lower --max-connections)");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                None
+            }
+        })
         .filter_map(move |conn| {
-            let stream = match conn {
-                Ok(s) => s,
-                Err(e) => return Some(Err(e)),
-            };
+            let stream = conn?;
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 // One warning a minute: the first to move the mark warns.
                 let now = crate::storage::unix_now();
