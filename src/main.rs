@@ -445,6 +445,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 l,
                 limiter.clone(),
                 limits,
+                conn,
                 stopped(stop_rx.clone()),
             )))
         }

@@ -1246,3 +1246,40 @@ async fn a_config_error_that_repeats_every_poll_is_said_once() {
     drop(c);
     s.terminate();
 }
+
+/// The HTTP port (--http-listen) keeps the connection bounds of the gRPC
+/// ports: past --max-connections a new connection is closed at once, and
+/// an idle one is closed after --idle-timeout-secs (it kept every
+/// connection, so idle ones could exhaust the process's file descriptors).
+#[test]
+fn the_http_port_bounds_its_connections() {
+    use std::io::Read;
+    let tmp = tempdir();
+    let cfg = tmp.path().join("cfg");
+    write_atomic(&cfg.join("d.yaml"), &simple_config("d", "k", "minute", 1));
+    let mut s = SluiceCmd::serve(&cfg, &tmp.path().join("data"))
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--max-connections", "3", "--idle-timeout-secs", "1"])
+        .start();
+    let http = http_addr(&mut s);
+    let closed = |c: &mut std::net::TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let mut idle: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(http).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(http).expect("connect");
+    assert!(closed(&mut extra), "a fourth connection is closed at once");
+    for c in &mut idle {
+        assert!(closed(c), "an idle connection is closed");
+    }
+    assert_eq!(http1(http, "GET", "/healthcheck", "").0, 200);
+    s.terminate();
+}

@@ -38,8 +38,9 @@ struct Ctx<S> {
     limits: RequestLimits,
 }
 
-/// Serves `/healthcheck` and `/json` on `listener` until `shutdown`
-/// completes (then the port closes, which a probe sees as unhealthy).
+/// Serves `/healthcheck` and `/json` on `listener`, its connections within
+/// `conn`, until `shutdown` completes (then the port closes, which a probe
+/// sees as unhealthy).
 ///
 /// # Errors
 /// An I/O error from the listener.
@@ -47,6 +48,7 @@ pub async fn serve_http<S: CounterStore>(
     listener: TcpListener,
     limiter: Arc<RateLimiter<S>>,
     limits: RequestLimits,
+    conn: super::io::ConnLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // Any method on both paths, as upstream's handlers; bodies up to gRPC's
@@ -78,7 +80,9 @@ pub async fn serve_http<S: CounterStore>(
         })
         .layer(DefaultBodyLimit::max(4 << 20))
         .with_state(Arc::new(Ctx { limiter, limits }));
-    axum::serve(listener, app)
+    // The gRPC ports' connection bounds (--max-connections,
+    // --idle-timeout-secs) hold here too.
+    axum::serve(super::io::http_listener(listener, conn)?, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

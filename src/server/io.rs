@@ -255,6 +255,58 @@ impl Connected for Conn {
 /// [`Conn`]s within `limits`: what sluice's servers (and the do-nothing
 /// bench server, so the comparison stays fair) serve on.
 pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item = io::Result<Conn>> {
+    accepted(listener, limits, true)
+}
+
+/// The connections of the HTTP port (`--http-listen`) within `limits`, as
+/// an axum listener: the same bounds as the gRPC ports, without their
+/// HTTP/1 check (this port speaks HTTP/1.1).
+///
+/// # Errors
+/// If the listener's address cannot be read.
+pub fn http_listener(listener: TcpListener, limits: ConnLimits) -> io::Result<HttpListener> {
+    let local = listener.local_addr()?;
+    Ok(HttpListener {
+        conns: Box::pin(accepted(listener, limits, false)),
+        local,
+    })
+}
+
+/// See [`http_listener`].
+pub struct HttpListener {
+    conns: Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Conn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, std::net::SocketAddr) {
+        loop {
+            match self.conns.next().await {
+                Some(Ok(c)) => {
+                    let peer = c.stream.peer_addr().unwrap_or(self.local);
+                    return (c, peer);
+                }
+                // Accept errors are handled (logged, waited on) upstream.
+                Some(Err(_)) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// [`incoming`], with the HTTP/1 check (`check_http1`) or without.
+fn accepted(
+    listener: TcpListener,
+    limits: ConnLimits,
+    check_http1: bool,
+) -> impl Stream<Item = io::Result<Conn>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Unix seconds of the last "too many connections" warning.
     let warned = Arc::new(AtomicU64::new(0));
@@ -318,7 +370,7 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item =
                 last_read: now,
                 idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
                 armed: false,
-                looked: false,
+                looked: !check_http1,
                 refused: false,
                 _permit: permit,
             }))
