@@ -998,10 +998,15 @@ async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_en
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        health_status(&mut h, "ratelimit").await,
-        ServingStatus::NotServing as i32
-    );
+    // Every name follows (set one after the other, a moment apart).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health_status(&mut h, "ratelimit").await != ServingStatus::NotServing as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ratelimit still SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Upstream's HTTP health check says so too.
     assert_eq!(http1(http, "GET", "/healthcheck", "").0, 500);
     let line = s.wait_for_line(|l| l.contains("writing counters to disk failed"));
@@ -1282,4 +1287,38 @@ fn the_http_port_bounds_its_connections() {
     }
     assert_eq!(http1(http, "GET", "/healthcheck", "").0, 200);
     s.terminate();
+}
+
+/// The database removed from the data dir while sluice runs (a cleanup
+/// script, a volume swapped) is noticed: gRPC health turns NOT_SERVING and
+/// the log says what happened, instead of writing on into a deleted file
+/// and losing everything at the next restart without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_removed_while_running_is_noticed() {
+    let tmp = tempdir();
+    let (cfg, data) = (tmp.path().join("config"), tmp.path().join("data"));
+    persist_config(&cfg);
+    let mut s = SluiceCmd::serve(&cfg, &data).cwd(tmp.path()).start();
+    assert_eq!(hit_n(&s, "ida", 1).await, PERSIST_LIMIT - 1);
+    let mut h = s.health().await;
+    assert_eq!(
+        health_status(&mut h, "").await,
+        ServingStatus::Serving as i32
+    );
+    std::fs::remove_dir_all(data.join("sled")).expect("remove the database");
+    let line = s.wait_for_line(|l| l.contains("was removed while sluice runs"));
+    assert!(line.contains("ERROR"), "{line}");
+    // Health follows the store's state in a task of its own: a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health_status(&mut h, "").await != ServingStatus::NotServing as i32 {
+        assert!(std::time::Instant::now() < deadline, "health still SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(h);
+    s.signal("TERM");
+    let status = s.wait_exit(Duration::from_secs(120));
+    assert!(
+        !status.success(),
+        "the final flush cannot succeed: {status:?}"
+    );
 }

@@ -63,6 +63,8 @@ struct Shared {
     /// When a failed write was last logged (Unix seconds): while writes
     /// keep failing, once a minute.
     fail_logged: AtomicU64,
+    /// When the database file was last seen in the data dir (Unix seconds).
+    seen_at: AtomicU64,
 }
 
 /// Counters in memory, persisted to sled. Cheap to clone.
@@ -220,6 +222,7 @@ impl SledCounters {
             busy: Arc::new(AtomicBool::new(false)),
             writes_ok: watch::channel(true).0,
             fail_logged: AtomicU64::new(0),
+            seen_at: AtomicU64::new(0),
         });
         let writer = tokio::spawn(writer_loop(shared.clone()));
         let purging = Arc::new(AtomicUsize::new(0));
@@ -450,10 +453,30 @@ fn restore(
     })
 }
 
+/// Whether sled's database file is still in the data dir, looked at once
+/// a second: removed while running (a cleanup script, a volume swapped),
+/// every write goes to a file nothing will read again.
+fn db_file_gone(shared: &Shared) -> bool {
+    let now = unix_now();
+    if shared.seen_at.load(Ordering::Relaxed) == now {
+        return false;
+    }
+    let here = shared.path.join("sled").join("db").exists();
+    if here {
+        shared.seen_at.store(now, Ordering::Relaxed);
+    }
+    !here
+}
+
 async fn flush_once(shared: &Shared) -> Result<(), Error> {
     let epoch = shared.epoch.fetch_add(1, Ordering::SeqCst);
     let changed = shared.mem.drain_changed();
-    let result = if changed.is_empty() {
+    let result = if db_file_gone(shared) {
+        Err(Error::Io(format!(
+            "the database file {} was removed while sluice runs: nothing written now survives a restart; restart sluice (it starts empty)",
+            shared.path.join("sled").join("db").display()
+        )))
+    } else if changed.is_empty() {
         Ok(())
     } else {
         let mut batch = sled::Batch::default();
