@@ -935,12 +935,25 @@ impl<S: CounterStore> RateLimiter<S> {
                 (would < lp.lim, would)
             };
             let remaining = lp.lim.saturating_sub(used_now);
+            // When the limit is back to full, as clients read a reset
+            // (OpenAI's "time until the limit resets to its initial
+            // state"): for a sliding window not the current fixed window's
+            // end, but once what is counted has slid out, one window later
+            // if the current window counted anything.
+            let full_in = match lp.limit.window.sliding_secs() {
+                Some(len) if used_now > lp.prev_share => {
+                    reset_in.saturating_add(u64::try_from(len).unwrap_or(0))
+                }
+                Some(_) if lp.prev_share > 0 => reset_in,
+                Some(_) => 0,
+                None => reset_in,
+            };
             states.push(LimitState {
                 name: Cow::Borrowed(limit.name.as_deref().unwrap_or_default()),
                 metric: lp.limit.metric,
                 limit: lp.lim,
                 remaining,
-                reset_in: Some(reset_in),
+                reset_in: Some(full_in),
                 window: lp.span.end - lp.span.start,
             });
             if allowed {

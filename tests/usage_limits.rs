@@ -1198,8 +1198,10 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
         lim(&dec.statuses[0]),
         l(100, Unit::Minute, "cs/customer/cust")
     );
-    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=40;t=30"));
-    assert_eq!(ietf_entry(&dec, "cs/per-key"), Some("r=60;t=30"));
+    // t: full once what was counted slides out: this window's end (30 s)
+    // plus one window; B's own counter, unused, is full now.
+    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=40;t=90"));
+    assert_eq!(ietf_entry(&dec, "cs/per-key"), Some("r=60;t=0"));
     // B spends the rest of acme's limit: now B is refused by the customer
     // limit ...
     assert_eq!(
@@ -1220,7 +1222,8 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
     // C and D have no customer_id: each is its own customer.
     let dec = env.request_d(&c, None, 1, now).await;
     assert_eq!(sum(&dec.statuses[0]), ok(60, 30));
-    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=100;t=30"));
+    // Unused: full now.
+    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=100;t=0"));
     // C charges 70: over its per-key limit (70 > 60), within its own
     // customer limit (70 <= 100). reset_in: cur 70, need 1:
     // 30 + (60 - floor(59 * 60 / 70)) = 30 + (60 - floor(50.57)) = 40.
@@ -1230,8 +1233,8 @@ async fn customer_scope_is_shared_by_keys_of_one_customer() {
     );
     let dec = env.request_d(&d, None, 1, now).await;
     assert_eq!(sum(&dec.statuses[0]), ok(60, 30));
-    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=100;t=30"));
-    assert_eq!(ietf_entry(&dec, "cs/per-key"), Some("r=60;t=30"));
+    assert_eq!(ietf_entry(&dec, "cs/customer/cust"), Some("r=100;t=0"));
+    assert_eq!(ietf_entry(&dec, "cs/per-key"), Some("r=60;t=0"));
 }
 
 // ------------------------------ 9: charges skip the throttle and quota --
@@ -1318,8 +1321,8 @@ async fn token_refusal_rolls_back_quota_request_limit_and_throttle() {
             ),
             (
                 "ratelimit",
-                "\"rb/throttle\";r=1;t=1000, \"rb/quota\";r=9;t=50370, \"rb/rpm\";r=4;t=30, \
-                 \"rb/tpm\";r=900;t=30"
+                "\"rb/throttle\";r=1;t=1000, \"rb/quota\";r=9;t=50370, \"rb/rpm\";r=4;t=90, \
+                 \"rb/tpm\";r=900;t=90"
             ),
         ])
     );
@@ -1357,8 +1360,8 @@ async fn unknown_usage_kind_is_an_invalid_request_and_counts_nothing() {
     assert_eq!(
         hdr(&d, "ratelimit"),
         Some(
-            "\"uk/throttle\";r=0;t=1000, \"uk/quota\";r=9;t=50370, \"uk/rpm\";r=4;t=30, \
-             \"uk/tpm\";r=1000;t=30"
+            "\"uk/throttle\";r=0;t=1000, \"uk/quota\";r=9;t=50370, \"uk/rpm\";r=4;t=90, \
+             \"uk/tpm\";r=1000;t=0"
         )
     );
 }
@@ -1372,16 +1375,19 @@ async fn openai_headers_report_the_binding_limits_and_tokens_go_down() {
         .plan_and_key(plan("hd", vec![rpm("rpm", 3), tpm("tpm", 1000)]))
         .await;
 
+    // Resets: when each limit is full again, for the request counted at
+    // second 20 one window after this one ends (40 s + 60 s); the unused
+    // token limit is full now.
     let d = env.request_d(&v, None, 1, w(20)).await;
     assert_eq!(
         d.headers,
         headers(&[
             ("x-ratelimit-limit-requests", "3"),
             ("x-ratelimit-remaining-requests", "2"),
-            ("x-ratelimit-reset-requests", "40s"),
+            ("x-ratelimit-reset-requests", "1m40s"),
             ("x-ratelimit-limit-tokens", "1000"),
             ("x-ratelimit-remaining-tokens", "1000"),
-            ("x-ratelimit-reset-tokens", "40s"),
+            ("x-ratelimit-reset-tokens", "0s"),
         ])
     );
     // After a charge of 250 tokens the remaining tokens go down, in the
@@ -1395,10 +1401,10 @@ async fn openai_headers_report_the_binding_limits_and_tokens_go_down() {
         headers(&[
             ("x-ratelimit-limit-requests", "3"),
             ("x-ratelimit-remaining-requests", "1"),
-            ("x-ratelimit-reset-requests", "35s"),
+            ("x-ratelimit-reset-requests", "1m35s"),
             ("x-ratelimit-limit-tokens", "1000"),
             ("x-ratelimit-remaining-tokens", "750"),
-            ("x-ratelimit-reset-tokens", "35s"),
+            ("x-ratelimit-reset-tokens", "1m35s"),
         ])
     );
     assert_eq!(hdr(&d, "retry-after"), None);
@@ -1453,7 +1459,10 @@ async fn ietf_headers_list_every_policy_and_none_adds_nothing() {
                 "ratelimit-policy",
                 "\"hi/rpm\";q=3;w=60, \"hi/tpm\";q=1000;w=60;sluice-unit=\"tokens\""
             ),
-            ("ratelimit", "\"hi/rpm\";r=2;t=40, \"hi/tpm\";r=1000;t=40"),
+            // t: when each is full again: the request counted at second 20
+            // slides out one window after this one ends (40 + 60); the
+            // unused token limit is full now.
+            ("ratelimit", "\"hi/rpm\";r=2;t=100, \"hi/tpm\";r=1000;t=0"),
         ])
     );
     // A refusal adds retry-after: cur 3 of 3, need 1:
@@ -1474,9 +1483,9 @@ async fn ietf_headers_list_every_policy_and_none_adds_nothing() {
         headers(&[
             ("x-ratelimit-limit-requests", "3"),
             ("x-ratelimit-remaining-requests", "2"),
-            ("x-ratelimit-reset-requests", "40s"),
+            ("x-ratelimit-reset-requests", "1m40s"),
             ("ratelimit-policy", "\"hb/rpm\";q=3;w=60"),
-            ("ratelimit", "\"hb/rpm\";r=2;t=40"),
+            ("ratelimit", "\"hb/rpm\";r=2;t=100"),
         ])
     );
 
