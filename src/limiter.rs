@@ -57,6 +57,9 @@ pub struct RateLimiter<S> {
 #[derive(Debug)]
 struct Reservation {
     reserved: Vec<Reserved>,
+    /// The estimate held, also in the per-model usage rows (a reservation
+    /// never settled stays there at its estimate, as in the limits).
+    estimate: Usage,
     /// Where the settled tokens and spend are recorded per model:
     /// (plan id, key id, model, day start, counter expiry, price).
     usage_at: Option<(
@@ -754,6 +757,29 @@ impl<S: CounterStore> RateLimiter<S> {
                 hits,
                 ModelMetric::Requests,
             ));
+            if reserve {
+                // The estimate is held in the per-model rows too, as in the
+                // limits (Settle corrects both; an expired reservation
+                // stays in both at its estimate).
+                let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
+                for (m, v) in [
+                    (ModelMetric::Input, usage.input),
+                    (ModelMetric::Output, usage.output),
+                    (ModelMetric::Spend, spend),
+                ] {
+                    if v > 0 {
+                        model_ops.push((
+                            pd::push_key(&mut arena, |b| {
+                                usage::model_usage_key_into(
+                                    b, &p.id, &key.id, day_start, m, model_name,
+                                );
+                            }),
+                            v,
+                            m,
+                        ));
+                    }
+                }
+            }
         }
         if quota.is_none() && !charge && hits > 0 {
             // No quota: still keep daily usage for GetUsage.
@@ -1449,6 +1475,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     id.clone(),
                     Reservation {
                         reserved: out.reserved,
+                        estimate,
                         usage_at: out.usage_day.map(|(day, exp, price)| {
                             (
                                 plan.plan.id.clone(),
@@ -1497,6 +1524,7 @@ impl<S: CounterStore> RateLimiter<S> {
                     r.settled = true;
                     Reservation {
                         reserved: std::mem::take(&mut r.reserved),
+                        estimate: r.estimate,
                         usage_at: r.usage_at.take(),
                         expires_at: r.expires_at,
                         settled: true,
@@ -1522,25 +1550,56 @@ impl<S: CounterStore> RateLimiter<S> {
                 );
             }
         }
+        // The per-model rows hold the estimate since Reserve: corrected
+        // by the difference, as the limits are.
         let mut usage_keys: Vec<(Vec<u8>, u64, ModelMetric)> = Vec::new();
+        // (the model's row, "(other models)"'s row, amount).
+        let mut refunds: Vec<(Vec<u8>, Vec<u8>, u64)> = Vec::new();
         if let Some((plan_id, key_id, model, day, _, price)) = &r.usage_at {
-            let spend = price.as_ref().map_or(0, |p| usage::spend(&actual, p));
-            for (m, v) in [
-                (ModelMetric::Input, actual.input),
-                (ModelMetric::Output, actual.output),
-                (ModelMetric::Spend, spend),
+            let spend = |u: &Usage| price.as_ref().map_or(0, |p| usage::spend(u, p));
+            let model = if model.len() > usage::MAX_MODEL_NAME {
+                usage::OTHER_MODEL
+            } else {
+                model.as_str()
+            };
+            for (m, held, now) in [
+                (ModelMetric::Input, r.estimate.input, actual.input),
+                (ModelMetric::Output, r.estimate.output, actual.output),
+                (ModelMetric::Spend, spend(&r.estimate), spend(&actual)),
             ] {
-                if v > 0 {
-                    usage_keys.push((
-                        usage::model_usage_key(plan_id, key_id, *day, m, model),
-                        v,
-                        m,
-                    ));
+                let k = usage::model_usage_key(plan_id, key_id, *day, m, model);
+                if now > held {
+                    usage_keys.push((k, now - held, m));
+                } else if now < held {
+                    let other =
+                        usage::model_usage_key(plan_id, key_id, *day, m, usage::OTHER_MODEL);
+                    refunds.push((k, other, held - now));
                 }
             }
         }
-        let first_usage_op = ops.len();
         let usage_exp = r.usage_at.as_ref().map_or(0, |u| u.4);
+        // A refund goes where the estimate went: the model's row, or
+        // "(other models)" when the key's daily cap sent it there.
+        let mut wrote = false;
+        let held_in_model = if refunds.is_empty() {
+            storage::Values::new()
+        } else {
+            let peeks: Vec<CounterOp<'_>> = refunds
+                .iter()
+                .map(|(k, _, _)| CounterOp::new(k, 0, 0))
+                .collect();
+            self.apply(&peeks, &mut wrote)?
+        };
+        ops.extend(
+            refunds
+                .iter()
+                .zip(&held_in_model)
+                .map(|((k, other, v), held)| {
+                    let row = if *held > 0 { k } else { other };
+                    CounterOp::new(row, *v, usage_exp).when(Cond::Sub)
+                }),
+        );
+        let first_usage_op = ops.len();
         // Per-model counters as in a decision: added to where they exist,
         // created under the key's daily cap.
         ops.extend(
@@ -1548,7 +1607,6 @@ impl<S: CounterStore> RateLimiter<S> {
                 .iter()
                 .map(|(k, v, _)| CounterOp::new(k, *v, usage_exp).when(Cond::IfExists)),
         );
-        let mut wrote = false;
         let values = self.apply(&ops, &mut wrote)?;
         if let Some((plan_id, key_id, _, day, exp, _)) = &r.usage_at {
             let new: SmallVec<[(&[u8], u64, ModelMetric); 4]> = usage_keys

@@ -1398,11 +1398,14 @@ async fn an_expired_reservation_stays_charged_at_its_estimate() {
                 seconds: 1,
                 nanos: 0,
             }),
-            ..reserve_req(&key, "", 300, 500)
+            ..reserve_req(&key, "gpt-4o", 300, 500)
         })
         .await,
     );
     assert!(r.allowed, "{r:?}");
+    // A settled one next to it: its row shows what it settled at.
+    let settled = reserve(&mut u, &key, "gpt-4o-mini", 50, 50).await;
+    settle(&mut u, &settled.reservation_id, 20, 10).await;
     // Not a timing assertion: after 2+ s the 1 s TTL has ended for sure.
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     err(
@@ -1410,7 +1413,29 @@ async fn an_expired_reservation_stays_charged_at_its_estimate() {
         try_settle(&mut u, &r.reservation_id, 0, 0).await,
         Code::NotFound,
     );
-    assert_eq!(peek(&mut u, &key, "", "exp/tpd").await, 200);
+    assert_eq!(peek(&mut u, &key, "", "exp/tpd").await, 1000 - 800 - 30);
+    // The per-model rows agree with the limit: the expired estimate is
+    // there too (it was in the limit only, so the rows billed less).
+    let usage = ok(
+        "GetUsage",
+        admin
+            .get_usage(GetUsageRequest {
+                plan: "exp".into(),
+                start_date: utc_day(-1),
+                end_date: utc_day(1),
+                ..Default::default()
+            })
+            .await,
+    );
+    let models = &usage.items[0].models;
+    let row = |name: &str| {
+        models
+            .iter()
+            .find(|m| m.model == name)
+            .map(|m| (m.input_tokens, m.output_tokens))
+    };
+    assert_eq!(row("gpt-4o"), Some((300, 500)), "{models:?}");
+    assert_eq!(row("gpt-4o-mini"), Some((20, 10)), "{models:?}");
     s.shutdown().await;
 }
 
