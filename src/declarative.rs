@@ -1845,14 +1845,27 @@ fn order_plan_changes(
             };
             let (key, other, domain, stage) =
                 clash(&stages, plan).expect("a waiting update clashes");
+            let waits = pending
+                .iter()
+                .any(|(_, c)| matches!(c, Change::UpdatePlan { plan, .. } if plan.name == other));
+            let why = if waits {
+                format!(
+                    "which usage plan {other:?} governs until its own update, and api key {key:?} is bound to both; \
+                     the server refuses a key two plans for one domain and stage at any moment, and no \
+                     order of the updates avoids that (the plans trade stages). Apply in two steps: \
+                     first a file where {key:?} is bound to only one of them, then this file"
+                )
+            } else {
+                format!(
+                    "which usage plan {other:?} governs (and keeps: the file does not change its stages), \
+                     and api key {key:?} is bound to both; a key may have one plan per domain and stage: \
+                     unbind {key:?} from one of them"
+                )
+            };
             return Err(Error::ConflictAt {
                 at: At::Plan(*i),
                 message: format!(
-                    "usage plan {:?}: its new stages include domain {domain:?} stage {stage:?}, which usage \
-                     plan {other:?} governs until its own update, and api key {key:?} is bound to both; \
-                     the server refuses a key two plans for one domain and stage at any moment, and no \
-                     order of the updates avoids that (the plans trade stages). Apply in two steps: \
-                     first a file where {key:?} is bound to only one of them, then this file",
+                    "usage plan {:?}: its new stages include domain {domain:?} stage {stage:?}, {why}",
                     plan.name
                 ),
             });

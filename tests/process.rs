@@ -1305,7 +1305,10 @@ async fn a_database_removed_while_running_is_noticed() {
         health_status(&mut h, "").await,
         ServingStatus::Serving as i32
     );
-    std::fs::remove_dir_all(data.join("sled")).expect("remove the database");
+    let token = std::fs::read_to_string(data.join("admin-token")).expect("admin token");
+    let admin_addr = s.admin_addr();
+    // sled's log file; its other files stay.
+    std::fs::remove_file(data.join("sled").join("db")).expect("remove the database");
     let line = s.wait_for_line(|l| l.contains("was removed while sluice runs"));
     assert!(line.contains("ERROR"), "{line}");
     // Health follows the store's state in a task of its own: a moment later.
@@ -1315,10 +1318,40 @@ async fn a_database_removed_while_running_is_noticed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(h);
+    // An admin write is refused, not made into the deleted file.
+    use sluice::proto::admin::admin_service_client::AdminServiceClient;
+    use sluice::proto::admin::{ApiStage, CreateUsagePlanRequest, UsagePlan};
+    let mut admin = AdminServiceClient::connect(format!("http://{admin_addr}"))
+        .await
+        .expect("connect admin");
+    let mut req = tonic::Request::new(CreateUsagePlanRequest {
+        usage_plan: Some(UsagePlan {
+            name: "after".into(),
+            stages: vec![ApiStage {
+                domain: "x".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().expect("header"),
+    );
+    let e = admin
+        .create_usage_plan(req)
+        .await
+        .expect_err("a write after the database was removed");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    drop(admin);
     s.signal("TERM");
     let status = s.wait_exit(Duration::from_secs(120));
     assert!(
         !status.success(),
         "the final flush cannot succeed: {status:?}"
     );
+    // What the log said to do works: the rest moved aside, it starts empty.
+    std::fs::rename(data.join("sled"), tmp.path().join("sled-aside")).expect("move aside");
+    let s = SluiceCmd::serve(&cfg, &data).cwd(tmp.path()).start();
+    assert_eq!(hit_n(&s, "ida", 1).await, PERSIST_LIMIT - 1);
 }

@@ -49,13 +49,13 @@ impl fmt::Display for Position {
 #[non_exhaustive]
 pub enum Error {
     /// The directory or a file could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {error}", path.display())]
     Read {
         /// The path.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The I/O error (in the message, so not also a `source`: it was
+        /// printed twice).
+        error: std::io::Error,
     },
     /// A config directory that was named explicitly does not exist.
     #[error("{}: config dir not found (leave out --config-dir and SLUICE_CONFIG_DIR to serve the embedded example config)", path.display())]
@@ -395,7 +395,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Error> {
         if is_yaml {
             let bytes = std::fs::read(&path).map_err(|e| Error::Read {
                 path: path.clone(),
-                source: e,
+                error: e,
             })?;
             let text = String::from_utf8(bytes).map_err(|e| not_utf8(&path, &e))?;
             files.push((path, text));
@@ -449,9 +449,9 @@ fn walk_entries(
     depth: usize,
     f: &mut dyn FnMut(PathBuf, bool) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let read_err = |path: &Path, source| Error::Read {
+    let read_err = |path: &Path, error| Error::Read {
         path: path.to_owned(),
-        source,
+        error,
     };
     for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
         let entry = entry.map_err(|e| read_err(dir, e))?;

@@ -57,6 +57,10 @@ pub struct Registry {
     write: tokio::sync::Mutex<()>,
     /// Set while an admin write to disk runs (see [`storage::bounded`]).
     busy: Arc<std::sync::atomic::AtomicBool>,
+    /// sled's database file in the data dir, when it was there at open: a
+    /// write after it was removed (while running) would be lost, so it is
+    /// refused.
+    db_file: Option<PathBuf>,
 }
 
 fn grant_key(plan: &str, key: &str, start: i64) -> Vec<u8> {
@@ -164,6 +168,7 @@ impl Registry {
             catalog.set_shared_prices(table);
         }
         tracing::info!(plans = np, keys = nk, "plans and keys loaded");
+        let db_file = Some(path.join("sled").join("db")).filter(|f| f.exists());
         Ok(Registry {
             db,
             plans,
@@ -174,6 +179,7 @@ impl Registry {
             prices,
             write: tokio::sync::Mutex::new(()),
             busy: Arc::default(),
+            db_file,
         })
     }
 
@@ -194,6 +200,13 @@ impl Registry {
 
     /// Writes `changes` in one transaction, flushes, and swaps in a new catalog.
     async fn commit(&self, changes: Changes) -> Result<(), Error> {
+        if let Some(f) = self.db_file.as_ref().filter(|f| !f.exists()) {
+            return Err(storage::Error::Io(format!(
+                "the database file {} was removed while sluice runs",
+                f.display()
+            ))
+            .into());
+        }
         let encode_plans: Vec<(String, Vec<u8>)> = changes
             .plans_put
             .iter()

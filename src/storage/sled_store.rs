@@ -65,6 +65,8 @@ struct Shared {
     fail_logged: AtomicU64,
     /// When the database file was last seen in the data dir (Unix seconds).
     seen_at: AtomicU64,
+    /// When a failed purge was last logged (Unix seconds).
+    purge_logged: AtomicU64,
 }
 
 /// Counters in memory, persisted to sled. Cheap to clone.
@@ -223,6 +225,7 @@ impl SledCounters {
             writes_ok: watch::channel(true).0,
             fail_logged: AtomicU64::new(0),
             seen_at: AtomicU64::new(0),
+            purge_logged: AtomicU64::new(0),
         });
         let writer = tokio::spawn(writer_loop(shared.clone()));
         let purging = Arc::new(AtomicUsize::new(0));
@@ -473,8 +476,9 @@ async fn flush_once(shared: &Shared) -> Result<(), Error> {
     let changed = shared.mem.drain_changed();
     let result = if db_file_gone(shared) {
         Err(Error::Io(format!(
-            "the database file {} was removed while sluice runs: nothing written now survives a restart; restart sluice (it starts empty)",
-            shared.path.join("sled").join("db").display()
+            "the database file {} was removed while sluice runs: nothing written now survives a restart; stop sluice, move {} aside (what is left of it is refused as a damaged database) and start it again (it starts empty)",
+            shared.path.join("sled").join("db").display(),
+            shared.path.join("sled").display()
         )))
     } else if changed.is_empty() {
         Ok(())
@@ -591,7 +595,20 @@ async fn purge_loop(shared: Arc<Shared>, purging: Arc<AtomicUsize>) {
         };
         match tokio::task::spawn_blocking(purge).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "purging expired counters failed"),
+            Ok(Err(e)) => {
+                // Once a minute while it goes on (a failing disk fails
+                // every purge, once a second).
+                let now = unix_now();
+                if now
+                    >= shared
+                        .purge_logged
+                        .load(Ordering::Relaxed)
+                        .saturating_add(60)
+                {
+                    shared.purge_logged.store(now, Ordering::Relaxed);
+                    tracing::error!(error = %e, "purging expired counters failed");
+                }
+            }
             Err(e) => tracing::error!(error = %e, "the purge task failed"),
         }
     }
