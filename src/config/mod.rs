@@ -141,7 +141,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
             tracing::warn!(
                 file = %path.display(),
                 line = location.line(),
-                "key `{}` is given twice in one mapping: the last value is used (as envoyproxy/ratelimit does)",
+                "key `{}` is given twice in one mapping (the first such key in the file; there may be more): the last value is used, as envoyproxy/ratelimit does",
                 key.as_deref().unwrap_or("?")
             );
             parse(serde_saphyr::DuplicateKeyPolicy::LastWins)
@@ -201,10 +201,14 @@ pub fn parse_file(path: &Path, text: &str) -> Result<(String, Position, DomainRu
 /// parser's message does not ("invalid u32").
 /// How deep a config file's YAML may nest (mappings and lists): a level of
 /// descriptors takes two, so 40 levels fit, more than a request's entries
-/// (`--max-entries`, 32 by default). Deeper files are refused before
+/// (`--max-entries`, 32 by default), with room for the deepest rule's own
+/// `rate_limit`, `replaces` and `metadata`. Deeper files are refused before
 /// parsing recurses into them: an unoptimized build overflows a 2 MiB
 /// stack (a tokio worker's, where reloads run) near 48 levels.
-const MAX_YAML_DEPTH: usize = 82;
+const MAX_YAML_DEPTH: usize = 88;
+
+/// The descriptor levels [`MAX_YAML_DEPTH`] is sized for.
+const MAX_LEVELS: usize = 40;
 
 fn describe(e: &serde_saphyr::Error, pos: Option<Position>, text: &str) -> String {
     use serde_saphyr::budget::BudgetBreach;
@@ -213,8 +217,7 @@ fn describe(e: &serde_saphyr::Error, pos: Option<Position>, text: &str) -> Strin
             breach: BudgetBreach::Depth { .. },
             ..
         } => format!(
-            "descriptors nest too deep: at most {} levels",
-            MAX_YAML_DEPTH / 2 - 1
+            "the YAML nests too deep (more than {MAX_YAML_DEPTH} mappings and lists in one another): descriptors may nest {MAX_LEVELS} levels"
         ),
         serde_saphyr::Error::Budget { breach, .. } => {
             format!("the file is too large or expands too far through YAML aliases ({breach:?})")

@@ -236,7 +236,7 @@ fn deep_nesting_loads_and_too_deep_says_so() {
                 y.push_str(&format!("{pad}  descriptors:\n"));
             } else {
                 y.push_str(&format!(
-                    "{pad}  rate_limit: {{unit: second, requests_per_unit: 1}}\n"
+                    "{pad}  rate_limit: {{unit: second, requests_per_unit: 1, replaces: [{{name: other}}]}}\n"
                 ));
             }
         }
@@ -251,9 +251,9 @@ fn deep_nesting_loads_and_too_deep_says_so() {
         .join()
         .unwrap();
     assert_eq!(loaded.unwrap(), "d");
-    let e = err(&nest(41));
+    let e = err(&nest(44));
     assert!(
-        e.starts_with("rules.yaml:") && e.contains("descriptors nest too deep: at most 40 levels"),
+        e.starts_with("rules.yaml:") && e.contains("descriptors may nest 40 levels"),
         "{e}"
     );
 }
