@@ -1023,9 +1023,18 @@ fn field_line(text: &str, lines: &Lines, at: At, message: &str) -> Option<u64> {
     // the previous segment named.
     let mut nth = 0;
     for seg in path.split('.') {
-        let (key, index) = match seg.split_once('[') {
-            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (seg, None),
+        let (key, index, map_key) = match seg.split_once('[') {
+            Some((k, rest)) => {
+                let inner = rest.trim_end_matches(']');
+                // `tags["a"]`, `method_throttles["/x/GET"]`: a map's key,
+                // looked for after the map's own line.
+                let quoted = inner
+                    .strip_prefix('"')
+                    .and_then(|q| q.strip_suffix('"'))
+                    .filter(|q| !q.is_empty());
+                (k, inner.parse::<usize>().ok(), quoted)
+            }
+            None => (seg, None, None),
         };
         if let ("limits", Some(j)) = (key, index) {
             match lines.line(At::Limit(i, j)) {
@@ -1035,16 +1044,31 @@ fn field_line(text: &str, lines: &Lines, at: At, message: &str) -> Option<u64> {
             nth = 0;
             continue;
         }
-        let found = text
-            .lines()
-            .zip(1u64..)
-            .skip(usize::try_from(from - 1).unwrap_or(usize::MAX))
-            .take_while(|(_, n)| *n < end)
-            .filter(|(l, _)| has_key(l, key))
-            .nth(nth);
-        match found {
-            Some((_, n)) => from = n,
+        let find = |key: &str, from: u64, nth: usize| {
+            let matches = || {
+                text.lines()
+                    .zip(1u64..)
+                    .skip(usize::try_from(from - 1).unwrap_or(usize::MAX))
+                    .take_while(|(_, n)| *n < end)
+                    .filter(|(l, _)| has_key(l, key))
+            };
+            // The nth (the list item's own), else the last one there is
+            // (an item that sets the field while earlier ones do not).
+            matches()
+                .nth(nth)
+                .or_else(|| matches().last())
+                .map(|(_, n)| n)
+        };
+        match find(key, from, nth) {
+            Some(n) => from = n,
             None => return Some(from),
+        }
+        if let Some(k) = map_key {
+            let quoted = format!("\"{k}\"");
+            match find(&quoted, from, 0).or_else(|| find(k, from, 0)) {
+                Some(n) => from = n,
+                None => return Some(from),
+            }
         }
         nth = index.unwrap_or(0);
     }
@@ -3299,6 +3323,11 @@ mod tests {
                 "usage_plans:\n  - name: s\n    description: x\n    stages: [{ domain: a }, { domain: '' }]\n",
                 "p.yaml:4: usage_plans[0] (\"s\"): stages[1].domain",
             ),
+            // A field set by a later list item only: that item's line.
+            (
+                "usage_plans:\n  - name: s\n    stages:\n      - domain: a\n      - domain: b\n        key_entry: usage\n",
+                "p.yaml:6: usage_plans[0] (\"s\"): stages[1].key_entry",
+            ),
             // A value of the wrong type: its line and field.
             (
                 "usage_plans:\n  - name: t\n    throttle: { rate_limit: 1, burst_limit: 3000000000 }\n",
@@ -3308,6 +3337,16 @@ mod tests {
             let e = parse_spec(Path::new("p.yaml"), yaml).unwrap_err().to_string();
             assert!(e.starts_with(want), "want `{want}`\ngot  `{e}`");
         }
+        // A map's entry: its own line.
+        let yaml = format!(
+            "usage_plans:\n  - name: t\n    tags:\n      ok: fine\n      a: {}\n",
+            "x".repeat(300)
+        );
+        let e = parse_spec(Path::new("p.yaml"), &yaml)
+            .unwrap_err()
+            .to_string();
+        let want = "p.yaml:5: usage_plans[0] (\"t\"): tags[\"a\"]";
+        assert!(e.starts_with(want), "want `{want}`\ngot  `{e}`");
     }
 
     /// A key bound to two plans that govern one domain and stage is refused
