@@ -2259,9 +2259,6 @@ impl Client {
 
     /// Makes one change; returns the new key value for a created key.
     async fn apply(&mut self, change: &Change) -> Result<Option<String>, tonic::Status> {
-        let mask = |fields: &[&str]| prost_types::FieldMask {
-            paths: fields.iter().map(|f| (*f).to_owned()).collect(),
-        };
         match change {
             Change::CreatePlan { plan } => {
                 let r = self.req(pb::CreateUsagePlanRequest {
@@ -2273,6 +2270,7 @@ impl Client {
                 let r = self.req(pb::UpdateUsagePlanRequest {
                     usage_plan: Some(plan.clone()),
                     update_mask: Some(mask(fields)),
+                    validate_only: false,
                 });
                 self.inner.update_usage_plan(r).await?;
             }
@@ -2395,6 +2393,36 @@ pub async fn plan_changes(
             })?;
         }
     }
+    // What only the server knows (the units of limits removed within 33
+    // days): each update checked by the server itself, changing nothing.
+    for c in &changes.changes {
+        if let Change::UpdatePlan { plan, fields } = c {
+            let r = client.req(pb::UpdateUsagePlanRequest {
+                usage_plan: Some(plan.clone()),
+                update_mask: Some(mask(fields)),
+                validate_only: true,
+            });
+            if let Err(status) = client.inner.update_usage_plan(r).await {
+                let i = spec
+                    .usage_plans
+                    .iter()
+                    .position(|p| p.name == plan.name)
+                    .unwrap_or_default();
+                return Err(match status.code() {
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                        Error::ConflictAt {
+                            at: At::Plan(i),
+                            message: format!("usage plan {:?}: {}", plan.name, status.message()),
+                        }
+                    }
+                    _ => rpc_error(
+                        format!("checking the update of usage plan {:?}", plan.name),
+                        &status,
+                    ),
+                });
+            }
+        }
+    }
     Ok(changes)
 }
 
@@ -2459,6 +2487,13 @@ pub fn check_spend_prices(spec: &Spec, shared_prices: bool) -> Result<(), Error>
         }
     }
     Ok(())
+}
+
+/// The update mask of a change's fields.
+fn mask(fields: &[&str]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: fields.iter().map(|f| (*f).to_owned()).collect(),
+    }
 }
 
 /// Makes `changes` in order, writing each change's line to `out` once it

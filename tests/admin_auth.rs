@@ -8,7 +8,8 @@ use sluice::proto::admin::admin_service_client::AdminServiceClient;
 use sluice::proto::admin::{
     ApiKey, CreateApiKeyRequest, CreateUsagePlanKeyRequest, CreateUsagePlanRequest,
     DeleteApiKeyRequest, DeleteUsagePlanRequest, GetUsagePlanRequest, GetUsageRequest,
-    ListApiKeysRequest, ListUsagePlansRequest, UpdateUsageRequest, UsagePlan,
+    ListApiKeysRequest, ListUsagePlansRequest, UpdateUsagePlanRequest, UpdateUsageRequest,
+    UsagePlan,
 };
 use tonic::Code;
 
@@ -79,6 +80,37 @@ async fn the_read_only_token_reads_but_never_writes() {
     ))
     .await
     .expect("reads are allowed");
+    // A validate-only update changes nothing: a read-only token may send it.
+    let checked = ro
+        .update_usage_plan(with_token(
+            UpdateUsagePlanRequest {
+                usage_plan: Some(UsagePlan {
+                    id: "gold".into(),
+                    description: "checked, not made".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["description".into()],
+                }),
+                validate_only: true,
+            },
+            t,
+        ))
+        .await
+        .expect("a validate-only update is allowed")
+        .into_inner();
+    assert_eq!(checked.description, "checked, not made");
+    let still = ro
+        .get_usage_plan(with_token(
+            GetUsagePlanRequest {
+                plan: "gold".into(),
+            },
+            t,
+        ))
+        .await
+        .expect("reads are allowed")
+        .into_inner();
+    assert_eq!(still.description, "", "nothing changed");
 
     let denied = |r: Result<_, tonic::Status>, what: &str| {
         let s = r.expect_err(what);

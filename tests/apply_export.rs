@@ -593,3 +593,53 @@ async fn plans_trading_stages_under_one_key_are_ordered_or_refused_before_any_ch
     );
     s.terminate();
 }
+
+/// A limit removed and added back under its name in another unit within 33
+/// days is refused by the server; apply asks the server to check each
+/// update first (validate_only), so the dry run says so with the plan's
+/// line and the real run changes nothing (it used to unbind a key first,
+/// then fail at the update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_limit_added_back_in_another_unit_is_refused_before_any_change() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut s = SluiceCmd::serve_embedded(&data).start();
+    let admin = s.admin_addr();
+    let file = dir.path().join("a.yaml");
+    let path = file.to_str().unwrap();
+    let plan = |limits: &str| {
+        format!(
+            "usage_plans:\n  - name: lim\n    stages: [{{ domain: d }}]\n{limits}  - name: other\n    stages: [{{ domain: e }}]\n"
+        )
+    };
+    let with_req = "    limits:\n      - { name: req, metric: REQUESTS, limit: 10, window: DAY }\n";
+    let keys = |plans: &str| format!("api_keys:\n  - name: k\n    usage_plans: [{plans}]\n");
+    std::fs::write(&file, plan(with_req) + &keys("lim, other")).unwrap();
+    ok(&sluice(&["apply", "-f", path], admin, &data));
+    std::fs::write(&file, plan("") + &keys("lim, other")).unwrap();
+    ok(&sluice(&["apply", "-f", path], admin, &data));
+    let before = ok(&sluice(&["export"], admin, &data)).to_owned();
+
+    // Back as TOKENS, and the key leaves `other` in the same file.
+    let with_tokens =
+        "    limits:\n      - { name: req, metric: TOKENS, limit: 10, window: DAY }\n";
+    std::fs::write(&file, plan(with_tokens) + &keys("lim")).unwrap();
+    for args in [
+        vec!["apply", "-f", path, "--dry-run"],
+        vec!["apply", "-f", path],
+    ] {
+        let f = sluice(&args, admin, &data);
+        assert!(!f.success(), "{args:?}:\n{}", f.output());
+        assert!(
+            f.stderr.contains("a.yaml:2:") && f.stderr.contains("removed limit"),
+            "{args:?}:\n{}",
+            f.output()
+        );
+    }
+    assert_eq!(
+        ok(&sluice(&["export"], admin, &data)),
+        before,
+        "nothing changed"
+    );
+    s.terminate();
+}

@@ -593,6 +593,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["throttle.burst_limit"]),
+                validate_only: false,
             })
             .await,
     );
@@ -636,6 +637,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["quota.limit"]),
+                validate_only: false,
             })
             .await,
     );
@@ -653,6 +655,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["quota"]),
+                validate_only: false,
             })
             .await,
     );
@@ -671,6 +674,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["name"]),
+                validate_only: false,
             })
             .await,
     );
@@ -698,6 +702,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["description", "throttle.nope"]),
+                validate_only: false,
             })
             .await,
         "update_mask",
@@ -717,6 +722,7 @@ async fn update_plan_changes_only_the_masked_fields_and_applies_to_the_next_deci
                     ..Default::default()
                 }),
                 update_mask: mask(&["description"]),
+                validate_only: false,
             })
             .await,
         Code::NotFound,
@@ -747,6 +753,7 @@ async fn update_plan_with_an_empty_mask_replaces_every_mutable_field() {
                     ..plan("gold", OTHER, throttle(1.0, 2), None)
                 }),
                 update_mask: None,
+                validate_only: false,
             })
             .await,
     );
@@ -1044,6 +1051,7 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["throttle.burst_limit"]),
+                validate_only: false,
             })
             .await,
         "throttle.burst_limit",
@@ -1059,6 +1067,7 @@ async fn invalid_plans_are_refused_naming_the_field_and_change_nothing() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["name"]),
+                validate_only: false,
             })
             .await,
         Code::AlreadyExists,
@@ -1650,6 +1659,7 @@ async fn a_key_has_one_plan_per_domain_and_each_domain_uses_its_plan() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["stages"]),
+                validate_only: false,
             })
             .await,
         Code::FailedPrecondition,
@@ -1888,6 +1898,7 @@ async fn throttled_calls_do_not_consume_quota() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["throttle"]),
+                validate_only: false,
             })
             .await,
     );
@@ -2889,6 +2900,7 @@ async fn a_lowered_burst_does_not_lock_a_key_out() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["throttle"]),
+                validate_only: false,
             })
             .await,
     );
@@ -2941,6 +2953,7 @@ async fn a_raised_rate_refills_from_the_update() {
                     ..Default::default()
                 }),
                 update_mask: mask(&["throttle.rate_limit"]),
+                validate_only: false,
             })
             .await,
     );
@@ -2974,6 +2987,7 @@ async fn a_quota_given_back_counts_the_calls_made_without_it() {
             ..Default::default()
         }),
         update_mask: mask(&["quota"]),
+        validate_only: false,
     };
     ok("remove quota", admin.update_usage_plan(update(None)).await);
     for i in 0..2 {
@@ -3024,6 +3038,7 @@ async fn a_changed_quota_calendar_keeps_the_calls_made() {
             ..Default::default()
         }),
         update_mask: mask(&["quota"]),
+        validate_only: false,
     };
     let mut kolkata = daily(3).unwrap();
     kolkata.time_zone = "Asia/Kolkata".into();

@@ -1609,6 +1609,7 @@ async fn changing_what_a_named_limit_counts_is_refused() {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["limits".into(), "prices".into()],
         }),
+        validate_only: false,
     };
     let spend = |name: &str| limit(name, Metric::Spend, 1000, LimitWindow::CalendarDay);
     let err = admin

@@ -385,6 +385,33 @@ impl Registry {
         edit: impl FnOnce(&mut Plan) -> Result<(), Error>,
         now: i64,
     ) -> Result<Plan, Error> {
+        self.update_plan_or_check(plan, edit, now, true).await
+    }
+
+    /// Runs every check of [`update_plan`](Self::update_plan) that needs
+    /// only the plan and its history (its fields, its limits' units, also
+    /// those of limits removed within 33 days, its name), not its keys'
+    /// bindings (which other changes may move first), and changes nothing;
+    /// returns the plan as the update would make it.
+    ///
+    /// # Errors
+    /// As for `update_plan`, less the binding conflicts.
+    pub async fn check_plan_update(
+        &self,
+        plan: &str,
+        edit: impl FnOnce(&mut Plan) -> Result<(), Error>,
+        now: i64,
+    ) -> Result<Plan, Error> {
+        self.update_plan_or_check(plan, edit, now, false).await
+    }
+
+    async fn update_plan_or_check(
+        &self,
+        plan: &str,
+        edit: impl FnOnce(&mut Plan) -> Result<(), Error>,
+        now: i64,
+        write: bool,
+    ) -> Result<Plan, Error> {
         let _w = self.write.lock().await;
         let cat = self.catalog.load_full();
         let mut p = Self::find_plan(&cat, plan)?;
@@ -421,6 +448,9 @@ impl Registry {
             if other.plan.id != p.id {
                 return Err(name_taken("usage plan", &p.name, &other.plan.id));
             }
+        }
+        if !write {
+            return Ok(p);
         }
         for k in cat.keys_by_name().filter(|k| k.plan_ids.contains(&p.id)) {
             if let Some((other, domain, stage)) = cat.conflicting_plan(k, &p.stages, &p.id) {

@@ -1002,7 +1002,9 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         &self,
         req: Request<pb::UpdateUsagePlanRequest>,
     ) -> Res<pb::UsagePlan> {
-        require_write(&req, "UpdateUsagePlan")?;
+        if !req.get_ref().validate_only {
+            require_write(&req, "UpdateUsagePlan")?;
+        }
         let req = req.into_inner();
         let want = required("usage_plan", req.usage_plan)?;
         if want.id.is_empty() {
@@ -1012,24 +1014,25 @@ impl<S: CounterStore> AdminService for AdminServer<S> {
         }
         let paths = mask_paths(&req.update_mask, &PLAN_PATHS)?;
         let before = self.registry.get_plan(&want.id)?;
-        let plan = self
-            .registry
-            .update_plan(
-                &want.id,
-                |p| {
-                    let mut cur = plan_to(p);
-                    apply_plan_mask(&mut cur, &want, &paths);
-                    let new = plan_from(&cur)?;
-                    *p = model::Plan {
-                        id: p.id.clone(),
-                        create_time: p.create_time,
-                        ..new
-                    };
-                    Ok(())
-                },
-                now(),
-            )
-            .await?;
+        let edit = |p: &mut model::Plan| {
+            let mut cur = plan_to(p);
+            apply_plan_mask(&mut cur, &want, &paths);
+            let new = plan_from(&cur)?;
+            *p = model::Plan {
+                id: p.id.clone(),
+                create_time: p.create_time,
+                ..new
+            };
+            Ok(())
+        };
+        if req.validate_only {
+            let plan = self
+                .registry
+                .check_plan_update(&want.id, edit, now())
+                .await?;
+            return Ok(Response::new(plan_to(&plan)));
+        }
+        let plan = self.registry.update_plan(&want.id, edit, now()).await?;
         tracing::info!(plan = %plan.name, fields = ?paths, "usage plan updated");
         self.carry_quota(&before, &plan).await?;
         Ok(Response::new(plan_to(&plan)))
