@@ -2147,10 +2147,21 @@ impl Client {
         let auth = bearer(token)?;
         let channel = endpoint.connect().await.map_err(|e| {
             use std::error::Error as _;
+            // The chain of causes, each once (hyper's errors repeat their
+            // cause's text in their own: "tcp connect error: tcp connect
+            // error: Connection refused").
             let mut message = e.to_string();
             let mut source = e.source();
             while let Some(s) = source {
-                message = format!("{message}: {s}");
+                let text = s.to_string();
+                if !message.ends_with(&text) {
+                    if let Some(rest) = text.strip_prefix(message.rsplit(": ").next().unwrap_or(""))
+                    {
+                        message.push_str(rest);
+                    } else {
+                        message = format!("{message}: {text}");
+                    }
+                }
                 source = s.source();
             }
             connect_error(message)

@@ -116,16 +116,16 @@ struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     reload_interval_ms: u64,
     /// Most descriptors in one request.
-    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64)]
-    max_descriptors: usize,
+    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_descriptors: u32,
     /// Most entries in one descriptor.
-    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32)]
-    max_entries: usize,
+    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_entries: u32,
     /// Longest domain or descriptor entry key, in bytes. Entry values have
     /// no bound of their own: values over 1024 bytes are counted by their
     /// SHA-256 digest.
-    #[arg(long, env = "SLUICE_MAX_KEY_VALUE_LEN", default_value_t = 1024)]
-    max_key_value_len: usize,
+    #[arg(long, env = "SLUICE_MAX_KEY_VALUE_LEN", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=(4 << 20)))]
+    max_key_value_len: u32,
     /// Most connections open at once, per port; past it new ones are closed
     /// at once (keep it below the process's open-file limit).
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096,
@@ -424,9 +424,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     let limits = RequestLimits {
-        max_descriptors: args.max_descriptors,
-        max_entries: args.max_entries,
-        max_key_value_len: args.max_key_value_len,
+        max_descriptors: args.max_descriptors as usize,
+        max_entries: args.max_entries as usize,
+        max_key_value_len: args.max_key_value_len as usize,
     };
     let conn = server::io::ConnLimits {
         max_connections: args.max_connections as usize,

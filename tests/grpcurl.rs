@@ -79,6 +79,50 @@ fn list_shows_rls_health_and_reflection() {
     );
 }
 
+/// Every service a port lists can be described, the reflection services of
+/// both versions included (grpcurl asks v1alpha, which did not know v1's
+/// descriptor: a bare `describe` failed on both ports).
+#[test]
+fn every_listed_service_is_described_on_both_ports() {
+    let tmp = tempdir();
+    let mut s = default_server(&tmp);
+    let admin = s.admin_addr();
+    for addr in [s.addr, admin] {
+        let a = addr.to_string();
+        let f = run_grpcurl(["-plaintext", a.as_str(), "describe"]);
+        assert!(f.success(), "describe on {a}: {}", f.output());
+        for name in listed(addr) {
+            assert!(
+                f.stdout.contains(&format!("{name} is a service")),
+                "{name} not described on {a}:\n{}",
+                f.output()
+            );
+        }
+    }
+}
+
+/// Health/Watch sends a status once and then only its changes (it sent
+/// SERVING again with every flush of the counters, ten times a second).
+#[test]
+fn health_watch_sends_a_status_once() {
+    let tmp = tempdir();
+    let s = default_server(&tmp);
+    let addr = s.addr.to_string();
+    let mut cmd = std::process::Command::new(grpcurl());
+    cmd.args([
+        "-plaintext",
+        "-max-time",
+        "2",
+        "-d",
+        r#"{"service":"ratelimit"}"#,
+        addr.as_str(),
+        "grpc.health.v1.Health/Watch",
+    ]);
+    let f = run_command(cmd, TIMEOUT);
+    let sent = f.stdout.matches("\"SERVING\"").count();
+    assert_eq!(sent, 1, "{}", f.output());
+}
+
 /// Each port lists only what it answers: the admin API is not offered on
 /// the RLS port (a call there would be UNIMPLEMENTED), nor RLS on the admin
 /// port; both still describe any message type.

@@ -1355,3 +1355,23 @@ async fn a_database_removed_while_running_is_noticed() {
     let s = SluiceCmd::serve(&cfg, &data).cwd(tmp.path()).start();
     assert_eq!(hit_n(&s, "ida", 1).await, PERSIST_LIMIT - 1);
 }
+
+/// Request bounds of 0 are refused at start naming the range (they were
+/// accepted, and then every call was INVALID_ARGUMENT: behind Envoy all
+/// traffic denied or allowed, as failure_mode_deny says).
+#[test]
+fn request_bounds_of_zero_are_refused_at_start() {
+    let tmp = tempdir();
+    for flag in ["--max-descriptors", "--max-entries", "--max-key-value-len"] {
+        let f = SluiceCmd::serve_embedded(&tmp.path().join("data"))
+            .cwd(tmp.path())
+            .args([flag, "0"])
+            .expect_failure();
+        assert!(
+            f.stderr.contains(&format!("invalid value '0' for '{flag}"))
+                && f.stderr.contains("is not in 1..="),
+            "{flag}: {}",
+            f.stderr
+        );
+    }
+}

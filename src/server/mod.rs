@@ -81,7 +81,7 @@ pub async fn serve<S: CounterStore>(
                 .add_service(reflection_v1alpha),
             &own,
             &format!(
-                "the admin API ({}) is on the admin port (--admin-listen, default 127.0.0.1:8082)",
+                "the admin API ({}) is on the admin port (--admin-listen, default 127.0.0.1:8082; `sluice apply` and `export` take it as --admin-addr)",
                 admin::ADMIN_SERVICE
             ),
         ))
@@ -133,7 +133,15 @@ fn reflection(
         services.iter().chain(&COMMON_SERVICES).fold(
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // Both reflection versions' own descriptors in both: each
+                // lists both services, and a client asking one version
+                // (grpcurl asks v1alpha) must be able to describe the other.
+                .include_reflection_service(false)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                ),
             |b, name| b.with_service_name(*name),
         )
     };

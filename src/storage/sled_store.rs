@@ -500,7 +500,13 @@ async fn flush_once(shared: &Shared) -> Result<(), Error> {
         shared.mem.mark_changed(changed.into_iter().map(|c| c.key));
     }
     shared.flushed.send_replace((epoch, ok));
-    let was_ok = shared.writes_ok.send_replace(ok);
+    // Subscribers (gRPC health) hear of changes only: a value sent again
+    // on every flush made Health/Watch repeat SERVING ten times a second.
+    let mut was_ok = ok;
+    shared.writes_ok.send_if_modified(|v| {
+        was_ok = std::mem::replace(v, ok);
+        was_ok != ok
+    });
     match &result {
         Ok(()) if !was_ok => {
             tracing::info!(path = %shared.path.display(), "writing counters to disk works again");
