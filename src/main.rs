@@ -189,7 +189,12 @@ impl ClientArgs {
 struct TokenArgs {
     /// The admin bearer token. Without it, the token file is used; `serve`
     /// generates one there on first start.
-    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     admin_token: Option<String>,
     /// File holding the admin token [default: <data-dir>/admin-token].
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
@@ -206,7 +211,7 @@ impl TokenArgs {
     /// The token for a client: the flag, else the token file.
     fn read(&self, data_dir: &Path) -> anyhow::Result<String> {
         if let Some(t) = &self.admin_token {
-            return check_token(t.trim().to_owned(), "--admin-token");
+            return check_token(t.trim().to_owned(), "--admin-token (or SLUICE_ADMIN_TOKEN)");
         }
         let path = self.file(data_dir);
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -377,7 +382,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let token = args.token.read_or_generate(&args.data_dir)?;
     let mut auth = AuthInterceptor::new(&token);
     if let Some(read) = &args.admin_read_token {
-        let read = check_token(read.trim().to_owned(), "--admin-read-token")?;
+        let read = check_token(
+            read.trim().to_owned(),
+            "--admin-read-token (or SLUICE_ADMIN_READ_TOKEN)",
+        )?;
         if read == token {
             anyhow::bail!("--admin-read-token must differ from the admin token");
         }

@@ -643,3 +643,33 @@ async fn a_removed_limit_added_back_in_another_unit_is_refused_before_any_change
     );
     s.terminate();
 }
+
+/// A token in the environment and a token file on the command line are a
+/// conflict said at once (the environment's token silently won, and the
+/// call failed as unauthenticated); an empty token names where it came
+/// from, the variable included.
+#[test]
+fn token_sources_that_conflict_are_refused() {
+    let dir = tempdir();
+    let file = dir.path().join("tok");
+    std::fs::write(&file, "good\n").unwrap();
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args([
+        "export",
+        "--admin-addr",
+        "127.0.0.1:1",
+        "--admin-token-file",
+    ])
+    .arg(&file)
+    .env("SLUICE_ADMIN_TOKEN", "wrong");
+    let f = run_command(cmd, TIMEOUT);
+    assert_eq!(f.status.code(), Some(2), "{}", f.output());
+    assert!(f.stderr.contains("cannot be used with"), "{}", f.output());
+
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["export", "--admin-addr", "127.0.0.1:1"])
+        .env("SLUICE_ADMIN_TOKEN", "");
+    let f = run_command(cmd, TIMEOUT);
+    assert!(!f.success(), "{}", f.output());
+    assert!(f.stderr.contains("SLUICE_ADMIN_TOKEN"), "{}", f.output());
+}
