@@ -90,7 +90,7 @@ pub enum UsageError {
         stage: String,
     },
     /// The key is unknown, disabled, expired or has no plan here.
-    #[error("invalid API key ({0:?})")]
+    #[error("invalid API key: {0}")]
     InvalidKey(crate::plans::catalog::Refusal),
     /// No such reservation (never made, settled, or expired: an expired
     /// reservation stays charged at its estimate).

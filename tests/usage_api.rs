@@ -520,7 +520,7 @@ async fn usage_calls_are_validated_with_canonical_codes() {
     );
     assert!(!rep.duplicate);
     assert_eq!(lim(&rep.limits, "val/tpd").remaining, 980);
-    err(
+    let m = err(
         "ReportUsage unknown key",
         u.report_usage(ReportUsageRequest {
             api_key: "no-such-key-value-0123456789".into(),
@@ -529,6 +529,7 @@ async fn usage_calls_are_validated_with_canonical_codes() {
         .await,
         Code::PermissionDenied,
     );
+    assert_eq!(m, "invalid API key: no key has this value");
     err(
         "ReportUsage ungoverned domain",
         u.report_usage(ReportUsageRequest {

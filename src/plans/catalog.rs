@@ -178,6 +178,17 @@ pub enum Refusal {
     NoPlan,
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::Unknown => "no key has this value",
+            Refusal::Disabled => "the key is disabled",
+            Refusal::Expired => "the key has expired",
+            Refusal::NoPlan => "the key has no usage plan for this domain and stage",
+        })
+    }
+}
+
 /// The outcome of matching one descriptor against the catalog.
 #[derive(Debug)]
 pub enum Resolved<'a> {
