@@ -722,62 +722,30 @@ impl<S: CounterStore> RateLimiter<S> {
             m => m.unwrap_or(""),
         };
         let mut model_ops: SmallVec<[(Range<usize>, u64, ModelMetric); 4]> = SmallVec::new();
-        if charge {
-            let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
-            for (m, v) in [
-                (ModelMetric::Input, usage.input),
-                (ModelMetric::Output, usage.output),
-                (ModelMetric::Total, usage.total_only),
-                (ModelMetric::Spend, spend),
-            ] {
+        {
+            let mut model_op = |m: ModelMetric, v: u64| {
                 if v > 0 {
-                    model_ops.push((
-                        pd::push_key(&mut arena, |b| {
-                            usage::model_usage_key_into(
-                                b, &p.id, &key.id, day_start, m, model_name,
-                            );
-                        }),
-                        v,
-                        m,
-                    ));
+                    let r = pd::push_key(&mut arena, |b| {
+                        usage::model_usage_key_into(b, &p.id, &key.id, day_start, m, model_name);
+                    });
+                    model_ops.push((r, v, m));
                 }
-            }
-        } else if hits > 0 {
-            model_ops.push((
-                pd::push_key(&mut arena, |b| {
-                    usage::model_usage_key_into(
-                        b,
-                        &p.id,
-                        &key.id,
-                        day_start,
-                        ModelMetric::Requests,
-                        model_name,
-                    );
-                }),
-                hits,
-                ModelMetric::Requests,
-            ));
-            if reserve {
-                // The estimate is held in the per-model rows too, as in the
-                // limits (Settle corrects both; an expired reservation
-                // stays in both at its estimate).
-                let spend = price.map_or(0, |pr| usage::spend(&usage, pr));
-                for (m, v) in [
-                    (ModelMetric::Input, usage.input),
-                    (ModelMetric::Output, usage.output),
-                    (ModelMetric::Spend, spend),
-                ] {
-                    if v > 0 {
-                        model_ops.push((
-                            pd::push_key(&mut arena, |b| {
-                                usage::model_usage_key_into(
-                                    b, &p.id, &key.id, day_start, m, model_name,
-                                );
-                            }),
-                            v,
-                            m,
-                        ));
-                    }
+            };
+            let spend = |u: &Usage| price.map_or(0, |pr| usage::spend(u, pr));
+            if charge {
+                model_op(ModelMetric::Input, usage.input);
+                model_op(ModelMetric::Output, usage.output);
+                model_op(ModelMetric::Total, usage.total_only);
+                model_op(ModelMetric::Spend, spend(&usage));
+            } else if hits > 0 {
+                model_op(ModelMetric::Requests, hits);
+                if reserve {
+                    // The estimate is held in the per-model rows too, as in
+                    // the limits (Settle corrects both; an expired
+                    // reservation stays in both at its estimate).
+                    model_op(ModelMetric::Input, usage.input);
+                    model_op(ModelMetric::Output, usage.output);
+                    model_op(ModelMetric::Spend, spend(&usage));
                 }
             }
         }

@@ -862,6 +862,22 @@ fn http1(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u
     (status, body)
 }
 
+/// Sets a resource limit on the running process `pid` with util-linux's
+/// `prlimit` (`--fsize=...`, `--nofile=...`); panics if it cannot.
+fn prlimit(pid: u32, limit: &str) {
+    let out = Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(limit)
+        .output()
+        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
+    assert!(
+        out.status.success(),
+        "prlimit {limit}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The address of the HTTP port (--http-listen), from its log line.
 fn http_addr(s: &mut Sluice) -> std::net::SocketAddr {
     let line = s.wait_for_line(|l| l.contains("/json) listening on"));
@@ -966,17 +982,7 @@ async fn a_disk_that_fails_writes_turns_health_not_serving_and_shutdown_still_en
     tokio::time::sleep(Duration::from_millis(500)).await;
     let db = data.join("sled").join("db");
     let size = std::fs::metadata(&db).expect("sled's log").len();
-    let limit = Command::new("prlimit")
-        .arg("--pid")
-        .arg(s.pid().to_string())
-        .arg(format!("--fsize={size}:unlimited"))
-        .output()
-        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
-    assert!(
-        limit.status.success(),
-        "prlimit: {}",
-        String::from_utf8_lossy(&limit.stderr)
-    );
+    prlimit(s.pid(), &format!("--fsize={size}:unlimited"));
 
     // New counters to write: the next write fails; decisions go on.
     let mut c = s.client().await;
@@ -1134,13 +1140,7 @@ async fn a_failing_disk_under_sync_durability_is_unavailable_and_logged_once() {
     let size = std::fs::metadata(data.join("sled").join("db"))
         .expect("sled's log")
         .len();
-    let limit = Command::new("prlimit")
-        .arg("--pid")
-        .arg(s.pid().to_string())
-        .arg(format!("--fsize={size}:unlimited"))
-        .output()
-        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
-    assert!(limit.status.success(), "{limit:?}");
+    prlimit(s.pid(), &format!("--fsize={size}:unlimited"));
     let mut c = s.client().await;
     for i in 0..20 {
         let user = format!("sync-{i}");
@@ -1175,13 +1175,7 @@ async fn running_out_of_file_descriptors_is_said_once_and_passes() {
     let open = std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
         .expect("/proc")
         .count();
-    let limit = Command::new("prlimit")
-        .arg("--pid")
-        .arg(s.pid().to_string())
-        .arg(format!("--nofile={}:{}", open + 8, open + 8))
-        .output()
-        .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed for this test: {e}"));
-    assert!(limit.status.success(), "{limit:?}");
+    prlimit(s.pid(), &format!("--nofile={}:{}", open + 8, open + 8));
     let held: Vec<std::net::TcpStream> = (0..40)
         .filter_map(|_| std::net::TcpStream::connect(s.addr).ok())
         .collect();
