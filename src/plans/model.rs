@@ -621,6 +621,7 @@ impl MethodKey {
 /// [`Error::Invalid`] naming the first bad field.
 pub fn validate_new_plan(p: &Plan) -> Result<(), Error> {
     validate_plan(p)?;
+    untrimmed("name", &p.name)?;
     for (i, s) in p.stages.iter().enumerate() {
         // Requests refuse domains over 1024 bytes (--max-key-value-len's
         // default): a plan for a longer one could never decide a call.
@@ -916,6 +917,19 @@ pub fn validate_prices(prices: &BTreeMap<String, Price>) -> Result<(), Error> {
     Ok(())
 }
 
+/// A name with spaces around it is refused when written: " gold " and
+/// "gold" would be two names that read alike (a name of spaces only is
+/// refused as empty).
+fn untrimmed(field: &str, name: &str) -> Result<(), Error> {
+    if name.trim() != name {
+        return Err(Error::invalid(
+            field,
+            format!("must not start or end with whitespace, got {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that a request names a plan or key (by id or name): an empty
 /// reference is [`Error::Invalid`] naming `field`, not a plan or key ""
 /// not found.
@@ -935,6 +949,7 @@ pub fn reference(field: &str, v: &str) -> Result<(), Error> {
 /// [`Error::Invalid`] naming the first bad field.
 pub fn validate_key(k: &ApiKey) -> Result<(), Error> {
     validate_name("name", &k.name, MAX_KEY_NAME)?;
+    untrimmed("name", &k.name)?;
     validate_common(&k.description, &k.tags)?;
     if k.customer_id.len() > 1024 {
         return Err(Error::invalid("customer_id", "must be at most 1024 bytes"));
@@ -984,6 +999,23 @@ mod tests {
             }],
             ..Plan::default()
         }
+    }
+
+    /// Names with spaces around them are refused when written (a stored
+    /// one still loads).
+    #[test]
+    fn padded_names_are_refused_when_written() {
+        let mut p = plan();
+        p.name = " gold ".into();
+        assert!(validate_plan(&p).is_ok());
+        assert!(
+            matches!(validate_new_plan(&p), Err(Error::Invalid { field, .. }) if field == "name")
+        );
+        let k = ApiKey {
+            name: "alice ".into(),
+            ..ApiKey::default()
+        };
+        assert!(matches!(validate_key(&k), Err(Error::Invalid { field, .. }) if field == "name"));
     }
 
     /// A key's customer id takes no control characters, and its expire
