@@ -35,6 +35,42 @@ pub fn init(format: LogFormat) {
     };
 }
 
+/// A log line's gate for a condition that repeats (a failing disk, a full
+/// connection table): the first time, then at most once a minute, so the
+/// log says it without flooding. Shared across threads; the first caller
+/// past the mark logs.
+#[derive(Debug, Default)]
+pub struct OncePerMinute {
+    /// Unix second of the last line let through (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl OncePerMinute {
+    /// A gate that lets the first line through.
+    pub const fn new() -> Self {
+        OncePerMinute {
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be logged now (and if so, the minute starts).
+    pub fn due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::storage::unix_now();
+        let last = self.last.load(Ordering::Relaxed);
+        now >= last.saturating_add(60)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Lets the next line through (the condition ended; its return is news).
+    pub fn reset(&self) {
+        self.last.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The first five of `names` (in their order), then how many more: how a
 /// log line lists files without growing with them (`a, b, c, d, e and 7
 /// more`).
@@ -51,6 +87,15 @@ pub fn first_five<I: IntoIterator<Item = String>>(names: I) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn once_per_minute_lets_the_first_through_then_waits() {
+        let g = super::OncePerMinute::new();
+        assert!(g.due());
+        assert!(!g.due());
+        g.reset();
+        assert!(g.due());
+    }
+
     #[test]
     fn first_five_names_five_then_counts_the_rest() {
         let names = |n: usize| (0..n).map(|i| format!("f{i}"));

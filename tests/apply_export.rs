@@ -30,6 +30,25 @@ fn ok(f: &Finished) -> &str {
     &f.stdout
 }
 
+/// Runs `apply -f path` as a dry run, then for real: both must fail, with
+/// an error `said` accepts (a check before the first change, so the dry
+/// run catches what the real run would).
+fn refused_before_any_change(
+    path: &str,
+    admin: std::net::SocketAddr,
+    data: &Path,
+    said: impl Fn(&str) -> bool,
+) {
+    for args in [
+        vec!["apply", "-f", path, "--dry-run"],
+        vec!["apply", "-f", path],
+    ] {
+        let f = sluice(&args, admin, data);
+        assert!(!f.success(), "{args:?} succeeded:\n{}", f.output());
+        assert!(said(&f.stderr), "{args:?}:\n{}", f.output());
+    }
+}
+
 /// The value printed for a new key: `created api key NAME: value VALUE (...)`.
 fn printed_value(out: &str, name: &str) -> String {
     let mark = format!("created api key {name}: value ");
@@ -341,20 +360,10 @@ async fn a_spend_limit_without_prices_needs_the_shared_table_before_any_change()
     let file = dir.path().join("budget.yaml");
     std::fs::write(&file, text).unwrap();
     let path = file.to_str().unwrap();
-    for args in [
-        vec!["apply", "-f", path, "--dry-run"],
-        vec!["apply", "-f", path],
-    ] {
-        let f = sluice(&args, admin, &data);
-        assert!(!f.success(), "{args:?} succeeded:\n{}", f.output());
-        assert!(
-            f.stderr
-                .contains("usage plan \"budget\": limit \"monthly\" is a SPEND limit")
-                && f.stderr.contains("shared price table would be empty"),
-            "{args:?}:\n{}",
-            f.output()
-        );
-    }
+    refused_before_any_change(path, admin, &data, |stderr| {
+        stderr.contains("usage plan \"budget\": limit \"monthly\" is a SPEND limit")
+            && stderr.contains("shared price table would be empty")
+    });
     let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
     assert!(!exported.contains("first"), "nothing applied:\n{exported}");
 
@@ -413,18 +422,9 @@ async fn changing_what_a_named_limit_counts_is_refused_before_any_change() {
         )
         .replace("metric: TOKENS", "metric: REQUESTS");
     std::fs::write(&file, edited).unwrap();
-    for args in [
-        vec!["apply", "-f", path, "--dry-run"],
-        vec!["apply", "-f", path],
-    ] {
-        let f = sluice(&args, admin, &data);
-        assert!(!f.success(), "{args:?}:\n{}", f.output());
-        assert!(
-            f.stderr.contains("usage plan \"p\"") && f.stderr.contains("new name"),
-            "{args:?}:\n{}",
-            f.output()
-        );
-    }
+    refused_before_any_change(path, admin, &data, |stderr| {
+        stderr.contains("usage plan \"p\"") && stderr.contains("new name")
+    });
     let exported = ok(&sluice(&["export"], admin, &data)).to_owned();
     assert!(
         exported.contains("TOKENS") && !exported.contains("another"),
@@ -551,20 +551,11 @@ async fn plans_trading_stages_under_one_key_are_ordered_or_refused_before_any_ch
     // A swap: no order works. Refused in the dry run and the real run, with
     // a's line (2), and nothing changes.
     write("d3", "d2", "a, b");
-    for args in [
-        vec!["apply", "-f", path, "--dry-run"],
-        vec!["apply", "-f", path],
-    ] {
-        let f = sluice(&args, admin, &data);
-        assert!(!f.success(), "{args:?}:\n{}", f.output());
-        assert!(
-            f.stderr.contains("a.yaml:2:")
-                && f.stderr.contains("trade stages")
-                && f.stderr.contains("bound to only one of them"),
-            "{args:?}:\n{}",
-            f.output()
-        );
-    }
+    refused_before_any_change(path, admin, &data, |stderr| {
+        stderr.contains("a.yaml:2:")
+            && stderr.contains("trade stages")
+            && stderr.contains("bound to only one of them")
+    });
     assert_eq!(ok(&sluice(&["export"], admin, &data)), exported);
 
     // The way out: the key leaves b in the same file; it is unbound first,
@@ -624,18 +615,9 @@ async fn a_removed_limit_added_back_in_another_unit_is_refused_before_any_change
     let with_tokens =
         "    limits:\n      - { name: req, metric: TOKENS, limit: 10, window: DAY }\n";
     std::fs::write(&file, plan(with_tokens) + &keys("lim")).unwrap();
-    for args in [
-        vec!["apply", "-f", path, "--dry-run"],
-        vec!["apply", "-f", path],
-    ] {
-        let f = sluice(&args, admin, &data);
-        assert!(!f.success(), "{args:?}:\n{}", f.output());
-        assert!(
-            f.stderr.contains("a.yaml:2:") && f.stderr.contains("removed limit"),
-            "{args:?}:\n{}",
-            f.output()
-        );
-    }
+    refused_before_any_change(path, admin, &data, |stderr| {
+        stderr.contains("a.yaml:2:") && stderr.contains("removed limit")
+    });
     assert_eq!(
         ok(&sluice(&["export"], admin, &data)),
         before,

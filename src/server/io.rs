@@ -34,7 +34,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,6 +44,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+
+use crate::telemetry::OncePerMinute;
 
 /// Bounds on connections (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,14 +309,12 @@ fn accepted(
     check_http1: bool,
 ) -> impl Stream<Item = io::Result<Conn>> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    // Unix seconds of the last "too many connections" warning.
-    let warned = Arc::new(AtomicU64::new(0));
-    // Unix seconds of the last "cannot accept" error logged.
-    let accept_logged = Arc::new(AtomicU64::new(0));
+    let too_many = Arc::new(OncePerMinute::new());
+    let cannot_accept = Arc::new(OncePerMinute::new());
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .then(move |conn| {
-            let accept_logged = accept_logged.clone();
+            let cannot_accept = cannot_accept.clone();
             async move {
                 let e = match conn {
                     Ok(s) => return Some(s),
@@ -331,13 +330,7 @@ fn accepted(
                     tracing::debug!(error = %e, "accept failed");
                     return None;
                 }
-                let now = crate::storage::unix_now();
-                let last = accept_logged.load(Ordering::Relaxed);
-                if now >= last + 60
-                    && accept_logged
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
+                if cannot_accept.due() {
                     tracing::error!(error = %e, "cannot accept connections (raise the open-file limit, `ulimit -n`, or lower --max-connections)");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -347,14 +340,7 @@ fn accepted(
         .filter_map(move |conn| {
             let stream = conn?;
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                // One warning a minute: the first to move the mark warns.
-                let now = crate::storage::unix_now();
-                let last = warned.load(Ordering::Relaxed);
-                if now >= last + 60
-                    && warned
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
+                if too_many.due() {
                     tracing::warn!(
                         max = limits.max_connections,
                         peer = ?stream.peer_addr().ok(),

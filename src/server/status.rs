@@ -43,14 +43,9 @@ pub fn from_storage(e: storage::Error) -> Status {
 /// the log.
 fn storage_status(e: storage::Error, what: &str, unavailable: &str) -> Status {
     use std::sync::atomic::{AtomicU64, Ordering};
-    static LOGGED_AT: AtomicU64 = AtomicU64::new(0);
+    static GATE: crate::telemetry::OncePerMinute = crate::telemetry::OncePerMinute::new();
     static UNLOGGED: AtomicU64 = AtomicU64::new(0);
-    let now = storage::unix_now();
-    let last = LOGGED_AT.load(Ordering::Relaxed);
-    let log = now >= last.saturating_add(60)
-        && LOGGED_AT
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
+    let log = GATE.due();
     let more = if log {
         UNLOGGED.swap(0, Ordering::Relaxed)
     } else {

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::memory::MemoryCounters;
 use super::{keys, unix_now, CounterOp, CounterStore, Error};
+use crate::telemetry::OncePerMinute;
 
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"sluice-counters/1";
@@ -60,13 +61,12 @@ struct Shared {
     busy: Arc<AtomicBool>,
     /// Whether the last write to disk succeeded.
     writes_ok: watch::Sender<bool>,
-    /// When a failed write was last logged (Unix seconds): while writes
-    /// keep failing, once a minute.
-    fail_logged: AtomicU64,
+    /// Failed writes are logged at first, then once a minute.
+    write_failed: OncePerMinute,
     /// When the database file was last seen in the data dir (Unix seconds).
     seen_at: AtomicU64,
-    /// When a failed purge was last logged (Unix seconds).
-    purge_logged: AtomicU64,
+    /// Failed purges are logged at first, then once a minute.
+    purge_failed: OncePerMinute,
 }
 
 /// Counters in memory, persisted to sled. Cheap to clone.
@@ -223,9 +223,9 @@ impl SledCounters {
             stopped: AtomicBool::new(false),
             busy: Arc::new(AtomicBool::new(false)),
             writes_ok: watch::channel(true).0,
-            fail_logged: AtomicU64::new(0),
+            write_failed: OncePerMinute::new(),
             seen_at: AtomicU64::new(0),
-            purge_logged: AtomicU64::new(0),
+            purge_failed: OncePerMinute::new(),
         });
         let writer = tokio::spawn(writer_loop(shared.clone()));
         let purging = Arc::new(AtomicUsize::new(0));
@@ -509,16 +509,13 @@ async fn flush_once(shared: &Shared) -> Result<(), Error> {
     });
     match &result {
         Ok(()) if !was_ok => {
+            shared.write_failed.reset();
             tracing::info!(path = %shared.path.display(), "writing counters to disk works again");
         }
         Ok(()) => {}
         Err(e) => {
-            // The first failure, then once a minute while they go on (one
-            // line per interval would flood the log).
-            let now = unix_now();
-            let last = shared.fail_logged.load(Ordering::SeqCst);
-            if was_ok || now >= last.saturating_add(60) {
-                shared.fail_logged.store(now, Ordering::SeqCst);
+            // One line per interval would flood the log.
+            if shared.write_failed.due() {
                 tracing::error!(
                     path = %shared.path.display(),
                     error = %e,
@@ -602,16 +599,8 @@ async fn purge_loop(shared: Arc<Shared>, purging: Arc<AtomicUsize>) {
         match tokio::task::spawn_blocking(purge).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                // Once a minute while it goes on (a failing disk fails
-                // every purge, once a second).
-                let now = unix_now();
-                if now
-                    >= shared
-                        .purge_logged
-                        .load(Ordering::Relaxed)
-                        .saturating_add(60)
-                {
-                    shared.purge_logged.store(now, Ordering::Relaxed);
+                // A failing disk fails every purge, once a second.
+                if shared.purge_failed.due() {
                     tracing::error!(error = %e, "purging expired counters failed");
                 }
             }
